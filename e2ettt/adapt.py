@@ -1,0 +1,67 @@
+"""Which parameters TTT adapts: all, norms/scales only, or LoRA adapters.
+
+`select_params(model, spec, seed)` freezes everything else and returns the
+trainable tensors. Specs: "all" (full-model E2E TTT), "norms" (every
+parameter with fewer than two dimensions plus parameter-golf's control
+tensors: q_gain, attn/mlp scales, resid_mix, skip weights), "lora:R"
+(rank-R adapters W + B·A on every linear layer's weight; B starts at zero
+so the adapted model starts as the original).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight")
+
+
+class LoRA(nn.Module):
+    """Parametrization weight -> weight + B @ A (Hu et al. 2021)."""
+
+    def __init__(self, out_features: int, in_features: int, rank: int, generator: torch.Generator):
+        super().__init__()
+        A = torch.empty(rank, in_features)
+        bound = 1.0 / math.sqrt(in_features)
+        A.uniform_(-bound, bound, generator=generator)
+        self.A = nn.Parameter(A)
+        self.B = nn.Parameter(torch.zeros(out_features, rank))
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight + (self.B @ self.A).to(weight.dtype)
+
+
+def parse_spec(spec: str) -> tuple[str, int]:
+    if spec in ("all", "norms"):
+        return spec, 0
+    if spec.startswith("lora:") and spec[5:].isdigit() and int(spec[5:]) > 0:
+        return "lora", int(spec[5:])
+    raise ValueError(f"unknown adapted-parameter spec {spec!r}; use 'all', 'norms' or 'lora:R' (R a positive integer)")
+
+
+def select_params(model: nn.Module, spec: str, seed: int = 0) -> list[Tensor]:
+    kind, rank = parse_spec(spec)
+    if kind == "all":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return list(model.parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if kind == "norms":
+        chosen = [p for n, p in model.named_parameters() if p.ndim < 2 or any(c in n for c in CONTROL_PATTERNS)]
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        chosen = []
+        for module in list(model.modules()):
+            if isinstance(module, nn.Linear):
+                out_f, in_f = module.weight.shape
+                lora = LoRA(out_f, in_f, rank, generator).to(module.weight.device)
+                parametrize.register_parametrization(module, "weight", lora)
+                chosen += [lora.A, lora.B]
+    for p in chosen:
+        p.requires_grad_(True)
+    if not chosen:
+        raise ValueError(f"adapted-parameter spec {spec!r} selects no parameters in {type(model).__name__}")
+    return chosen

@@ -1,0 +1,91 @@
+"""Frozen configuration dataclasses and the one override path (dotted keys).
+
+The CLI flags, grid files and sweep trials all change settings through
+`override(cfg, {"ttt.lr": 0.01, ...})`; an unknown key or a value of the
+wrong type is a `ConfigError` naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A setting that does not exist or does not parse; the message names it."""
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    if isinstance(annotation, str):
+        annotation = {"int": int, "float": float, "str": str, "bool": bool}.get(annotation, annotation)
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(name, value, args[0])
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{name}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+    if annotation is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    if annotation is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def override(cfg: Any, updates: Mapping[str, Any], _prefix: str = "") -> Any:
+    """Return a copy of dataclass `cfg` with dotted-key `updates` applied."""
+    nested: dict[str, dict[str, Any]] = {}
+    direct: dict[str, Any] = {}
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    hints = typing.get_type_hints(type(cfg))
+    for key, value in updates.items():
+        head, _, rest = key.partition(".")
+        if head not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown setting {_prefix + key!r} (known under {_prefix or 'top level'}: {known})")
+        if rest:
+            if not dataclasses.is_dataclass(getattr(cfg, head)):
+                raise ConfigError(f"{_prefix + head!r} has no sub-settings (got {_prefix + key!r})")
+            nested.setdefault(head, {})[rest] = value
+        else:
+            if dataclasses.is_dataclass(getattr(cfg, head)):
+                raise ConfigError(f"{_prefix + head!r} is a group of settings; set {_prefix + head}.<field>")
+            direct[head] = _coerce(_prefix + key, value, hints[head])
+    for head, sub in nested.items():
+        direct[head] = override(getattr(cfg, head), sub, _prefix + head + ".")
+    out = dataclasses.replace(cfg, **direct)
+    validate = getattr(out, "validate", None)
+    if validate is not None:
+        validate()
+    return out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(obj: Any, length: int = 12) -> str:
+    """Stable short hash of a dataclass or JSON-able object."""
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]

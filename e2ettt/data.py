@@ -1,0 +1,121 @@
+"""parameter-golf token shards: read, write, validate; the validation stream.
+
+A shard is a header of 256 little-endian int32 (magic 20240520, version 1,
+token count, then zeros) followed by `count` uint16 tokens. Reading
+memory-maps the file; every check failure is a `ShardError` naming the file.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+BOS_ID = 1
+
+
+class ShardError(ValueError):
+    """A token shard that is missing, truncated or not in the expected format."""
+
+
+def write_shard(path: str | os.PathLike, tokens: np.ndarray) -> Path:
+    """Write `tokens` (values < 65536) atomically as a shard; return the path."""
+    path = Path(path)
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() > 0xFFFF):
+        raise ValueError(f"{path}: token ids must fit in uint16, got range [{tokens.min()}, {tokens.max()}]")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (MAGIC, VERSION, tokens.size)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2").tobytes())
+    os.replace(tmp, path)
+    return path
+
+
+def read_shard(path: str | os.PathLike) -> np.ndarray:
+    """Memory-map a shard's tokens (read-only uint16 array) after validating it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(f"{path}: no such shard file")
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise ShardError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    magic, version, count = (int(v) for v in header[:3])
+    if magic != MAGIC:
+        raise ShardError(f"{path}: bad magic {magic} (expected {MAGIC}); not a parameter-golf token shard")
+    if version != VERSION:
+        raise ShardError(f"{path}: unsupported shard version {version} (expected {VERSION})")
+    if count < 0:
+        raise ShardError(f"{path}: negative token count {count} in header")
+    expected = HEADER_BYTES + 2 * count
+    if size != expected:
+        raise ShardError(
+            f"{path}: file is {size} bytes but the header's token count {count} implies {expected} "
+            f"(truncated or trailing bytes)"
+        )
+    if count == 0:
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def find_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
+    """Sorted `*_{split}_*.bin` files in `data_dir`; an error if there are none."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise ShardError(f"{data_dir}: data directory does not exist")
+    files = sorted(data_dir.glob(f"*_{split}_*.bin"))
+    if not files:
+        raise ShardError(f"{data_dir}: no *_{split}_*.bin shards found")
+    return files
+
+
+def load_tokens(data_dir: str | os.PathLike, split: str, vocab_size: int | None = None) -> np.ndarray:
+    """Concatenate a split's shards in sorted order into one int64 array.
+
+    With `vocab_size`, a token id outside the vocabulary is a `ShardError`
+    (it usually means the shards were made with another tokenizer).
+    """
+    parts = []
+    for path in find_shards(data_dir, split):
+        tokens = read_shard(path)
+        if vocab_size is not None and tokens.size and int(tokens.max()) >= vocab_size:
+            raise ShardError(
+                f"{path}: token id {int(tokens.max())} is outside the tokenizer's vocabulary of {vocab_size} "
+                f"(shards made with another tokenizer?)"
+            )
+        parts.append(np.asarray(tokens, dtype=np.int64))
+    return np.concatenate(parts)
+
+
+def truncate_for_eval(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+    """parameter-golf's `load_validation_tokens` cut: ((N-1)//T)*T + 1 tokens."""
+    usable = ((tokens.size - 1) // seq_len) * seq_len
+    if usable <= 0:
+        raise ShardError(f"validation stream of {tokens.size} tokens is shorter than one window of {seq_len}")
+    return tokens[: usable + 1]
+
+
+def eval_segment(tokens: np.ndarray, max_tokens: int, seed: int = 0) -> np.ndarray:
+    """The stream a trial evaluates: `max_tokens` targets (+1 input token).
+
+    No cap (0), or a cap at least the stream: the whole stream. Under a cap,
+    seed 0 takes the start of the stream; another seed starts at a
+    document boundary (a BOS token) drawn from that seed, so that seeds
+    sample different text and their spread says how much the numbers
+    depend on which text was evaluated.
+    """
+    if max_tokens <= 0 or max_tokens + 1 >= tokens.size:
+        return tokens
+    start = 0
+    if seed:
+        bos = np.flatnonzero(tokens[: tokens.size - max_tokens - 1] == BOS_ID)
+        if bos.size:
+            start = int(bos[np.random.default_rng(seed).integers(bos.size)])
+    return tokens[start : start + max_tokens + 1]

@@ -1,0 +1,183 @@
+"""Static evaluation in bits per byte, and the windows every score is made of.
+
+Target position t is token t predicted from the tokens before it. A window
+`(start, stop, scored)` feeds tokens[start:stop] to the model and scores the
+last `scored` of its targets tokens[start+1:stop+1]. `plan_windows` cuts a
+span of targets into blocks of `stride` and gives each block the `context`
+tokens that end just before its last target; stride == context is
+parameter-golf's non-overlapping `eval_val`, a smaller stride is sliding.
+
+Sums are float64 and are reduced as sums (never as means):
+    bpb = sum(nll_nats) / (ln 2 * sum(bytes)).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from e2ettt.tokenizer import ByteTables
+
+
+class Window(NamedTuple):
+    start: int  # first input token
+    stop: int  # one past the last input token; targets are tokens[start+1 : stop+1]
+    scored: int  # the last `scored` targets count
+
+
+@dataclass(frozen=True)
+class DeviceTables:
+    """ByteTables as tensors on the scoring device."""
+
+    base_bytes: Tensor
+    has_leading_space: Tensor
+    is_boundary: Tensor
+
+    @classmethod
+    def from_tables(cls, tables: ByteTables, device: torch.device | str = "cpu") -> "DeviceTables":
+        return cls(
+            torch.as_tensor(tables.base_bytes, dtype=torch.float64, device=device),
+            torch.as_tensor(tables.has_leading_space, dtype=torch.bool, device=device),
+            torch.as_tensor(tables.is_boundary, dtype=torch.bool, device=device),
+        )
+
+    def count_bytes(self, prev: Tensor, target: Tensor) -> Tensor:
+        lead = self.has_leading_space[target] & ~self.is_boundary[prev]
+        return self.base_bytes[target] + lead.to(torch.float64)
+
+
+@dataclass(frozen=True)
+class Score:
+    """Summed NLL (nats), bytes and target count of some scored positions."""
+
+    nll: float
+    bytes: float
+    tokens: int
+
+    @property
+    def bpb(self) -> float:
+        return self.nll / (math.log(2) * self.bytes) if self.bytes else float("nan")
+
+    def __add__(self, other: "Score") -> "Score":
+        return Score(self.nll + other.nll, self.bytes + other.bytes, self.tokens + other.tokens)
+
+
+def plan_windows(first: int, end: int, context: int, stride: int | None = None) -> list[Window]:
+    """Windows scoring targets [first, end) in blocks of `stride` (default: context)."""
+    stride = stride or context
+    if first < 1:
+        raise ValueError("target positions start at 1 (token 0 has no predecessor)")
+    if not 0 < stride <= context:
+        raise ValueError(f"stride must be in (0, context={context}], got {stride}")
+    windows = []
+    for a in range(first, end, stride):
+        b = min(a + stride, end)
+        windows.append(Window(max(0, b - 1 - context), b - 1, b - a))
+    return windows
+
+
+def chunk_spans(num_targets: int, chunk_tokens: int) -> list[tuple[int, int]]:
+    """Target spans [a, b) of `chunk_tokens` each over targets 1..num_targets."""
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    if chunk_tokens > num_targets:
+        raise ValueError(
+            f"chunk_tokens={chunk_tokens} is larger than the {num_targets} target tokens of the validation stream"
+        )
+    return [(a, min(a + chunk_tokens, num_targets + 1)) for a in range(1, num_targets + 1, chunk_tokens)]
+
+
+def micro_batches(windows: Sequence[Window], size: int) -> Iterator[list[Window]]:
+    """Consecutive windows grouped by equal length, at most `size` per group."""
+    group: list[Window] = []
+    for w in windows:
+        if group and (len(group) == size or (w.stop - w.start) != (group[0].stop - group[0].start)):
+            yield group
+            group = []
+        group.append(w)
+    if group:
+        yield group
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def batch_tensors(tokens: Tensor, group: Sequence[Window]) -> tuple[Tensor, Tensor, Tensor]:
+    """Inputs (B, L), targets (B, L) and the scored mask (B, L) of a group."""
+    x = torch.stack([tokens[w.start : w.stop] for w in group])
+    y = torch.stack([tokens[w.start + 1 : w.stop + 1] for w in group])
+    L = x.size(1)
+    pos = torch.arange(L, device=tokens.device)
+    first = torch.tensor([L - w.scored for w in group], device=tokens.device)
+    return x, y, pos[None, :] >= first[:, None]
+
+
+def token_nll(model: nn.Module, x: Tensor, y: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Per-position NLL in nats (B, L), float32."""
+    with autocast(x.device, dtype):
+        logits = model(x)  # (B, L, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+
+
+@torch.no_grad()
+def score_windows(
+    model: nn.Module,
+    tokens: Tensor,
+    windows: Sequence[Window],
+    tables: DeviceTables,
+    micro_batch: int = 16,
+    dtype: torch.dtype | None = None,
+) -> Score:
+    """Sum of NLL, bytes and count over the scored targets of `windows`."""
+    nll = torch.zeros((), dtype=torch.float64, device=tokens.device)
+    nbytes = torch.zeros((), dtype=torch.float64, device=tokens.device)
+    count = 0
+    for group in micro_batches(windows, micro_batch):
+        x, y, mask = batch_tensors(tokens, group)
+        loss = token_nll(model, x, y, dtype)
+        nll += loss.double()[mask].sum()
+        nbytes += tables.count_bytes(x[mask], y[mask]).sum()
+        count += int(mask.sum())
+    return Score(float(nll), float(nbytes), count)
+
+
+def static_curve(
+    model: nn.Module,
+    tokens: Tensor,
+    spans: Sequence[tuple[int, int]],
+    context: int,
+    stride: int | None,
+    tables: DeviceTables,
+    micro_batch: int = 16,
+    dtype: torch.dtype | None = None,
+    progress=None,
+) -> list[Score]:
+    """Per-chunk static scores, batched exactly as the TTT loop scores at one rank."""
+    out = []
+    for a, b in spans:
+        out.append(score_windows(model, tokens, plan_windows(a, b, context, stride), tables, micro_batch, dtype))
+        if progress is not None:
+            progress.update(b - a)
+    return out
+
+
+def eval_val(
+    model: nn.Module, tokens: Tensor, seq_len: int, tables: DeviceTables, micro_batch: int = 16,
+    dtype: torch.dtype | None = None,
+) -> Score:
+    """parameter-golf `eval_val`: non-overlapping windows of seq_len over the truncated stream."""
+    usable = ((tokens.numel() - 1) // seq_len) * seq_len
+    return score_windows(model, tokens, plan_windows(1, usable + 1, seq_len), tables, micro_batch, dtype)
+
+
+def as_tensor(tokens: np.ndarray, device: torch.device | str = "cpu") -> Tensor:
+    return torch.as_tensor(np.asarray(tokens, dtype=np.int64), device=device)

