@@ -6,6 +6,7 @@ raises makes the call raise with that rank's message.
 """
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import traceback
@@ -26,7 +27,9 @@ def _rank_main(rank: int, world_size: int, port: int, fn: Callable, args: tuple,
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
     try:
-        out = fn(*args)
+        # torch.multiprocessing hands CPU tensors over in shared memory: without a
+        # private copy every rank would update the same parameters.
+        out = fn(*copy.deepcopy(args))
         queue.put((rank, "ok", out))
     except BaseException as exc:  # report, then let the group die
         queue.put((rank, "error", f"rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"))

@@ -1,0 +1,111 @@
+import copy
+import math
+
+import pytest
+import torch
+
+from e2ettt.evaluate import DeviceTables, chunk_spans, static_curve
+from e2ettt.launch import run_local
+from e2ettt.testing import ttt_rank
+from e2ettt.tokenizer import ByteTables
+from e2ettt.ttt import TTTConfig, run_ttt
+
+import numpy as np
+
+
+@pytest.fixture
+def tables():
+    rng = np.random.default_rng(0)
+    base = rng.integers(1, 4, 64).astype(np.int16)
+    lead = rng.random(64) < 0.3
+    boundary = np.zeros(64, bool)
+    boundary[:4] = True
+    base[:4] = 0
+    return DeviceTables.from_tables(ByteTables(base, lead, boundary))
+
+
+@pytest.fixture
+def tokens():
+    return torch.randint(4, 64, (601,), generator=torch.Generator().manual_seed(1))
+
+
+CFG = TTTConfig(chunk_tokens=100, context=32, stride=16, lr=0.05, micro_batch=3, diverge_nats=100.0)
+
+
+def test_lr_zero_reproduces_static_eval_chunk_by_chunk(random_gpt, tokens, tables):
+    cfg = TTTConfig(**{**CFG.__dict__, "lr": 0.0})
+    static = static_curve(random_gpt, tokens, chunk_spans(600, 100), 32, 16, tables, 3)
+    result = run_ttt(copy.deepcopy(random_gpt), tokens, tables, cfg, static)
+    assert [c.ttt_bpb for c in result.chunks] == [s.bpb for s in static]
+    assert result.first_chunk_delta == 0.0
+
+
+def test_ttt_changes_scores_and_first_chunk_equals_static(random_gpt, tokens, tables):
+    static = static_curve(random_gpt, tokens, chunk_spans(600, 100), 32, 16, tables, 3)
+    result = run_ttt(copy.deepcopy(random_gpt), tokens, tables, CFG, static)
+    assert result.first_chunk_delta == 0.0
+    assert result.chunks[1].ttt_bpb != static[1].bpb
+    assert len(result.chunks) == 6 and result.total.tokens == 600
+
+
+@pytest.mark.parametrize("k", [0, 2, 4])
+def test_no_future_leak(random_gpt, tokens, tables, k):
+    """Changing every token after chunk k leaves chunks <= k's scores unchanged."""
+    base = run_ttt(copy.deepcopy(random_gpt), tokens, tables, CFG)
+    changed = tokens.clone()
+    end = (k + 1) * 100 + 1  # targets of chunk k end at position (k+1)*100
+    changed[end:] = torch.randint(4, 64, (changed.numel() - end,), generator=torch.Generator().manual_seed(9))
+    other = run_ttt(copy.deepcopy(random_gpt), changed, tables, CFG)
+    assert [c.ttt_bpb for c in other.chunks[: k + 1]] == [c.ttt_bpb for c in base.chunks[: k + 1]]
+    assert other.chunks[k + 1].ttt_bpb != base.chunks[k + 1].ttt_bpb
+
+
+def test_world_size_one_and_two_agree_and_ranks_hold_identical_weights(random_gpt, tokens, tables):
+    one = run_local(ttt_rank, (copy.deepcopy(random_gpt), tokens, tables, CFG), 1)
+    two = run_local(ttt_rank, (copy.deepcopy(random_gpt), tokens, tables, CFG), 2)
+    assert two["tokens"] == one["tokens"] == 600
+    assert two["bytes"] == one["bytes"]
+    assert two["nll"] == pytest.approx(one["nll"], rel=1e-5)
+    assert two["checksums"][0] == two["checksums"][1]
+    assert two["checksums"][0] == pytest.approx(one["checksums"][0], rel=1e-5)
+
+
+def test_uneven_shares_and_a_diverging_lr_end_cleanly_on_two_ranks(random_gpt, tokens, tables):
+    # one window per chunk: rank 1 has nothing to score or train on, and must still keep step
+    calm = TTTConfig(chunk_tokens=50, context=64, stride=64, lr=0.0, micro_batch=2, diverge_nats=100.0)
+    base = run_local(ttt_rank, (copy.deepcopy(random_gpt), tokens, tables, calm), 2)
+    assert not base["diverged"] and base["checksums"][0] == base["checksums"][1]
+    worst = max(base["chunks"]) * math.log(2) * 3  # nats per token, generously above the static loss
+    wild = TTTConfig(chunk_tokens=50, context=64, stride=64, lr=1e4, grad_clip=0.0, momentum=0.0, micro_batch=2,
+                     diverge_nats=worst)
+    out = run_local(ttt_rank, (copy.deepcopy(random_gpt), tokens, tables, wild), 2)
+    assert out["diverged"] and out["diverged_chunk"] >= 1
+    assert len(out["chunks"]) == out["diverged_chunk"] + 1
+
+
+@pytest.mark.parametrize("spec", ["norms", "lora:2"])
+def test_subsets_adapt_only_what_they_name(random_gpt, tokens, tables, spec):
+    before = {k: v.clone() for k, v in random_gpt.state_dict().items()}
+    model = copy.deepcopy(random_gpt)
+    run_ttt(model, tokens, tables, TTTConfig(**{**CFG.__dict__, "params": spec, "lr": 0.5}))
+    after = model.state_dict()
+    if spec == "norms":
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        assert changed and all(before[k].ndim < 2 or "resid_mix" in k or "skip" in k for k in changed)
+        assert "tok_emb.weight" not in changed
+    else:
+        lora = [k for k in after if k.endswith((".A", ".B"))]
+        originals = [k for k in after if k.endswith("original")]
+        assert lora and originals
+        for k in originals:
+            plain = k.replace("parametrizations.weight.original", "weight")
+            assert torch.equal(after[k], before[plain])
+        assert any(not torch.equal(after[k], torch.zeros_like(after[k])) for k in lora if k.endswith(".B"))
+        assert torch.equal(after["tok_emb.weight"], before["tok_emb.weight"])
+
+
+def test_bad_settings_fail_clearly():
+    with pytest.raises(ValueError, match="ttt.optimizer must be sgd or adamw"):
+        TTTConfig(optimizer="lion").validate()
+    with pytest.raises(ValueError, match="ttt.params: unknown adapted-parameter spec 'some'"):
+        TTTConfig(params="some").validate()
