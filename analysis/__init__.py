@@ -1,0 +1,1 @@
+"""Pure pandas over a sweep's Parquet tables (never imports torch, never recomputes a metric)."""
