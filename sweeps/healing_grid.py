@@ -40,7 +40,7 @@ from e2ettt.ttt import TTTConfig
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # analysis/ sits beside sweeps/
-from analysis.summary import summary_table  # noqa: E402
+from analysis.report import trial_summary  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,7 @@ class SweepConfig:
     gpus_per_trial: int = 0  # 0 = CPU (gloo); N = N ranks with one GPU each (NCCL)
     max_worker_failures: int = 1  # a killed worker restarts the trial's worker group this often
     address: str = ""  # Ray address; empty = start a local Ray, "auto" = join a cluster
+    local_cpus: int = 0  # logical CPUs of a local Ray; 0 = 2 x cores (overlaps trial start-up with compute)
     fault: str = ""  # tests only: JSON fault injection {"cell": {...}}
 
 
@@ -84,7 +85,7 @@ SCALAR_FLAGS = {"checkpoint": "source.checkpoint", "data": "source.data", "token
                 "model_fn": "source.model_fn", "cache_dir": "source.cache_dir", "workers": "workers",
                 "cpus_per_worker": "cpus_per_worker", "gpus_per_trial": "gpus_per_trial",
                 "max_tokens": "ttt.max_tokens", "context": "ttt.context", "out": "out", "name": "name",
-                "address": "address", "max_worker_failures": "max_worker_failures"}
+                "address": "address", "max_worker_failures": "max_worker_failures", "local_cpus": "local_cpus"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -190,7 +191,7 @@ def start_ray(cfg: SweepConfig):
         ray.init(address=cfg.address, include_dashboard=False, log_to_driver=False)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        cpus = os.cpu_count() or 2
+        cpus = cfg.local_cpus or 2 * (os.cpu_count() or 1)
         ray.init(num_cpus=max(cpus, cfg.workers * cfg.cpus_per_worker), resources={"trial_driver": 64},
                  include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level="ERROR")
     return ray
@@ -341,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     tables = RunTables(run_dir)
     if not tables.trials.empty:
-        log("\n" + summary_table(tables.trials[tables.trials["trial_id"].isin(keys)]).to_string(index=False))
+        log("\n" + trial_summary(tables.trials[tables.trials["trial_id"].isin(keys)]).to_string(index=False))
     ttt_sum = tables.trials[tables.trials["trial_id"].isin(todo)]["ttt_seconds"].sum() if todo and not tables.trials.empty else 0.0
     log(f"\n{'interrupted' if interrupted else 'done'}: {len(todo)} trials run in {wall:.0f} s wall "
         f"({ttt_sum:.0f} s of it inside TTT); tables in {run_dir}")

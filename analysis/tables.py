@@ -1,0 +1,57 @@
+"""Reading a run: the two Parquet tables and the manifest, with one clear error if they are not there."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+TRIAL_REQUIRED = ["trial_id", "regime", "inner_lr", "chunk_tokens", "seed", "pre_quant_bpb", "post_quant_bpb",
+                  "post_ttt_bpb", "damage", "recovery", "recovery_frac", "first_chunk_delta", "diverged", "status"]
+CURVE_REQUIRED = ["trial_id", "chunk", "tokens_seen", "ttt_bpb", "static_bpb", "running_ttt_bpb"]
+SETTINGS = ["inner_lr", "chunk_tokens", "epochs", "optimizer", "params"]  # what "same TTT settings" means
+
+
+class RunError(ValueError):
+    """A run directory whose tables are missing or malformed; the message names the file."""
+
+
+@dataclass
+class Run:
+    dir: Path
+    name: str
+    trials: pd.DataFrame
+    curves: pd.DataFrame
+    manifest: dict
+
+
+def _read(path: Path, required: list[str]) -> pd.DataFrame:
+    if not path.is_file():
+        raise RunError(f"{path}: table not found (did the sweep write this run?)")
+    try:
+        df = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        raise RunError(f"{path}: not a readable Parquet table ({str(exc).splitlines()[0]})") from None
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise RunError(f"{path}: missing columns {missing}")
+    return df
+
+
+def load_run(run_dir: str | Path) -> Run:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir}: run directory does not exist")
+    trials = _read(run_dir / "trials.parquet", TRIAL_REQUIRED)
+    curves = _read(run_dir / "curves.parquet", CURVE_REQUIRED) if (run_dir / "curves.parquet").exists() else pd.DataFrame(columns=CURVE_REQUIRED)
+    manifest = {}
+    if (run_dir / "manifest.json").is_file():
+        try:
+            manifest = json.loads((run_dir / "manifest.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise RunError(f"{run_dir / 'manifest.json'}: not valid JSON ({exc})") from None
+    for col, default in (("epochs", 1), ("optimizer", "sgd"), ("params", "all")):
+        if col not in trials:
+            trials[col] = default
+    return Run(run_dir, run_dir.name, trials, curves, manifest)

@@ -1,0 +1,5 @@
+import sys
+
+from e2ettt.cli import main
+
+sys.exit(main())

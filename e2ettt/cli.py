@@ -1,0 +1,151 @@
+"""`e2ettt` command line: build the demo, quantize under regimes, run TTT for one setting.
+
+    e2ettt demo                                   # build (or reuse) the demo, print its validation bpb
+    e2ettt quantize --regimes fp,int4,gptq-int4   # damage and artifact size per regime
+    e2ettt ttt --regime int3 --lr 0.03 --workers 2 --set ttt.chunk_tokens=256
+
+Model, data and tokenizer default to the embedded demo; --checkpoint,
+--data and --tokenizer point at parameter-golf files instead. Settings are
+dotted keys (`--set ttt.epochs=3`), shared with the sweep.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from e2ettt.config import ConfigError, override
+from e2ettt.quant.regimes import QuantConfig, RegimeError, parse_regime
+from e2ettt.source import SourceConfig
+from e2ettt.ttt import TTTConfig
+
+DEMO_QUANT = {"min_numel": 4096}
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIConfig:
+    source: SourceConfig = dataclasses.field(default_factory=SourceConfig)
+    quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
+    ttt: TTTConfig = dataclasses.field(default_factory=lambda: TTTConfig(max_tokens=16384))
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default="")
+    p.add_argument("--data", default="")
+    p.add_argument("--tokenizer", default="")
+    p.add_argument("--model-fn", default="")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted setting, e.g. ttt.epochs=3")
+
+
+def build(args: argparse.Namespace) -> CLIConfig:
+    updates = {"source.checkpoint": args.checkpoint, "source.data": args.data, "source.tokenizer": args.tokenizer,
+               "source.model_fn": args.model_fn}
+    if not args.checkpoint:
+        updates.update({f"quant.{k}": v for k, v in DEMO_QUANT.items()})
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        updates[key] = yaml.safe_load(value)
+    return override(CLIConfig(), updates)
+
+
+def cmd_demo(args, cfg: CLIConfig) -> int:
+    from e2ettt.source import resolve
+
+    inputs = resolve(cfg.source)
+    print(json.dumps({"checkpoint": inputs.checkpoint, "tokenizer": inputs.tokenizer, "data": inputs.data,
+                      **(inputs.demo or {})}, indent=2))
+    if inputs.demo:
+        print(f"demo validation bpb (eval_val, all validation tokens): {inputs.demo['val_bpb']:.4f}")
+    return 0
+
+
+def cmd_quantize(args, cfg: CLIConfig) -> int:
+    import torch
+
+    from e2ettt.evaluate import DeviceTables, as_tensor, eval_val
+    from e2ettt.prepare import eval_stream
+    from e2ettt.quant.apply import quantize_model
+    from e2ettt.source import load_source_model, load_split, load_tables, resolve
+
+    regimes = [parse_regime(r) for r in args.regimes.split(",")]
+    inputs = resolve(cfg.source)
+    model = load_source_model(inputs)
+    tokens = as_tensor(eval_stream(inputs, cfg.ttt))
+    tables = DeviceTables.from_tables(load_tables(inputs))
+    calib = torch.as_tensor(load_split(inputs, "train")[: cfg.quant.calib_tokens + 1])
+    base = eval_val(model, tokens, cfg.ttt.context, tables, cfg.ttt.micro_batch).bpb
+    print(f"{'regime':>20} {'bpb':>8} {'damage':>8} {'quantized':>10} {'zlib B':>10} {'lzma B':>10} {'seconds':>8}")
+    for regime in regimes:
+        q, rep = quantize_model(model, regime, cfg.quant, calib if regime.needs_calibration else None)
+        bpb = eval_val(q, tokens, cfg.ttt.context, tables, cfg.ttt.micro_batch).bpb
+        print(f"{regime.name:>20} {bpb:8.4f} {bpb - base:+8.4f} {rep.quantized_params:>10,} "
+              f"{rep.artifact_bytes_zlib:>10,} {rep.artifact_bytes_lzma:>10,} {rep.seconds:8.2f}", flush=True)
+    print(f"bpb: eval_val over {tokens.numel() - 1:,} validation tokens, context {cfg.ttt.context}; "
+          "damage = bpb - bpb(unquantized); sizes are packed codes + fp16 scales + passthrough, compressed")
+    return 0
+
+
+def cmd_ttt(args, cfg: CLIConfig) -> int:
+    from e2ettt.launch import run_local
+    from e2ettt.prepare import prepare_regime
+    from e2ettt.source import resolve
+    from e2ettt.worker import run_trial_on_rank
+
+    parse_regime(args.regime)
+    cfg = dataclasses.replace(cfg, ttt=override(cfg.ttt, {"lr": args.lr} if args.lr is not None else {}))
+    inputs = resolve(cfg.source)
+    root = Path(args.work_dir or tempfile.mkdtemp(prefix="e2ettt-"))
+    reports = {r: prepare_regime(root, inputs, r, cfg.quant, args.threads) for r in dict.fromkeys(["fp", args.regime])}
+    spec = {"inputs": inputs.as_dict(), "regime_path": reports[args.regime]["dir"], "fp_path": reports["fp"]["dir"],
+            "ttt": dataclasses.asdict(cfg.ttt), "threads": args.threads}
+    out = run_local(run_trial_on_rank, (spec,), args.workers)
+    row, curve = out["row"], out["curve"]
+    print(f"{args.regime}: pre-quant {row['pre_quant_bpb']:.4f}  post-quant {row['post_quant_bpb']:.4f}  "
+          f"post-TTT {row['post_ttt_bpb']:.4f} bpb  (damage {row['damage']:+.4f}, recovery {row['recovery']:+.4f}, "
+          f"status {row['status']})")
+    print(f"{row['tokens_scored']:,} tokens on {row['world_size']} rank(s) in {row['ttt_seconds']:.1f} s "
+          f"({row['tokens_per_second']:,.0f} tokens/s); first_chunk_delta {row['first_chunk_delta']:.2e}")
+    step = max(1, len(curve) // 12)
+    print(f"{'chunk':>6} {'tokens':>8} {'static':>8} {'ttt':>8} {'running':>8} {'lr':>9}")
+    for c in curve[::step] + ([curve[-1]] if (len(curve) - 1) % step else []):
+        print(f"{c['chunk']:>6} {c['tokens_seen']:>8,} {c['static_bpb']:8.4f} {c['ttt_bpb']:8.4f} "
+              f"{c['running_ttt_bpb']:8.4f} {c['lr']:9.2e}")
+    return 0 if row["status"] == "ok" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="e2ettt", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _common(sub.add_parser("demo", help="build or reuse the embedded demo"))
+    q = sub.add_parser("quantize", help="damage and artifact size of regimes")
+    _common(q)
+    q.add_argument("--regimes", default="fp,pg-int8,int8,int6,int4,int3,gptq-int4,gptq-int3,hadamard-gptq-int3")
+    t = sub.add_parser("ttt", help="static eval + score-first TTT for one regime and setting")
+    _common(t)
+    t.add_argument("--regime", default="int3")
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--workers", type=int, default=1, help="ranks (gloo processes on this machine)")
+    t.add_argument("--work-dir", default="", help="where regime artifacts are cached (default: a temp dir)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = build(args)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        return {"demo": cmd_demo, "quantize": cmd_quantize, "ttt": cmd_ttt}[args.cmd](args, cfg)
+    except (ConfigError, RegimeError, ValueError, OSError) as exc:
+        print(f"e2ettt {args.cmd}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

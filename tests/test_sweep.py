@@ -1,0 +1,110 @@
+"""The main job through real Ray: smoke grid, faults, resume, bad input, multi-node, cluster.yaml."""
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from sweeps import healing_grid  # noqa: E402
+
+
+def real_run_args(demo, out, *extra):
+    """The 'real checkpoint' path, pointed at the tiny demo's files."""
+    return ["--checkpoint", str(demo.checkpoint), "--data", str(demo.data_dir), "--tokenizer", str(demo.tokenizer),
+            "--out", str(out), "--set", "quant.min_numel=1024", "--max-tokens", "1024", "--context", "128",
+            "--chunks", "256", "--lrs", "0.03", *extra]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--regimes", "fp,int9"], "unknown quantization regime 'int9'"),
+    (["--lrs", "0.1,nan"], "grid.lrs: nan is not a finite learning rate"),
+    (["--set", "ttt.optimiser=sgd"], "unknown setting 'ttt.optimiser'"),
+    (["--chunks", "abc"], "--chunks: cannot read 'abc'"),
+    (["--set", "ttt.optimizer=lion"], "ttt.optimizer must be sgd or adamw"),
+])
+def test_bad_flags_fail_before_ray(args, message, capsys):
+    import ray
+
+    assert healing_grid.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not ray.is_initialized()
+
+
+def test_bad_grid_file_and_bad_data_fail_before_ray(tmp_path, tiny_demo, capsys):
+    import ray
+
+    bad = tmp_path / "grid.yaml"
+    bad.write_text("grid:\n  regimes: [fp, int3\n")
+    assert healing_grid.main(["--grid", str(bad)]) == 2
+    assert "grid.yaml: not valid YAML/JSON" in capsys.readouterr().err
+    bad.write_text(yaml.safe_dump({"grid": {"chunks": [256]}, "ttt": {"epochs": -1}}))
+    assert healing_grid.main(["--grid", str(bad)]) == 2
+    assert "ttt.epochs must be >= 0" in capsys.readouterr().err
+    assert healing_grid.main(real_run_args(tiny_demo, tmp_path, "--chunks", "5000")) == 2
+    assert "chunk_tokens=5000 is larger than the 1024 target tokens" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+@pytest.mark.slow
+def test_smoke_grid_faults_and_resume(tmp_path, tiny_demo, capsys):
+    marker = tmp_path / "killed-once"
+    fault = json.dumps({"int3": {"kill_once_marker": str(marker), "kill_rank": 1, "kill_chunk": 1},
+                        "int4": {"raise": "injected failure"}})
+    args = real_run_args(tiny_demo, tmp_path, "--regimes", "fp,int3,int4", "--name", "faults",
+                         "--set", f"fault={fault}")
+    assert healing_grid.main(args) == 0
+    run = tmp_path / "faults"
+    trials = pd.read_parquet(run / "trials.parquet").set_index("regime")
+    assert marker.exists()  # a worker of the int3 trial really died ...
+    assert trials.loc["int3", "status"] == "ok"  # ... and the retried worker group finished it
+    assert trials.loc["int4", "status"] == "error" and "injected failure" in trials.loc["int4", "error"]
+    assert trials.loc["fp", "status"] == "ok" and trials.loc["fp", "world_size"] == 2
+    assert trials.loc["fp", "first_chunk_delta"] == pytest.approx(0, abs=1e-6)
+    assert trials.loc["int3", "damage"] > 0
+    curves = pd.read_parquet(run / "curves.parquet")
+    assert set(curves["trial_id"]) == set(trials.loc[["fp", "int3"], "trial_id"])
+    assert len(curves[curves["trial_id"] == trials.loc["fp", "trial_id"]]) == 4  # 1024 tokens / 256
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert set(trials["config_hash"]) <= set(manifest["configs"]) and manifest["versions"]["torch"]
+    before = trials["finished_at"].to_dict()
+
+    capsys.readouterr()
+    assert healing_grid.main(args + ["--lrs", "0.03,0.001"]) == 0  # resume with one more lr
+    out = capsys.readouterr().out
+    assert "6 cells (2 already in" in out
+    again = pd.read_parquet(run / "trials.parquet")
+    assert len(again) == 6
+    kept = again[(again["inner_lr"] == 0.03) & again["regime"].isin(["fp", "int3"])].set_index("regime")
+    assert kept["finished_at"].to_dict() == {k: before[k] for k in ("fp", "int3")}  # not rerun
+    assert (again[again["regime"] == "int4"]["status"] == "error").all()  # errors are retried, still failing
+
+
+@pytest.mark.slow
+def test_sweep_across_a_multi_node_cluster_on_this_machine(tmp_path, tiny_demo):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"trial_driver": 4}})
+    cluster.add_node(num_cpus=2)
+    cluster.add_node(num_cpus=2)
+    try:
+        code = healing_grid.main(real_run_args(tiny_demo, tmp_path, "--regimes", "fp,int3", "--name", "cluster",
+                                               "--address", cluster.address))
+    finally:
+        cluster.shutdown()
+    assert code == 0
+    trials = pd.read_parquet(tmp_path / "cluster" / "trials.parquet")
+    assert list(trials["status"]) == ["ok", "ok"]
+
+
+def test_cluster_yaml_validates_against_rays_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    validate_config(prepare_config(config))
+    assert config["available_node_types"]["gpu_8xh100"]["resources"]["GPU"] == 8
+    assert "trial_driver" in config["available_node_types"]["head"]["resources"]
