@@ -10,7 +10,8 @@ import dataclasses
 import hashlib
 import json
 import typing
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 
 class ConfigError(ValueError):

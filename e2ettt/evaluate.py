@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ class DeviceTables:
     is_boundary: Tensor
 
     @classmethod
-    def from_tables(cls, tables: ByteTables, device: torch.device | str = "cpu") -> "DeviceTables":
+    def from_tables(cls, tables: ByteTables, device: torch.device | str = "cpu") -> DeviceTables:
         return cls(
             torch.as_tensor(tables.base_bytes, dtype=torch.float64, device=device),
             torch.as_tensor(tables.has_leading_space, dtype=torch.bool, device=device),
@@ -64,7 +65,7 @@ class Score:
     def bpb(self) -> float:
         return self.nll / (math.log(2) * self.bytes) if self.bytes else float("nan")
 
-    def __add__(self, other: "Score") -> "Score":
+    def __add__(self, other: Score) -> Score:
         return Score(self.nll + other.nll, self.bytes + other.bytes, self.tokens + other.tokens)
 
 

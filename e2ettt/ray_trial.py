@@ -11,6 +11,7 @@ under the same name instead of starting a stray run.
 from __future__ import annotations
 
 import json
+import time
 import traceback
 
 import ray.train
@@ -50,11 +51,13 @@ def run_cell(config: dict) -> None:
         run_config=RunConfig(name=f"train-{config['cell_key']}", storage_path=res["storage_path"],
                              failure_config=FailureConfig(max_failures=res["max_worker_failures"])),
     )
+    t0 = time.perf_counter()
     try:
         result = trainer.fit()
         payload = result.return_value
         if payload is None:
             raise RuntimeError("rank 0 returned no result")
+        payload["row"]["trial_seconds"] = time.perf_counter() - t0
     except Exception as exc:  # a failed trial is a row with its error, not a lost trial
         payload = {"row": {"status": "error", "error": one_line(exc)}, "curve": [],
                    "traceback": traceback.format_exc()[-4000:]}

@@ -9,9 +9,9 @@ and are boundaries.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import sentencepiece as spm

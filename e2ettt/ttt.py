@@ -18,15 +18,25 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from e2ettt.adapt import parse_spec, select_params
 from e2ettt.distributed import all_reduce_sum_, assert_same_weights, share, world
-from e2ettt.evaluate import DeviceTables, Score, Window, batch_tensors, chunk_spans, micro_batches, plan_windows, score_windows, token_nll
+from e2ettt.evaluate import (
+    DeviceTables,
+    Score,
+    Window,
+    batch_tensors,
+    chunk_spans,
+    micro_batches,
+    plan_windows,
+    score_windows,
+    token_nll,
+)
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -73,6 +74,7 @@ def run_trial_on_rank(spec: dict, device: torch.device | str = "cpu") -> dict | 
         "ttt_seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
         "load_seconds": load_seconds, "diverged": result.diverged, "diverged_chunk": result.diverged_chunk,
         "world_size": world_size, "device": str(device.type),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "status": "diverged" if result.diverged else "ok", "error": "",
     }
     curve = [{"chunk": c.chunk, "tokens_seen": c.tokens_seen, "ttt_bpb": c.ttt_bpb, "static_bpb": c.static_bpb,

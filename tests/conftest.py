@@ -6,11 +6,11 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_TRAIN_COLLECTIVE_TIMEOUT_S", "60")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from e2ettt.demo import DemoConfig, build_demo  # noqa: E402
-from e2ettt.model import GPT, GPTConfig  # noqa: E402
+from e2ettt.demo import DemoConfig, build_demo
+from e2ettt.model import GPT, GPTConfig
 
 TINY_MODEL = GPTConfig(vocab_size=1024, num_layers=2, model_dim=64, num_heads=2, num_kv_heads=1)
 TINY_DEMO = DemoConfig(max_documents=30, val_every=5, steps=60, batch_seqs=16, seq_len=128, model=TINY_MODEL)

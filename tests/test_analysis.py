@@ -5,11 +5,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from analysis import metrics
+from analysis.__main__ import main as analysis_main
+from analysis.tables import RunError, load_run
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from analysis import metrics  # noqa: E402
-from analysis.__main__ import main as analysis_main  # noqa: E402
-from analysis.tables import RunError, load_run  # noqa: E402
 
 
 def trial(regime, seed, lr=0.01, chunk=256, pre=1.70, post=1.74, ttt=1.72, status="ok", delta=0.0, tid=None):

@@ -52,5 +52,5 @@ def test_eval_segment_cap_and_seed():
     assert seg0.size == 301 and seg0[0] == 1
     seg5 = data.eval_segment(tokens, 300, 5)
     assert seg5.size == 301 and seg5[0] == data.BOS_ID
-    starts = {int(np.flatnonzero((tokens[:-300] == 1))[0])}
+    starts = {int(np.flatnonzero(tokens[:-300] == 1)[0])}
     assert starts  # seeds pick document starts

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from e2ettt import data
-from e2ettt.demo import load_documents, load_demo_model
+from e2ettt.demo import load_demo_model, load_documents
 from e2ettt.evaluate import DeviceTables, as_tensor, chunk_spans, eval_val, plan_windows, score_windows
 from e2ettt.tokenizer import build_byte_tables, load_tokenizer
 

@@ -76,7 +76,7 @@ def test_rotation_preserves_the_float_function(demo_parts):
     model, _ = demo_parts
     ref = model.double()
     rotated = __import__("copy").deepcopy(ref)
-    for name, module in list(rotated.named_modules()):
+    for module in list(rotated.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear):
                 R = Rotation(child.weight.shape[1], seed=hash(child_name) % 1000)

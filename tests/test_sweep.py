@@ -1,15 +1,14 @@
 """The main job through real Ray: smoke grid, faults, resume, bad input, multi-node, cluster.yaml."""
 import json
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
+from sweeps import healing_grid
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from sweeps import healing_grid  # noqa: E402
 
 
 def real_run_args(demo, out, *extra):

@@ -1,6 +1,7 @@
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,8 +10,6 @@ from e2ettt.launch import run_local
 from e2ettt.testing import ttt_rank
 from e2ettt.tokenizer import ByteTables
 from e2ettt.ttt import TTTConfig, run_ttt
-
-import numpy as np
 
 
 @pytest.fixture

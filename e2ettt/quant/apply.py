@@ -19,8 +19,8 @@ from __future__ import annotations
 import copy
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor, nn

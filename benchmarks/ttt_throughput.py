@@ -1,0 +1,115 @@
+"""TTT throughput of the engine against a naive loop and the machine's matmul rate.
+
+For the demo model and a parameter-golf-baseline-sized model (17M parameters,
+random weights, synthetic tokens), in fp32 and bf16 autocast, in one run:
+  engine  : e2ettt.ttt.run_ttt (score with no_grad, then `epochs` passes per chunk)
+  naive   : the same protocol written plainly (no windows bookkeeping, no lockstep)
+  limit   : a large matmul timed in the same run; achieved FLOP/s / that rate
+FLOPs per token, counted from the model: forward = 2 · (matrix parameters incl. the
+tied head) + causal attention 2 · 2 · d · (T+1)/2 per layer; backward = 2 × forward;
+score-first TTT costs (1 + 3 · epochs) forwards per token.
+
+    python benchmarks/ttt_throughput.py [--tokens 8192] [--device cpu|cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+from _common import matmul_rate, record
+
+from e2ettt.evaluate import DeviceTables
+from e2ettt.model import GPT, GPTConfig
+from e2ettt.tokenizer import ByteTables
+from e2ettt.ttt import TTTConfig, run_ttt
+
+
+def flops_per_token(cfg: GPTConfig, T: int, epochs: int) -> float:
+    d, L = cfg.model_dim, cfg.num_layers
+    kv = cfg.num_kv_heads * d // cfg.num_heads
+    matrix = L * (2 * d * d + 2 * d * kv + 2 * cfg.mlp_mult * d * d) + cfg.vocab_size * d
+    forward = 2 * matrix + L * 4 * d * (T + 1) / 2
+    return forward * (1 + 3 * epochs)
+
+
+def naive_ttt(model, tokens, chunk: int, T: int, lr: float, epochs: int, dtype) -> float:
+    """Score chunk with no_grad, then train on it: the plain loop a benchmark should beat."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    n = (tokens.numel() - 1) // T * T
+    x_all, y_all = tokens[:n].view(-1, T), tokens[1 : n + 1].view(-1, T)
+    per_chunk = max(1, chunk // T)
+    total = 0.0
+    ctx = torch.autocast(tokens.device.type, dtype=dtype) if dtype else torch.autocast(tokens.device.type, enabled=False)
+    for i in range(0, x_all.shape[0], per_chunk):
+        x, y = x_all[i : i + per_chunk], y_all[i : i + per_chunk]
+        with torch.no_grad(), ctx:
+            total += float(F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="sum"))
+        for _ in range(epochs):
+            with ctx:
+                loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+    return total
+
+
+def timed(fn, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    dev = args.device
+    models = {
+        "demo-592K (T=256)": (GPTConfig(vocab_size=1024, num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2), 256),
+        "baseline-17M (T=1024)": (GPTConfig(), 1024),
+    }
+    rate32 = matmul_rate(2048, torch.float32, dev)
+    rate16 = matmul_rate(2048, torch.bfloat16, dev)
+    tables = DeviceTables.from_tables(ByteTables(np.ones(1024, np.int16), np.zeros(1024, bool), np.zeros(1024, bool)), dev)
+    rows = []
+    for name, (cfg, T) in models.items():
+        torch.manual_seed(0)
+        model = GPT(cfg).to(dev)
+        tokens = torch.randint(4, cfg.vocab_size, (args.tokens + 1,), device=dev)
+        chunk = 4 * T
+        per_tok = flops_per_token(cfg, T, args.epochs)
+        for dtype_name, dtype, rate in (("fp32", None, rate32), ("bf16", torch.bfloat16, rate16)):
+            ttt_cfg = TTTConfig(chunk_tokens=chunk, context=T, lr=1e-3, epochs=args.epochs, micro_batch=4,
+                                dtype=dtype_name, diverge_nats=1e9)
+            m = copy.deepcopy(model)
+            run_ttt(m, tokens[: 2 * chunk + 1], tables, ttt_cfg)  # warm-up
+            t_engine = timed(lambda m=model, x=tokens, c=ttt_cfg: run_ttt(copy.deepcopy(m), x, tables, c), dev)
+            t_naive = timed(lambda m=model, x=tokens, c=chunk, t=T, d=dtype: naive_ttt(copy.deepcopy(m), x, c, t, 1e-3,
+                                                                                        args.epochs, d), dev)
+            tps = args.tokens / t_engine
+            rows.append({"model": name, "dtype": dtype_name, "engine tok/s": tps, "naive tok/s": args.tokens / t_naive,
+                         "engine/naive": t_naive / t_engine, "GFLOP/s": tps * per_tok / 1e9,
+                         f"of {dtype_name} matmul": tps * per_tok / rate})
+    record(f"TTT throughput ({dev}, {args.tokens:,} tokens, {args.epochs} epoch, chunk = 4 windows)", rows, [
+        f"measured matmul rate (2048³): fp32 {rate32 / 1e9:.1f} GFLOP/s, bf16 {rate16 / 1e9:.1f} GFLOP/s",
+        "FLOPs/token: forward 2·(matrix params incl. tied head) + causal attention; TTT = (1 + 3·epochs) forwards",
+    ])
+
+
+if __name__ == "__main__":
+    main()

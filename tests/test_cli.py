@@ -1,0 +1,57 @@
+"""The `e2ettt` command line on the tiny demo's files (the 'real checkpoint' path)."""
+import numpy as np
+import pytest
+import torch
+
+from e2ettt import data
+from e2ettt.cli import main
+from e2ettt.source import SourceConfig, resolve
+
+
+def files(demo):
+    return ["--checkpoint", str(demo.checkpoint), "--data", str(demo.data_dir), "--tokenizer", str(demo.tokenizer)]
+
+
+def test_quantize_prints_damage_and_sizes(tiny_demo, capsys):
+    code = main(["quantize", *files(tiny_demo), "--regimes", "fp,int8,int3,gptq-int3",
+                 "--set", "quant.min_numel=1024", "--set", "quant.calib_tokens=2048", "--set", "quant.calib_seq_len=128",
+                 "--set", "ttt.max_tokens=2048", "--set", "ttt.context=128"])
+    out = capsys.readouterr().out
+    assert code == 0
+    lines = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.strip().startswith(("fp", "int", "gptq"))}
+    assert float(lines["fp"][2]) == 0.0
+    assert float(lines["int3"][2]) > float(lines["int8"][2])  # fewer bits, more damage
+
+
+def test_ttt_on_two_processes_prints_result_and_curve(tiny_demo, tmp_path, capsys):
+    code = main(["ttt", *files(tiny_demo), "--regime", "int3", "--lr", "0.03", "--workers", "2",
+                 "--work-dir", str(tmp_path), "--set", "quant.min_numel=1024", "--set", "ttt.max_tokens=1024",
+                 "--set", "ttt.chunk_tokens=256", "--set", "ttt.context=128"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "int3: pre-quant" in out and "on 2 rank(s)" in out and "first_chunk_delta" in out
+    assert len([ln for ln in out.splitlines() if ln.strip()[:1].isdigit()]) >= 4  # curve rows
+
+
+def test_mismatched_tokenizer_and_bad_regime_are_one_line_errors(tiny_demo, tmp_path, capsys):
+    sd = torch.load(tiny_demo.checkpoint, weights_only=True)
+    sd["tok_emb.weight"] = torch.zeros(2048, sd["tok_emb.weight"].shape[1])
+    bad = tmp_path / "big_vocab.pt"
+    torch.save(sd, bad)
+    with pytest.raises(ValueError, match="tok_emb.weight has 2048 rows but tokenizer .* has 1024 pieces"):
+        resolve(SourceConfig(checkpoint=str(bad), data=str(tiny_demo.data_dir), tokenizer=str(tiny_demo.tokenizer)))
+    assert main(["quantize", *files(tiny_demo), "--regimes", "int3,q4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("e2ettt quantize: error: unknown quantization regime 'q4'") and len(err.splitlines()) == 1
+
+
+def test_corrupt_shard_in_data_dir_is_named(tiny_demo, tmp_path, capsys):
+    d = tmp_path / "data"
+    d.mkdir()
+    tokens = data.read_shard(next(tiny_demo.data_dir.glob("*_val_*.bin")))
+    data.write_shard(d / "x_val_000000.bin", np.asarray(tokens))
+    (d / "x_val_000001.bin").write_bytes(b"\x00" * 2000)
+    args = ["quantize", "--checkpoint", str(tiny_demo.checkpoint), "--data", str(d), "--tokenizer",
+            str(tiny_demo.tokenizer), "--regimes", "fp"]
+    assert main(args) == 2
+    assert "x_val_000001.bin: bad magic 0" in capsys.readouterr().err
