@@ -7,7 +7,9 @@ vocabulary that does not match the tokenizer.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
+import pickle
 import zlib
 from pathlib import Path
 
@@ -31,10 +33,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     try:
         if blob[:1] == b"\x78":  # zlib stream: the parameter-golf int8 artifact
             return pg_int8.dequantize_state_dict(pg_int8.unpack(blob))
-        import io
-
         obj = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    except (zlib.error, RuntimeError, ValueError, EOFError, KeyError) as exc:
+    except (zlib.error, pickle.UnpicklingError, RuntimeError, ValueError, EOFError, KeyError, OSError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path}: cannot load checkpoint ({msg})") from None
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):

@@ -14,16 +14,15 @@ import json
 import time
 import traceback
 
-import ray.train
-import ray.train.torch
-import ray.tune
-
 from e2ettt.worker import run_trial_on_rank
 
 
 def train_loop(spec: dict) -> dict | None:
-    device = ray.train.torch.get_device()
-    return run_trial_on_rank(spec, device)
+    """What each Train worker runs. Imports stay inside: every trial starts fresh worker
+    processes, and import time is most of a small trial's start-up."""
+    import ray.train.torch
+
+    return run_trial_on_rank(spec, ray.train.torch.get_device())
 
 
 def one_line(exc: BaseException) -> str:
@@ -35,6 +34,7 @@ def one_line(exc: BaseException) -> str:
 
 
 def run_cell(config: dict) -> None:
+    import ray.tune
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

@@ -47,7 +47,7 @@ from analysis.report import trial_summary  # noqa: E402
 class Grid:
     regimes: tuple = ("fp", "int4", "gptq-int3", "int3", "int2")  # fp is the control
     lrs: tuple = (1e-4, 0.03, 3.0)  # too small to matter .. helps .. diverges
-    chunks: tuple = (256, 1024)  # chunk_tokens
+    chunks: tuple = (512, 2048)  # chunk_tokens; >= 2 windows of context each, so both ranks have work
     seeds: tuple = (0,)  # seed 0 = start of the stream; others sample another segment under a cap
     epochs: tuple = (1,)
     optimizers: tuple = ("sgd",)
@@ -315,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     try:
         inputs = resolve(cfg.source, log=log)
+        if inputs.demo:
+            log(f"demo model: {inputs.demo['parameters']:,} parameters, validation bpb {inputs.demo['val_bpb']:.4f} "
+                f"(eval_val over all {inputs.demo['val_tokens']:,} validation tokens); cache {Path(inputs.checkpoint).parent}")
         for c in all_cells:  # chunk larger than the stream, etc.: fail before Ray starts
             eval_stream(inputs, TTTConfig(**c["ttt"]))
     except (ValueError, OSError) as exc:
@@ -347,9 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     tables = RunTables(run_dir)
     if not tables.trials.empty:
         log("\n" + trial_summary(tables.trials[tables.trials["trial_id"].isin(keys)]).to_string(index=False))
-    ttt_sum = tables.trials[tables.trials["trial_id"].isin(todo)]["ttt_seconds"].sum() if todo and not tables.trials.empty else 0.0
-    log(f"\n{'interrupted' if interrupted else 'done'}: {len(todo)} trials run in {wall:.0f} s wall "
-        f"({ttt_sum:.0f} s of it inside TTT); tables in {run_dir}")
+    ran = tables.trials[tables.trials["trial_id"].isin(todo)] if todo and not tables.trials.empty else tables.trials.iloc[:0]
+    interrupted = interrupted or len(ran) < len(todo)
+    log(f"\n{'stopped early' if interrupted else 'done'}: {len(ran)} of {len(todo)} trials finished in {wall:.0f} s wall "
+        f"({ran['ttt_seconds'].sum() if len(ran) else 0:.0f} s of it inside TTT); tables in {run_dir}")
+    if interrupted:
+        log("rerun the same command to run the remaining trials (finished ones are skipped)")
     if cfg.ttt.max_tokens:
         log(f"note: each trial evaluated {cfg.ttt.max_tokens:,} validation tokens (ttt.max_tokens); "
             "numbers describe that segment, not the whole validation stream")

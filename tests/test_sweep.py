@@ -54,7 +54,7 @@ def test_smoke_grid_faults_and_resume(tmp_path, tiny_demo, capsys):
     marker = tmp_path / "killed-once"
     fault = json.dumps({"int3": {"kill_once_marker": str(marker), "kill_rank": 1, "kill_chunk": 1},
                         "int4": {"raise": "injected failure"}})
-    args = real_run_args(tiny_demo, tmp_path, "--regimes", "fp,int3,int4", "--name", "faults",
+    args = real_run_args(tiny_demo, tmp_path, "--smoke", "--regimes", "fp,int3,int4", "--name", "faults",
                          "--set", f"fault={fault}")
     assert healing_grid.main(args) == 0
     run = tmp_path / "faults"
