@@ -24,15 +24,20 @@ def caveats(run: Run) -> list[str]:
     t = run.trials
     notes = []
     if not (metrics.ok(t)["regime"] == "fp").any():
-        notes.append("No finished fp control: healing cannot be separated from plain adaptation, so no healing fraction is reported.")
+        notes.append("No finished fp control: healing cannot be separated from plain adaptation, "
+                     "so no healing fraction is reported.")
     seeds = metrics.ok(t)["seed"].nunique()
     if seeds < 3:
-        notes.append(f"Only {seeds} seed(s): intervals over seeds are not available (they need at least 3 for a useful 95% CI).")
+        notes.append(f"Only {seeds} seed(s): intervals over seeds are not available "
+                     "(they need at least 3 for a useful 95% CI).")
     caps = set(t["max_tokens"]) if "max_tokens" in t else set()
     if caps and caps != {0}:
-        notes.append(f"Each trial evaluated a capped segment of the validation stream ({', '.join(f'{c:,}' for c in sorted(caps))} tokens): numbers describe that segment.")
+        sizes = ", ".join(f"{c:,}" for c in sorted(caps))
+        notes.append(f"Each trial evaluated a capped segment of the validation stream ({sizes} tokens): "
+                     "numbers describe that segment.")
     if (t["status"] != "ok").any():
-        notes.append(f"{int((t['status'] != 'ok').sum())} trial(s) did not finish normally (see sanity flags); they are excluded from means.")
+        bad = int((t["status"] != "ok").sum())
+        notes.append(f"{bad} trial(s) did not finish normally (see sanity flags); they are excluded from means.")
     return notes
 
 

@@ -44,7 +44,8 @@ def load_run(run_dir: str | Path) -> Run:
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: run directory does not exist")
     trials = _read(run_dir / "trials.parquet", TRIAL_REQUIRED)
-    curves = _read(run_dir / "curves.parquet", CURVE_REQUIRED) if (run_dir / "curves.parquet").exists() else pd.DataFrame(columns=CURVE_REQUIRED)
+    curves_path = run_dir / "curves.parquet"
+    curves = _read(curves_path, CURVE_REQUIRED) if curves_path.exists() else pd.DataFrame(columns=CURVE_REQUIRED)
     manifest = {}
     if (run_dir / "manifest.json").is_file():
         try:

@@ -69,7 +69,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--model", choices=["demo", "17m"], default="demo")
     args = p.parse_args()
-    cfg_m = GPTConfig() if args.model == "17m" else GPTConfig(vocab_size=1024, num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2)
+    demo = GPTConfig(vocab_size=1024, num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2)
+    cfg_m = GPTConfig() if args.model == "17m" else demo
     T = 1024 if args.model == "17m" else 256
     torch.manual_seed(0)
     model = GPT(cfg_m)

@@ -70,8 +70,8 @@ def main() -> None:
              "peak RSS whole sweep GB": peak / 2**30}]
     record("Sweep overhead and memory (default grid, demo cached)", rows, [
         "overhead = wall time of the whole command (Ray start, quantization, static curves, worker-group start-up, "
-        "artifact loading, table writes) minus the sum of the trials' TTT seconds; trials run concurrently, so the "
-        "share can be negative when concurrency hides start-up",
+        "artifact loading, table writes) minus the sum of the trials' TTT seconds",
+        "start-up s/trial = a trial's TorchTrainer.fit() wall time minus its TTT seconds",
         f"run: runs/{name}",
     ])
 

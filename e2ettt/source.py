@@ -59,8 +59,8 @@ def resolve(cfg: SourceConfig, log=print) -> Inputs:
     cfg.validate()
     if not cfg.checkpoint:
         assets = build_demo(cfg.demo, cfg.cache_dir or default_cache_dir(), log=log)
-        return Inputs(str(assets.checkpoint), str(assets.data_dir), str(assets.tokenizer), "",
-                      assets.model.vocab_size, {k: assets.info[k] for k in ("key", "parameters", "val_bpb", "train_tokens", "val_tokens")})
+        info = {k: assets.info[k] for k in ("key", "parameters", "val_bpb", "train_tokens", "val_tokens")}
+        return Inputs(str(assets.checkpoint), str(assets.data_dir), str(assets.tokenizer), "", assets.model.vocab_size, info)
     sp = load_tokenizer(cfg.tokenizer)
     vocab = int(sp.vocab_size())
     ckpt = Path(cfg.checkpoint).resolve()

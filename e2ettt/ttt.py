@@ -59,6 +59,7 @@ class TTTConfig:
     max_tokens: int = 0  # cap on scored target tokens; 0 = the whole stream
     seed: int = 0  # picks the stream segment under a cap, and LoRA init
     dtype: str = "fp32"  # fp32 | bf16 autocast
+    fuse_score: bool = True  # score chunk k from its first epoch's forward (same θ_k, same windows); saves a forward
     diverge_nats: float = 0.0  # mean chunk NLL above this = diverged; 0 = ln(vocab), worse than uniform
 
     def validate(self) -> None:
@@ -136,6 +137,12 @@ def make_optimizer(cfg: TTTConfig, params: Sequence[Tensor]) -> torch.optim.Opti
 
 def sync_gradients_(params: Sequence[Tensor], global_count: int) -> None:
     """Sum gradients over ranks in one flat all-reduce, then divide by the step's target count."""
+    if world()[1] == 1:  # nothing to reduce: scale in place, no flat copy
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.div_(global_count)
+        return
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
     all_reduce_sum_(flat).div_(global_count)
     offset = 0
@@ -145,17 +152,27 @@ def sync_gradients_(params: Sequence[Tensor], global_count: int) -> None:
         offset += n
 
 
-def adapt_step_(
-    model: nn.Module, params: Sequence[Tensor], opt: torch.optim.Optimizer, tokens: Tensor,
-    step: Sequence[Window], cfg: TTTConfig, rank: int, world_size: int,
-) -> float:
-    """One lockstep optimizer step on `step`'s windows; returns the global grad norm."""
-    opt.zero_grad(set_to_none=True)
-    mine = share(step, [w.scored for w in step], rank, world_size)
-    for group in micro_batches(mine, cfg.micro_batch):
+def backward_share_(
+    model: nn.Module, tokens: Tensor, windows: Sequence[Window], cfg: TTTConfig, tables: DeviceTables | None = None,
+) -> Score | None:
+    """Accumulate gradients of this rank's windows' summed NLL; with `tables`, also return their score."""
+    nll_sum = torch.zeros((), dtype=torch.float64, device=tokens.device)
+    byte_sum = torch.zeros((), dtype=torch.float64, device=tokens.device)
+    count = 0
+    for group in micro_batches(windows, cfg.micro_batch):
         x, y, mask = batch_tensors(tokens, group)
-        token_nll(model, x, y, cfg.autocast_dtype)[mask].sum().backward()
-    sync_gradients_(params, sum(w.scored for w in step))
+        nll = token_nll(model, x, y, cfg.autocast_dtype)
+        if tables is not None:
+            nll_sum += nll.detach().double()[mask].sum()
+            byte_sum += tables.count_bytes(x[mask], y[mask]).sum()
+            count += int(mask.sum())
+        nll[mask].sum().backward()
+    return Score(float(nll_sum), float(byte_sum), count) if tables is not None else None
+
+
+def finish_step_(params: Sequence[Tensor], global_count: int, cfg: TTTConfig) -> float:
+    """Sum gradients over ranks, divide by the step's target count, clip; return the global grad norm."""
+    sync_gradients_(params, global_count)
     if cfg.grad_clip > 0:
         return float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
     return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
@@ -173,7 +190,9 @@ def run_ttt(
 
     `tokens` is the stream to evaluate (apply any cap before calling);
     `static`, if given, is the per-chunk static score of the same windows
-    with the starting weights, for the curves and first_chunk_delta.
+    with the starting weights, for the curves and first_chunk_delta. The
+    model stays in eval mode throughout (no dropout), so the scored function
+    and the adapted one are the same.
     """
     cfg.validate()
     rank, world_size = world()
@@ -184,12 +203,21 @@ def run_ttt(
         raise ValueError(f"static curve has {len(static)} chunks, the stream has {len(spans)}")
     limit = cfg.diverge_nats or math.log(tables.base_bytes.numel())
     result = TTTResult(world_size=world_size)
+    model.eval()
     t0 = time.perf_counter()
     for k, (a, b) in enumerate(spans):
         windows = plan_windows(a, b, cfg.context, cfg.stride or None)
-        model.eval()
-        local = score_windows(model, tokens, share(windows, [w.scored for w in windows], rank, world_size),
-                              tables, cfg.micro_batch, cfg.autocast_dtype)
+        mine = share(windows, [w.scored for w in windows], rank, world_size)
+        last = k == len(spans) - 1
+        step_size = cfg.step_windows or len(windows)
+        # Fused: chunk k's first epoch is one step over all its windows with θ_k, so its forward is the score.
+        fused = cfg.fuse_score and not last and cfg.epochs > 0 and step_size >= len(windows)
+        t_chunk = time.perf_counter()
+        if fused:
+            opt.zero_grad(set_to_none=True)
+            local = backward_share_(model, tokens, mine, cfg, tables)
+        else:
+            local = score_windows(model, tokens, mine, tables, cfg.micro_batch, cfg.autocast_dtype)
         sums = all_reduce_sum_(torch.tensor([local.nll, local.bytes], dtype=torch.float64, device=tokens.device))
         score = Score(float(sums[0]), float(sums[1]), b - a)
         result.total = result.total + score
@@ -197,18 +225,18 @@ def run_ttt(
         if k == 0:
             result.first_chunk_delta = score.bpb - static_bpb
         mean_nll = score.nll / score.tokens
-        last = k == len(spans) - 1
         lr = 0.0 if last else lr_at(cfg, k, len(spans))
-        t_adapt = time.perf_counter()
         diverged = not math.isfinite(mean_nll) or mean_nll > limit
         if not diverged and not last:
             for group in opt.param_groups:
                 group["lr"] = lr
-            model.train()
-            step_size = cfg.step_windows or len(windows)
-            for _ in range(cfg.epochs):
+            for epoch in range(cfg.epochs):
                 for s in range(0, len(windows), step_size):
-                    norm = adapt_step_(model, params, opt, tokens, windows[s : s + step_size], cfg, rank, world_size)
+                    step = windows[s : s + step_size]
+                    if not (fused and epoch == 0):
+                        opt.zero_grad(set_to_none=True)
+                        backward_share_(model, tokens, share(step, [w.scored for w in step], rank, world_size), cfg)
+                    norm = finish_step_(params, sum(w.scored for w in step), cfg)
                     if not math.isfinite(norm):
                         diverged = True
                         break
@@ -219,7 +247,7 @@ def run_ttt(
         record = ChunkRecord(
             chunk=k, tokens=score.tokens, tokens_seen=result.total.tokens, nll=score.nll, bytes=score.bytes,
             ttt_bpb=score.bpb, static_bpb=static_bpb, running_ttt_bpb=result.total.bpb, lr=lr,
-            adapt_seconds=time.perf_counter() - t_adapt,
+            adapt_seconds=time.perf_counter() - t_chunk,
         )
         result.chunks.append(record)
         if on_chunk is not None:
@@ -228,5 +256,4 @@ def run_ttt(
             result.diverged, result.diverged_chunk = True, k
             break
     result.seconds = time.perf_counter() - t0
-    model.eval()
     return result

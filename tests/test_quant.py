@@ -27,7 +27,8 @@ def test_rtn_is_idempotent_and_within_half_a_step(bits):
 
 
 def test_parse_regimes_and_unknown_regime():
-    assert parse_regime("hadamard-gptq-int3").__dict__ == {"name": "hadamard-gptq-int3", "method": "gptq", "bits": 3, "rotate": True}
+    spec = parse_regime("hadamard-gptq-int3")
+    assert spec.__dict__ == {"name": "hadamard-gptq-int3", "method": "gptq", "bits": 3, "rotate": True}
     assert parse_regime("int6").method == "rtn" and parse_regime("pg-int8").method == "pg"
     for bad in ("int1", "int9", "gptq", "fp16", "hadamard-fp", "int4-gptq"):
         with pytest.raises(RegimeError, match=f"unknown quantization regime '{bad}'; valid forms: fp, pg-int8, intN"):

@@ -31,8 +31,9 @@ def tokens():
 CFG = TTTConfig(chunk_tokens=100, context=32, stride=16, lr=0.05, micro_batch=3, diverge_nats=100.0)
 
 
-def test_lr_zero_reproduces_static_eval_chunk_by_chunk(random_gpt, tokens, tables):
-    cfg = TTTConfig(**{**CFG.__dict__, "lr": 0.0})
+@pytest.mark.parametrize("fuse", [True, False])
+def test_lr_zero_reproduces_static_eval_chunk_by_chunk(random_gpt, tokens, tables, fuse):
+    cfg = TTTConfig(**{**CFG.__dict__, "lr": 0.0, "fuse_score": fuse})
     static = static_curve(random_gpt, tokens, chunk_spans(600, 100), 32, 16, tables, 3)
     result = run_ttt(copy.deepcopy(random_gpt), tokens, tables, cfg, static)
     assert [c.ttt_bpb for c in result.chunks] == [s.bpb for s in static]
@@ -42,6 +43,8 @@ def test_lr_zero_reproduces_static_eval_chunk_by_chunk(random_gpt, tokens, table
 def test_ttt_changes_scores_and_first_chunk_equals_static(random_gpt, tokens, tables):
     static = static_curve(random_gpt, tokens, chunk_spans(600, 100), 32, 16, tables, 3)
     result = run_ttt(copy.deepcopy(random_gpt), tokens, tables, CFG, static)
+    unfused = run_ttt(copy.deepcopy(random_gpt), tokens, tables, TTTConfig(**{**CFG.__dict__, "fuse_score": False}), static)
+    assert [c.ttt_bpb for c in result.chunks] == [c.ttt_bpb for c in unfused.chunks]  # fusing changes no number
     assert result.first_chunk_delta == 0.0
     assert result.chunks[1].ttt_bpb != static[1].bpb
     assert len(result.chunks) == 6 and result.total.tokens == 600
