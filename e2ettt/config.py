@@ -46,6 +46,8 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{name}: expected a number, got {value!r}") from None
     if annotation is str:
+        if isinstance(value, (dict, list)):  # structured data for a string setting (e.g. a JSON fault spec)
+            return json.dumps(value)
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
         return str(value)
