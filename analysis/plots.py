@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -47,7 +48,7 @@ def healing_curves(trials: pd.DataFrame, curves: pd.DataFrame, out: Path, run: s
         ax.set_xlabel("validation tokens seen")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("running bits per byte")
-    axes[0][0].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=8)
     fig.suptitle(f"{run}: healing curves at each regime's best setting", fontsize=10)
     return _save(fig, out, "healing_curves")
 
@@ -65,10 +66,12 @@ def recovery_vs_damage(trials: pd.DataFrame, out: Path, run: str) -> Path | None
     for _, r in h.iterrows():
         ax.annotate(r["regime"], (r["damage"], r["recovery_frac_mean"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("quantization damage (post-quant − pre-quant bpb, log scale)")
     ax.set_ylabel("fraction of the damage repaired")
-    ax.set_title(f"{run}: recovery vs damage (best setting per regime, 95% CI over seeds)", fontsize=9)
+    ax.set_title(f"{run}\nrecovery vs damage (best setting per regime; bars: 95% CI over seeds)", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, out, "recovery_vs_damage")
