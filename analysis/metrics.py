@@ -90,6 +90,16 @@ def best_setting(trials: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def running_static_bpb(curve: pd.DataFrame) -> np.ndarray:
+    """Running static bpb of one trial's curve (sorted by chunk): per-chunk bpb weighted by bytes
+    (by tokens for tables written before curves stored bytes)."""
+    if "bytes" in curve and curve["bytes"].notna().all():
+        w = curve["bytes"].to_numpy(dtype=float)
+    else:
+        w = np.diff(np.concatenate([[0], curve["tokens_seen"].to_numpy(dtype=float)]))
+    return np.cumsum(curve["static_bpb"].to_numpy() * w) / np.cumsum(w)
+
+
 def tokens_to_heal(trials: pd.DataFrame, curves: pd.DataFrame, within: float = 0.01) -> pd.DataFrame:
     """Tokens of TTT until a trial's running bpb is within `within` of the fp model's static bpb.
 
@@ -106,9 +116,7 @@ def tokens_to_heal(trials: pd.DataFrame, curves: pd.DataFrame, within: float = 0
         f = curves[curves["trial_id"] == p["fp_trial"]].sort_values("chunk")
         if c.empty or f.empty or len(c) != len(f):
             continue
-        # running static bpb of the fp model = cumulative mean of its per-chunk static bpb weighted by tokens
-        w = np.diff(np.concatenate([[0], f["tokens_seen"].to_numpy()]))
-        fp_running = np.cumsum(f["static_bpb"].to_numpy() * w) / np.cumsum(w)
+        fp_running = running_static_bpb(f)
         hit = np.flatnonzero(c["running_ttt_bpb"].to_numpy() <= fp_running + within)
         rows.append({**{k: p[k] for k in keys}, "regime": p["regime"], "within": within,
                      "tokens_to_heal": float(c["tokens_seen"].iloc[hit[0]]) if hit.size else math.nan,

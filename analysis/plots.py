@@ -36,14 +36,12 @@ def healing_curves(trials: pd.DataFrame, curves: pd.DataFrame, out: Path, run: s
         sel = ok[(ok["regime"] == b["regime"]) & np.logical_and.reduce([ok[k] == b[k] for k in keys])]
         tid = sel.sort_values("seed")["trial_id"].iloc[0]
         c = curves[curves["trial_id"] == tid].sort_values("chunk")
-        w = np.diff(np.concatenate([[0], c["tokens_seen"].to_numpy()]))
         ax.plot(c["tokens_seen"], c["running_ttt_bpb"], label="score-first TTT")
-        ax.plot(c["tokens_seen"], np.cumsum(c["static_bpb"] * w) / np.cumsum(w), "--", label="static (no TTT)")
+        ax.plot(c["tokens_seen"], metrics.running_static_bpb(c), "--", label="static (no TTT)")
         fp = ok[(ok["regime"] == "fp") & np.logical_and.reduce([ok[k] == b[k] for k in keys])]
         if not fp.empty and b["regime"] != "fp":
             f = curves[curves["trial_id"] == fp.sort_values("seed")["trial_id"].iloc[0]].sort_values("chunk")
-            wf = np.diff(np.concatenate([[0], f["tokens_seen"].to_numpy()]))
-            ax.plot(f["tokens_seen"], np.cumsum(f["static_bpb"] * wf) / np.cumsum(wf), ":", color="k", label="fp static")
+            ax.plot(f["tokens_seen"], metrics.running_static_bpb(f), ":", color="k", label="fp static")
         ax.set_title(f"{b['regime']} (lr {b['inner_lr']:g}, chunk {b['chunk_tokens']})", fontsize=9)
         ax.set_xlabel("validation tokens seen")
         ax.grid(alpha=0.3)

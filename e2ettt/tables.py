@@ -18,7 +18,7 @@ TRIAL_COLUMNS = [
     "recovery", "recovery_frac", "first_chunk_delta", "tokens_scored", "bytes_scored", "ttt_seconds",
     "tokens_per_second", "diverged", "status", "error", "artifact_bytes", "config_hash", "git_sha",
 ]
-CURVE_COLUMNS = ["trial_id", "chunk", "tokens_seen", "ttt_bpb", "static_bpb", "running_ttt_bpb", "lr"]
+CURVE_COLUMNS = ["trial_id", "chunk", "tokens_seen", "ttt_bpb", "static_bpb", "running_ttt_bpb", "lr", "bytes"]
 
 
 def write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:

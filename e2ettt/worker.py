@@ -78,7 +78,8 @@ def run_trial_on_rank(spec: dict, device: torch.device | str = "cpu") -> dict | 
         "status": "diverged" if result.diverged else "ok", "error": "",
     }
     curve = [{"chunk": c.chunk, "tokens_seen": c.tokens_seen, "ttt_bpb": c.ttt_bpb, "static_bpb": c.static_bpb,
-              "running_ttt_bpb": c.running_ttt_bpb, "lr": c.lr, "adapt_seconds": c.adapt_seconds} for c in result.chunks]
+              "running_ttt_bpb": c.running_ttt_bpb, "lr": c.lr, "bytes": c.bytes, "adapt_seconds": c.adapt_seconds}
+             for c in result.chunks]
     return {"row": row, "curve": curve}
 
 

@@ -128,3 +128,9 @@ def test_missing_or_malformed_tables_are_clear(tmp_path, trials, capsys):
 def test_analysis_never_imports_torch():
     code = "import sys; import analysis.report, analysis.__main__; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_running_static_bpb_weights_chunks_by_bytes():
+    curve = pd.DataFrame({"chunk": [0, 1], "tokens_seen": [100, 200], "static_bpb": [1.0, 2.0], "bytes": [100.0, 300.0]})
+    assert metrics.running_static_bpb(curve).tolist() == [1.0, 1.75]
+    assert metrics.running_static_bpb(curve.drop(columns="bytes")).tolist() == [1.0, 1.5]  # older tables: by tokens
