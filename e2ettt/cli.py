@@ -20,11 +20,10 @@ from pathlib import Path
 import yaml
 
 from e2ettt.config import ConfigError, override
+from e2ettt.demo import DEMO_QUANT_MIN_NUMEL
 from e2ettt.quant.regimes import QuantConfig, RegimeError, parse_regime
 from e2ettt.source import SourceConfig
 from e2ettt.ttt import TTTConfig
-
-DEMO_QUANT = {"min_numel": 4096}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +46,7 @@ def build(args: argparse.Namespace) -> CLIConfig:
     updates = {"source.checkpoint": args.checkpoint, "source.data": args.data, "source.tokenizer": args.tokenizer,
                "source.model_fn": args.model_fn}
     if not args.checkpoint:
-        updates.update({f"quant.{k}": v for k, v in DEMO_QUANT.items()})
+        updates["quant.min_numel"] = DEMO_QUANT_MIN_NUMEL
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:

@@ -31,6 +31,9 @@ from e2ettt.model import GPT, GPTConfig, count_parameters
 from e2ettt.tokenizer import build_byte_tables, load_tokenizer, train_tokenizer
 
 DEMO_FORMAT = 1  # bump when the build procedure changes what lands in the cache
+# The demo's matrices have 8K-33K entries: parameter-golf's 65,536 threshold would leave all but the
+# embedding in float, so runs on the demo quantize every matrix above 4,096 entries.
+DEMO_QUANT_MIN_NUMEL = 4096
 
 
 @dataclass(frozen=True)

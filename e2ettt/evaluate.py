@@ -160,15 +160,10 @@ def static_curve(
     tables: DeviceTables,
     micro_batch: int = 16,
     dtype: torch.dtype | None = None,
-    progress=None,
 ) -> list[Score]:
     """Per-chunk static scores, batched exactly as the TTT loop scores at one rank."""
-    out = []
-    for a, b in spans:
-        out.append(score_windows(model, tokens, plan_windows(a, b, context, stride), tables, micro_batch, dtype))
-        if progress is not None:
-            progress.update(b - a)
-    return out
+    return [score_windows(model, tokens, plan_windows(a, b, context, stride), tables, micro_batch, dtype)
+            for a, b in spans]
 
 
 def eval_val(

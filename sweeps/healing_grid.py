@@ -31,7 +31,8 @@ from typing import Any
 import yaml
 
 from e2ettt.config import ConfigError, config_hash, override
-from e2ettt.prepare import eval_stream, write_json_atomic
+from e2ettt.demo import DEMO_QUANT_MIN_NUMEL
+from e2ettt.prepare import eval_stream, windowing, write_json_atomic
 from e2ettt.provenance import git_sha, hardware, versions
 from e2ettt.quant.regimes import QuantConfig, RegimeError, parse_regime
 from e2ettt.source import Inputs, SourceConfig, resolve
@@ -75,7 +76,7 @@ class SweepConfig:
 # 65,536 would leave all but the embedding in float) and evaluate 8,192 validation tokens
 # per trial so the default grid fits in 10 minutes on 2 cores (each trial's TorchTrainer
 # start-up costs ~16 s there, more than its TTT).
-DEMO_DEFAULTS = {"quant.min_numel": 4096, "ttt.max_tokens": 8192, "ttt.context": 256}
+DEMO_DEFAULTS = {"quant.min_numel": DEMO_QUANT_MIN_NUMEL, "ttt.max_tokens": 8192, "ttt.context": 256}
 SMOKE = {"grid.regimes": ("fp", "int3"), "grid.lrs": (0.03,), "grid.chunks": (256,), "grid.seeds": (0,),
          "ttt.max_tokens": 2048, "name": "smoke"}
 
@@ -227,18 +228,12 @@ def prepare_artifacts(ray, cfg: SweepConfig, inputs: Inputs, run_dir: Path, todo
     for c in todo:
         for regime in ("fp", c["regime"]):
             ttt = TTTConfig(**c["ttt"])
-            key = (regime, json.dumps(_windowing(ttt), sort_keys=True))
+            key = (regime, json.dumps(windowing(ttt), sort_keys=True))
             if key not in jobs:
                 jobs[key] = static.remote(inputs, reports[regime]["dir"], ttt, 1)
     ray.get(list(jobs.values()))
     log(f"  {len(regimes)} regimes quantized and {len(jobs)} static curves ready in {time.perf_counter() - t0:.0f} s")
     return reports
-
-
-def _windowing(ttt: TTTConfig) -> dict:
-    from e2ettt.prepare import windowing
-
-    return windowing(ttt)
 
 
 def trial_row(cell: dict, key: str, payload: dict, report: dict, cfg: SweepConfig, sha: str) -> dict:

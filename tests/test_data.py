@@ -46,11 +46,14 @@ def test_missing_shards_and_tokens_outside_vocab(tmp_path):
 
 
 def test_eval_segment_cap_and_seed():
-    tokens = np.array(([1] + [7] * 99) * 50)
+    tokens = np.concatenate([[1] + [doc + 4] * 99 for doc in range(50)])  # 50 distinct documents of 100 tokens
     assert data.eval_segment(tokens, 0, 3) is tokens
     seg0 = data.eval_segment(tokens, 300, 0)
     assert seg0.size == 301 and seg0[0] == 1
-    seg5 = data.eval_segment(tokens, 300, 5)
-    assert seg5.size == 301 and seg5[0] == data.BOS_ID
-    starts = {int(np.flatnonzero(tokens[:-300] == 1)[0])}
-    assert starts  # seeds pick document starts
+    starts = []
+    for seed in range(1, 6):
+        seg = data.eval_segment(tokens, 300, seed)
+        start = next(s for s in range(0, tokens.size - 300, 100) if np.array_equal(tokens[s : s + 301], seg))
+        starts.append(start)
+        assert seg.size == 301 and seg[0] == data.BOS_ID
+    assert len(set(starts)) > 1  # other seeds start at other documents
