@@ -96,7 +96,7 @@ def encode_documents(sp, docs: list[tuple[str, str]]) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def pretrain(cfg: DemoConfig, train_tokens: np.ndarray, log=print) -> GPT:
+def pretrain(cfg: DemoConfig, train_tokens: np.ndarray) -> GPT:
     """A few minutes of AdamW on random windows of the train stream, with a progress bar."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -163,7 +163,7 @@ def build_demo(cfg: DemoConfig = DemoConfig(), cache_dir: str | os.PathLike | No
     data.write_shard(tmp / "data" / "demo_val_000000.bin", val_tokens)
     log(f"demo: {train_tokens.size:,} train / {val_tokens.size:,} validation tokens "
         f"({time.perf_counter() - t0:.0f} s); pretraining a {cfg.model.num_layers}-layer d={cfg.model.model_dim} GPT")
-    model = pretrain(cfg, train_tokens, log)
+    model = pretrain(cfg, train_tokens)
     save_state_dict(model, tmp / "final_model.pt")
     tables = DeviceTables.from_tables(build_byte_tables(sp, cfg.vocab_size))
     score = eval_val(model, as_tensor(data.truncate_for_eval(val_tokens, cfg.seq_len)), cfg.seq_len, tables, 32)

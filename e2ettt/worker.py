@@ -9,7 +9,6 @@ by the tests (a killed worker, a raised exception).
 """
 from __future__ import annotations
 
-import math
 import os
 import resource
 import time
@@ -19,7 +18,7 @@ import torch
 
 from e2ettt import prepare
 from e2ettt.distributed import world
-from e2ettt.evaluate import DeviceTables, as_tensor
+from e2ettt.evaluate import DeviceTables, Score, as_tensor
 from e2ettt.source import Inputs, load_tables
 from e2ettt.ttt import ChunkRecord, TTTConfig, run_ttt
 
@@ -69,7 +68,8 @@ def run_trial_on_rank(spec: dict, device: torch.device | str = "cpu") -> dict | 
         "damage": damage, "recovery": recovery,
         "recovery_frac": recovery / damage if damage != 0 else float("nan"),
         "first_chunk_delta": result.first_chunk_delta,
-        "pre_quant_eval_val_bpb": _bpb(fp_static["eval_val"]), "post_quant_eval_val_bpb": _bpb(static["eval_val"]),
+        "pre_quant_eval_val_bpb": Score(*fp_static["eval_val"]).bpb,
+        "post_quant_eval_val_bpb": Score(*static["eval_val"]).bpb,
         "tokens_scored": result.total.tokens, "bytes_scored": result.total.bytes,
         "ttt_seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
         "load_seconds": load_seconds, "diverged": result.diverged, "diverged_chunk": result.diverged_chunk,
@@ -82,7 +82,3 @@ def run_trial_on_rank(spec: dict, device: torch.device | str = "cpu") -> dict | 
              for c in result.chunks]
     return {"row": row, "curve": curve}
 
-
-def _bpb(triple) -> float:
-    nll, nbytes, _ = triple
-    return nll / (math.log(2) * nbytes) if nbytes else float("nan")
