@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from e2ettt.tables import newest_curves, newest_rows, read_parts
+
 TRIAL_REQUIRED = ["trial_id", "regime", "inner_lr", "chunk_tokens", "seed", "pre_quant_bpb", "post_quant_bpb",
                   "post_ttt_bpb", "damage", "recovery", "recovery_frac", "first_chunk_delta", "diverged", "status"]
 CURVE_REQUIRED = ["trial_id", "chunk", "tokens_seen", "ttt_bpb", "static_bpb", "running_ttt_bpb"]
@@ -27,12 +29,15 @@ class Run:
 
 
 def _read(path: Path, required: list[str]) -> pd.DataFrame:
-    if not path.is_file():
+    """A table (a directory of parts, or one file from older versions), newest row per trial."""
+    if not path.exists():
         raise RunError(f"{path}: table not found (did the sweep write this run?)")
     try:
-        df = pd.read_parquet(path)
+        df = read_parts(path)
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise RunError(f"{path}: not a readable Parquet table ({str(exc).splitlines()[0]})") from None
+    if df.empty:
+        raise RunError(f"{path}: the table has no rows yet")
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise RunError(f"{path}: missing columns {missing}")
@@ -43,9 +48,9 @@ def load_run(run_dir: str | Path) -> Run:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: run directory does not exist")
-    trials = _read(run_dir / "trials.parquet", TRIAL_REQUIRED)
+    trials = newest_rows(_read(run_dir / "trials.parquet", TRIAL_REQUIRED))
     curves_path = run_dir / "curves.parquet"
-    curves = _read(curves_path, CURVE_REQUIRED) if curves_path.exists() else pd.DataFrame(columns=CURVE_REQUIRED)
+    curves = newest_curves(_read(curves_path, CURVE_REQUIRED)) if curves_path.exists() else pd.DataFrame(columns=CURVE_REQUIRED)
     manifest = {}
     if (run_dir / "manifest.json").is_file():
         try:

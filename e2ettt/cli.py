@@ -15,7 +15,6 @@ import dataclasses
 import json
 import sys
 import tempfile
-from pathlib import Path
 
 import yaml
 
@@ -93,19 +92,30 @@ def cmd_quantize(args, cfg: CLIConfig) -> int:
 
 
 def cmd_ttt(args, cfg: CLIConfig) -> int:
+    from e2ettt import prepare
     from e2ettt.launch import run_local
-    from e2ettt.prepare import prepare_regime
-    from e2ettt.source import resolve
+    from e2ettt.source import fingerprint, resolve
+    from e2ettt.storage import Store
     from e2ettt.worker import run_trial_on_rank
 
     parse_regime(args.regime)
     cfg = dataclasses.replace(cfg, ttt=override(cfg.ttt, {"lr": args.lr} if args.lr is not None else {}))
     inputs = resolve(cfg.source)
-    root = Path(args.work_dir or tempfile.mkdtemp(prefix="e2ettt-"))
-    reports = {r: prepare_regime(root, inputs, r, cfg.quant, args.threads) for r in dict.fromkeys(["fp", args.regime])}
-    spec = {"inputs": inputs.as_dict(), "regime_path": reports[args.regime]["dir"], "fp_path": reports["fp"]["dir"],
-            "ttt": dataclasses.asdict(cfg.ttt), "threads": args.threads}
-    out = run_local(run_trial_on_rank, (spec,), args.workers)
+    prepare.eval_stream(inputs, cfg.ttt)  # bad seed, cap or chunk size: one line, before any work
+    store = Store(args.work_dir or tempfile.mkdtemp(prefix="e2ettt-"))
+    fp = fingerprint(inputs)
+    static = {}
+    for regime in dict.fromkeys(["fp", args.regime]):
+        key = prepare.regime_key(fp, regime, cfg.quant, "cpu")
+        cached = prepare.load_regime(store, key)
+        if cached is None:
+            cached = prepare.quantize_regime(inputs, regime, cfg.quant, "cpu", args.threads)
+            prepare.save_regime(store, key, *cached)
+        static[regime] = (cached[1], prepare.static_scores(inputs, cached[1], [cfg.ttt], "cpu", args.threads)[0])
+    spec = {"inputs": inputs.as_dict(), "regime": args.regime, "ttt": dataclasses.asdict(cfg.ttt), "seeds": [cfg.ttt.seed],
+            "weights": static[args.regime][0], "threads": args.threads,
+            "static": {str(cfg.ttt.seed): {"regime": static[args.regime][1], "fp": static["fp"][1]}}}
+    out = run_local(run_trial_on_rank, (spec,), args.workers)["seeds"][0]
     row, curve = out["row"], out["curve"]
     print(f"{args.regime}: pre-quant {row['pre_quant_bpb']:.4f}  post-quant {row['post_quant_bpb']:.4f}  "
           f"post-TTT {row['post_ttt_bpb']:.4f} bpb  (damage {row['damage']:+.4f}, recovery {row['recovery']:+.4f}, "

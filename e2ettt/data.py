@@ -102,20 +102,50 @@ def truncate_for_eval(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     return tokens[: usable + 1]
 
 
-def eval_segment(tokens: np.ndarray, max_tokens: int, seed: int = 0) -> np.ndarray:
-    """The stream a trial evaluates: `max_tokens` targets (+1 input token).
+def segment_starts(tokens: np.ndarray, max_tokens: int) -> list[int]:
+    """Non-overlapping segments of `max_tokens` targets (+1 input token), in the order seeds take them.
 
-    No cap (0), or a cap at least the stream: the whole stream. Under a cap,
-    seed 0 takes the start of the stream; another seed starts at a
-    document boundary (a BOS token) drawn from that seed, so that seeds
-    sample different text and their spread says how much the numbers
-    depend on which text was evaluated.
+    The first starts at token 0 (seed 0: the start of the stream, as
+    parameter-golf evaluates it). The others start at document boundaries
+    (BOS) and never overlap an earlier one; seeds 1, 2, ... take them in a
+    fixed shuffled order, so that a few seeds sample text from across the
+    stream rather than from its first documents.
     """
+    span = max_tokens + 1
+    starts = [0]
+    for p in np.flatnonzero(tokens[: tokens.size - span + 1] == BOS_ID):
+        if p >= starts[-1] + span:
+            starts.append(int(p))
+    rest = np.random.default_rng(0).permutation(len(starts) - 1) + 1
+    return [0] + [starts[i] for i in rest]
+
+
+def segment_start(tokens: np.ndarray, max_tokens: int, seed: int = 0) -> int:
+    """Where seed `seed`'s segment starts; a seed that cannot mean other text is an error.
+
+    No cap (0), or a cap that covers the stream: every seed would evaluate
+    the same tokens, so only seed 0 is accepted. Under a cap, distinct
+    seeds get distinct, non-overlapping segments (`segment_starts`).
+    """
+    if seed < 0:
+        raise ValueError(f"ttt.seed must be >= 0, got {seed}")
     if max_tokens <= 0 or max_tokens + 1 >= tokens.size:
+        if seed:
+            raise ValueError(f"ttt.seed={seed} without a token cap smaller than the stream ({tokens.size - 1:,} targets): "
+                             "every seed would evaluate the same tokens; set ttt.max_tokens (--max-tokens) or use seed 0")
+        return 0
+    starts = segment_starts(tokens, max_tokens)
+    if seed >= len(starts):
+        raise ValueError(f"ttt.seed={seed}: the validation stream holds {len(starts)} non-overlapping segments of "
+                         f"{max_tokens:,} tokens starting at a document (BOS id {BOS_ID}), so seeds 0..{len(starts) - 1} "
+                         "are available; lower ttt.max_tokens or use fewer seeds")
+    return starts[seed]
+
+
+def eval_segment(tokens: np.ndarray, max_tokens: int, seed: int = 0) -> np.ndarray:
+    """The stream a trial evaluates: `max_tokens` targets (+1 input token) from seed's segment, or all of it."""
+    if max_tokens <= 0 or max_tokens + 1 >= tokens.size:
+        segment_start(tokens, max_tokens, seed)  # seeds other than 0 are refused here
         return tokens
-    start = 0
-    if seed:
-        bos = np.flatnonzero(tokens[: tokens.size - max_tokens - 1] == BOS_ID)
-        if bos.size:
-            start = int(bos[np.random.default_rng(seed).integers(bos.size)])
+    start = segment_start(tokens, max_tokens, seed)
     return tokens[start : start + max_tokens + 1]

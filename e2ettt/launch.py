@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import queue as queues
 import socket
 import traceback
 from collections.abc import Callable
@@ -43,17 +44,23 @@ def run_local(fn: Callable, args: tuple, world_size: int) -> Any:
     if world_size == 1:
         return fn(*args)
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
     for p in procs:
         p.start()
+    # Drain while the ranks run: a result larger than the pipe's buffer (a long curve) blocks its
+    # sender until it is read, so joining first would wait forever.
+    results = {}
+    while len(results) < world_size:
+        try:
+            rank, status, out = queue.get(timeout=0.5)
+            results[rank] = (status, out)
+        except queues.Empty:
+            if not any(p.is_alive() for p in procs):
+                break
     for p in procs:
         p.join()
-    results = {}
-    while not queue.empty():
-        rank, status, out = queue.get()
-        results[rank] = (status, out)
     errors = [out for status, out in results.values() if status == "error"]
     if errors:
         raise RuntimeError(errors[0])

@@ -1,21 +1,22 @@
-"""What every trial of a regime shares, computed once and cached on disk.
+"""What every trial of a regime shares: its quantized weights and its static curves.
 
-`prepare_regime` quantizes the source model under a regime (GPTQ
-calibrating on the train split) and stores the dequantized weights and the
-report under `<root>/artifacts/<regime>-<hash>/`. `prepare_static` scores
-that model without TTT over the trial's stream, chunk by chunk with the
-exact windows and batching the TTT loop uses at one rank, plus the
-parameter-golf `eval_val` number of the same stream. Both are keyed by
-hashes of everything they depend on, written atomically, and skipped when
-present.
+`quantize_regime` quantizes the source model under a regime (GPTQ
+calibrating on the train split) and returns the report and the dequantized
+weights as a dict of numpy arrays (a value: the sweep hands it to trials as
+a Ray object, fetched once per node). `static_scores` scores those weights
+without TTT over each trial stream, chunk by chunk with the exact windows,
+batching, device and dtype the TTT loop uses at one rank, plus the
+parameter-golf `eval_val` number of the same stream. Both run wherever the
+caller puts them (on the sweep's GPU nodes, as Ray tasks); neither touches a
+shared disk. `save_*`/`load_*` keep copies in a `Store`, keyed by hashes of
+everything they depend on.
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,87 +26,79 @@ from e2ettt.config import config_hash
 from e2ettt.evaluate import DeviceTables, Score, as_tensor, chunk_spans, eval_val, static_curve
 from e2ettt.quant.apply import quantize_model
 from e2ettt.quant.regimes import QuantConfig, parse_regime
-from e2ettt.source import Inputs, load_source_model, load_split, load_tables
+from e2ettt.source import Inputs, load_source_model, load_split, load_tables, set_threads
+from e2ettt.storage import Store
 from e2ettt.ttt import TTTConfig
 
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    os.replace(tmp, path)
+State = dict  # parameter name -> np.ndarray (float32), what the model evaluates and TTT starts from
 
 
-def regime_dir(root: Path, inputs: Inputs, regime: str, qcfg: QuantConfig) -> Path:
-    key = config_hash({"checkpoint": inputs.checkpoint, "mtime": os.path.getmtime(inputs.checkpoint),
-                       "data": inputs.data, "regime": regime, "quant": dataclasses.asdict(qcfg)})
-    return Path(root) / "artifacts" / f"{regime}-{key}"
-
-
-def prepare_regime(root: Path, inputs: Inputs, regime: str, qcfg: QuantConfig, threads: int = 0) -> dict:
-    """Quantize once; return the report (read back from disk when cached)."""
-    out = regime_dir(root, inputs, regime, qcfg)
-    if (out / "report.json").is_file():
-        return json.loads((out / "report.json").read_text())
-    if threads:
-        torch.set_num_threads(threads)
-    spec = parse_regime(regime)
-    model = load_source_model(inputs)
-    calib = None
-    if spec.needs_calibration:
-        calib = torch.as_tensor(load_split(inputs, "train")[: qcfg.calib_tokens + 1])
-    qmodel, report = quantize_model(model, spec, qcfg, calib)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".model.pt.tmp{os.getpid()}"
-    torch.save({k: v.detach().cpu() for k, v in qmodel.state_dict().items()}, tmp)
-    os.replace(tmp, out / "model.pt")
-    summary = {**{k: v for k, v in dataclasses.asdict(report).items() if k != "tensors"},
-               "artifact_bytes": report.artifact_bytes, "dir": str(out), "tensors": report.tensors}
-    write_json_atomic(out / "report.json", summary)
-    return summary
-
-
-def load_regime_model(inputs: Inputs, regime_path: str | Path) -> torch.nn.Module:
-    model = load_source_model(inputs)
-    state = torch.load(Path(regime_path) / "model.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    return model.eval()
-
-
-def eval_stream(inputs: Inputs, cfg: TTTConfig) -> np.ndarray:
-    """The validation tokens a trial evaluates (cap and seed applied)."""
-    tokens = data.eval_segment(load_split(inputs, "val"), cfg.max_tokens, cfg.seed)
-    chunk_spans(tokens.size - 1, cfg.chunk_tokens)  # raises if the chunk is larger than the stream
-    return tokens
+def regime_key(fingerprint: str, regime: str, qcfg: QuantConfig, device: str) -> str:
+    """Key of a regime's weights: inputs, regime, quant settings and the kind of device GPTQ ran on."""
+    return f"{regime}-" + config_hash({"inputs": fingerprint, "regime": regime, "quant": dataclasses.asdict(qcfg),
+                                       "device": device}, 16)
 
 
 def windowing(cfg: TTTConfig) -> dict:
-    """The settings a static curve depends on (the seed only matters under a cap)."""
+    """The settings a static curve depends on (the seed only through the segment it picks)."""
     return {"chunk_tokens": cfg.chunk_tokens, "context": cfg.context, "stride": cfg.stride or cfg.context,
             "micro_batch": cfg.micro_batch, "dtype": cfg.dtype, "max_tokens": cfg.max_tokens,
             "segment_seed": cfg.seed if cfg.max_tokens else 0}
 
 
-def static_path(regime_path: str | Path, cfg: TTTConfig) -> Path:
-    return Path(regime_path) / f"static-{config_hash(windowing(cfg))}.json"
+def static_key(weights_key: str, cfg: TTTConfig, device: str) -> str:
+    return f"{weights_key}/static-" + config_hash({**windowing(cfg), "device": device}, 16)
 
 
-def prepare_static(inputs: Inputs, regime_path: str | Path, cfg: TTTConfig, threads: int = 0) -> dict:
-    """Per-chunk static scores of a regime's model over a trial's stream (cached)."""
-    path = static_path(regime_path, cfg)
-    if path.is_file():
-        return json.loads(path.read_text())
-    if threads:
-        torch.set_num_threads(threads)
-    t0 = time.perf_counter()
-    tokens = as_tensor(eval_stream(inputs, cfg))
-    model = load_regime_model(inputs, regime_path)
-    tables = DeviceTables.from_tables(load_tables(inputs))
-    spans = chunk_spans(tokens.numel() - 1, cfg.chunk_tokens)
-    curve = static_curve(model, tokens, spans, cfg.context, cfg.stride or None, tables, cfg.micro_batch, cfg.autocast_dtype)
-    ev = eval_val(model, tokens, cfg.context, tables, cfg.micro_batch, cfg.autocast_dtype)
-    out = {"windowing": windowing(cfg), "chunks": [[s.nll, s.bytes, s.tokens] for s in curve],
-           "eval_val": [ev.nll, ev.bytes, ev.tokens], "seconds": time.perf_counter() - t0}
-    write_json_atomic(path, out)
+def eval_stream(inputs: Inputs, cfg: TTTConfig) -> np.ndarray:
+    """The validation tokens a trial evaluates (cap and seed applied; bad combinations raise)."""
+    tokens = data.eval_segment(load_split(inputs, "val"), cfg.max_tokens, cfg.seed)
+    chunk_spans(tokens.size - 1, cfg.chunk_tokens)  # raises if the chunk is larger than the stream
+    return tokens
+
+
+def stream_start(inputs: Inputs, cfg: TTTConfig) -> int:
+    return data.segment_start(load_split(inputs, "val"), cfg.max_tokens, cfg.seed)
+
+
+def quantize_regime(inputs: Inputs, regime: str, qcfg: QuantConfig, device: str = "cpu",
+                    threads: int = 0) -> tuple[dict, State]:
+    """Quantize the source model on `device`; return (report, dequantized weights)."""
+    set_threads(threads)
+    spec = parse_regime(regime)
+    model = load_source_model(inputs).to(device)
+    calib = None
+    if spec.needs_calibration:
+        calib = torch.as_tensor(load_split(inputs, "train")[: qcfg.calib_tokens + 1]).to(device)
+    qmodel, report = quantize_model(model, spec, qcfg, calib)
+    summary = {**{k: v for k, v in dataclasses.asdict(report).items() if k != "tensors"},
+               "artifact_bytes": report.artifact_bytes, "device": device, "tensors": report.tensors}
+    return summary, {k: v.detach().float().cpu().numpy() for k, v in qmodel.state_dict().items()}
+
+
+def load_regime_model(inputs: Inputs, state: State, device: torch.device | str = "cpu") -> torch.nn.Module:
+    model = load_source_model(inputs)
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    return model.to(device).eval()
+
+
+def static_scores(inputs: Inputs, state: State, cfgs: list[TTTConfig], device: str = "cpu",
+                  threads: int = 0) -> list[dict]:
+    """Per-chunk static scores of one regime's weights over each config's stream."""
+    set_threads(threads)
+    model = load_regime_model(inputs, state, device)
+    tables = DeviceTables.from_tables(load_tables(inputs), device)
+    out = []
+    for cfg in cfgs:
+        t0 = time.perf_counter()
+        tokens = as_tensor(eval_stream(inputs, cfg), device)
+        spans = chunk_spans(tokens.numel() - 1, cfg.chunk_tokens)
+        with torch.no_grad():
+            curve = static_curve(model, tokens, spans, cfg.context, cfg.stride or None, tables, cfg.micro_batch,
+                                 cfg.autocast_dtype)
+            ev = eval_val(model, tokens, cfg.context, tables, cfg.micro_batch, cfg.autocast_dtype)
+        out.append({"windowing": windowing(cfg), "device": device, "chunks": [[s.nll, s.bytes, s.tokens] for s in curve],
+                    "eval_val": [ev.nll, ev.bytes, ev.tokens], "seconds": time.perf_counter() - t0})
     return out
 
 
@@ -118,3 +111,29 @@ def total(static: dict) -> Score:
     for s in scores(static):
         out = out + s
     return out
+
+
+# Copies in a Store: weights as a torch state dict (read back with weights_only=True), the rest as JSON.
+
+def save_regime(store: Store, key: str, report: dict, state: State) -> None:
+    buf = io.BytesIO()
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, buf)
+    store.write_bytes(f"{key}/weights.pt", buf.getvalue())
+    store.write_bytes(f"{key}/report.json", json.dumps(report, indent=1, default=float).encode())
+
+
+def load_regime(store: Store, key: str) -> tuple[dict, State] | None:
+    report, weights = store.read_bytes(f"{key}/report.json"), store.read_bytes(f"{key}/weights.pt")
+    if report is None or weights is None:
+        return None
+    tensors = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+    return json.loads(report), {k: v.numpy() for k, v in tensors.items()}
+
+
+def save_static(store: Store, key: str, static: dict) -> None:
+    store.write_bytes(f"{key}.json", json.dumps(static, default=float).encode())
+
+
+def load_static(store: Store, key: str) -> dict | None:
+    blob = store.read_bytes(f"{key}.json")
+    return json.loads(blob) if blob is not None else None

@@ -8,6 +8,7 @@ workers only read them.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,6 +79,21 @@ def resolve(cfg: SourceConfig, log=print) -> Inputs:
             )
     data.find_shards(cfg.data, "val")
     return Inputs(str(ckpt), str(Path(cfg.data).resolve()), str(Path(cfg.tokenizer).resolve()), cfg.model_fn, vocab)
+
+
+def fingerprint(inputs: Inputs) -> str:
+    """A short hash of what the inputs hold (not where they are): the checkpoint, the tokenizer and the
+    validation shards byte for byte, the train shards by name and size, and the model function.
+    Rows and cached artifacts are keyed by it, so a changed file is never mistaken for the old one,
+    and the same files at another path on another node are recognised."""
+    h = hashlib.sha256(inputs.model_fn.encode())
+    for path in [inputs.checkpoint, inputs.tokenizer, *data.find_shards(inputs.data, "val")]:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    for path in sorted(Path(inputs.data).glob("*_train_*.bin")):
+        h.update(f"{path.name}:{path.stat().st_size}".encode())
+    return h.hexdigest()[:16]
 
 
 def build_model(model_fn: str, checkpoint: str) -> nn.Module:

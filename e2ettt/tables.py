@@ -1,58 +1,222 @@
-"""The sweep's Parquet tables, appended to and always written atomically.
+"""The sweep's tables: Parquet datasets that are appended to, one part file per finished trial.
 
-`trials.parquet` holds one row per trial, `curves.parquet` one row per
-trial and chunk (DESIGN.md, "The tables"). Every write goes to a temporary
-file in the same directory and is renamed over the old table, so a crash
-or Ctrl-C leaves either the old table or the new one, never a torn file.
+`runs/<name>/trials.parquet/` and `runs/<name>/curves.parquet/` are
+directories of parts; `pd.read_parquet("runs/<name>/trials.parquet")` reads
+either back as one table. Appending writes one new part (a temporary file
+renamed into place), so appending is O(1) per trial, a crash or Ctrl-C
+never tears a table, and two sweeps writing into one run directory cannot
+overwrite each other's rows. A row key (`trial_id`) written twice (an
+errored trial rerun) keeps its newest row: `read` drops the older one, and
+`compact` (under a lock, at the end of a sweep) merges every part into one.
+
+Every part has the same columns (TRIAL_SCHEMA, CURVE_SCHEMA), so a reader
+never loses a column that only later parts carry. A `Store` (storage URI)
+gets a copy of each part, and a sweep resumed on a fresh machine takes the
+parts it lacks from there.
 """
 from __future__ import annotations
 
+import fcntl
+import io
 import os
+import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-TRIAL_COLUMNS = [
-    "trial_id", "regime", "bits", "method", "inner_lr", "chunk_tokens", "epochs", "optimizer", "momentum",
-    "params", "seed", "world_size", "device", "pre_quant_bpb", "post_quant_bpb", "post_ttt_bpb", "damage",
-    "recovery", "recovery_frac", "first_chunk_delta", "tokens_scored", "bytes_scored", "ttt_seconds",
-    "tokens_per_second", "diverged", "status", "error", "artifact_bytes", "config_hash", "git_sha",
+from e2ettt.storage import Store
+
+# Every TTTConfig field (lr as inner_lr, as the grid names it) and every QuantConfig field (quant_*);
+# a test keeps these lists equal to the dataclasses. Written out so that reading tables needs no torch.
+TTT_COLUMNS = [
+    ("chunk_tokens", pa.int64()), ("context", pa.int64()), ("stride", pa.int64()), ("optimizer", pa.string()),
+    ("inner_lr", pa.float64()), ("schedule", pa.string()), ("momentum", pa.float64()),
+    ("weight_decay", pa.float64()), ("epochs", pa.int64()), ("step_windows", pa.int64()),
+    ("micro_batch", pa.int64()), ("grad_clip", pa.float64()), ("params", pa.string()), ("max_tokens", pa.int64()),
+    ("seed", pa.int64()), ("dtype", pa.string()), ("fuse_score", pa.bool_()), ("diverge_nats", pa.float64()),
 ]
-CURVE_COLUMNS = ["trial_id", "chunk", "tokens_seen", "ttt_bpb", "static_bpb", "running_ttt_bpb", "lr", "bytes"]
+QUANT_COLUMNS = [
+    ("quant_min_numel", pa.int64()), ("quant_embed_bits", pa.int64()), ("quant_clip_q", pa.float64()),
+    ("quant_calib_tokens", pa.int64()), ("quant_calib_seq_len", pa.int64()), ("quant_gptq_block", pa.int64()),
+    ("quant_gptq_damp", pa.float64()), ("quant_act_order", pa.bool_()), ("quant_rotation_seed", pa.int64()),
+]
+
+TRIAL_SCHEMA = pa.schema([
+    ("trial_id", pa.string()),  # row key: the cell (inputs, regime, every setting, seed)
+    ("setting_key", pa.string()),  # everything but the seed: rows of one setting differ only in seed
+    ("control_key", pa.string()),  # everything but the regime: the fp row with this key is the control
+    ("config_hash", pa.string()),
+    ("regime", pa.string()), ("bits", pa.int64()), ("method", pa.string()),
+    *TTT_COLUMNS,
+    ("segment_start", pa.int64()),  # first validation token the trial evaluated
+    *QUANT_COLUMNS,
+    ("world_size", pa.int64()), ("device", pa.string()), ("device_name", pa.string()),
+    ("node_id", pa.string()), ("hostname", pa.string()),
+    ("input_fingerprint", pa.string()), ("checkpoint", pa.string()),
+    ("pre_quant_bpb", pa.float64()), ("post_quant_bpb", pa.float64()), ("post_ttt_bpb", pa.float64()),
+    ("damage", pa.float64()), ("recovery", pa.float64()), ("recovery_frac", pa.float64()),
+    ("first_chunk_delta", pa.float64()),
+    ("pre_quant_eval_val_bpb", pa.float64()), ("post_quant_eval_val_bpb", pa.float64()),
+    ("tokens_scored", pa.int64()), ("bytes_scored", pa.float64()),
+    ("ttt_seconds", pa.float64()), ("tokens_per_second", pa.float64()), ("load_seconds", pa.float64()),
+    ("trial_seconds", pa.float64()), ("startup_seconds", pa.float64()), ("peak_rss_mb", pa.float64()),
+    ("started_at", pa.float64()), ("ended_at", pa.float64()),  # unix seconds on rank 0: trial start, this seed's end
+    ("diverged", pa.bool_()), ("diverged_chunk", pa.int64()),
+    ("status", pa.string()), ("error", pa.string()), ("traceback", pa.string()),
+    ("artifact_bytes", pa.int64()),
+    ("git_sha", pa.string()), ("versions", pa.string()), ("finished_at", pa.string()), ("written_at", pa.int64()),
+])
+CURVE_SCHEMA = pa.schema([
+    ("trial_id", pa.string()), ("chunk", pa.int64()), ("tokens_seen", pa.int64()),
+    ("ttt_bpb", pa.float64()), ("static_bpb", pa.float64()), ("running_ttt_bpb", pa.float64()),
+    ("lr", pa.float64()), ("bytes", pa.float64()), ("adapt_seconds", pa.float64()), ("written_at", pa.int64()),
+])
+TRIAL_COLUMNS = TRIAL_SCHEMA.names
+CURVE_COLUMNS = CURVE_SCHEMA.names
 
 
-def write_parquet_atomic(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+class TableError(ValueError):
+    """A row that does not fit the table's columns; the message names the column."""
+
+
+def to_arrow(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    unknown = sorted({k for r in rows for k in r} - set(schema.names))
+    if unknown:
+        raise TableError(f"columns {unknown} are not in the table schema")
+    columns = {name: [r.get(name) for r in rows] for name in schema.names}
+    try:
+        return pa.Table.from_pydict(columns, schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise TableError(f"a row does not fit the schema: {exc}") from None
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def read_parts(path: str | os.PathLike) -> pd.DataFrame:
+    """A table written as a directory of parts (or, by older versions, as one file), all rows."""
+    path = Path(path)
+    parts = [path] if path.is_file() else sorted(path.glob("part-*.parquet"))
+    frames = []
+    for part in parts:
+        try:
+            frames.append(pq.read_table(part).to_pandas())
+        except FileNotFoundError:  # compacted away by another sweep while we listed
+            continue
+    frames = [f for f in frames if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def newest_rows(trials: pd.DataFrame) -> pd.DataFrame:
+    """One row per trial_id: the newest written (an errored row rerun, a row kept twice by a compaction race)."""
+    if trials.empty or "written_at" not in trials:
+        return trials
+    return trials.sort_values("written_at", kind="stable").drop_duplicates("trial_id", keep="last").reset_index(drop=True)
+
+
+def newest_curves(curves: pd.DataFrame) -> pd.DataFrame:
+    """Each trial's curve as last written (the points of one part)."""
+    if curves.empty or "written_at" not in curves:
+        return curves
+    newest = curves.groupby("trial_id")["written_at"].transform("max")
+    return curves[curves["written_at"] == newest].reset_index(drop=True)
+
+
+class Dataset:
+    """One table: a directory of part files with one schema (and an optional mirror in a Store)."""
+
+    def __init__(self, path: Path, schema: pa.Schema, store: Store | None = None, key: str = ""):
+        self.path, self.schema, self.store, self.key = Path(path), schema, store, key
+        if self.path.is_file():  # a table written as one file by an older version: it becomes the first part
+            tmp = self.path.with_name(f".{self.path.name}.legacy{os.getpid()}")
+            os.replace(self.path, tmp)
+            self.path.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, self.path / "part-legacy.parquet")
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def parts(self) -> list[Path]:
+        return sorted(self.path.glob("part-*.parquet"))
+
+    def write_part(self, name: str, table: pa.Table) -> None:
+        data = _parquet_bytes(table)
+        tmp = self.path / f".{name}.tmp{os.getpid()}"
+        tmp.write_bytes(data)
+        os.replace(tmp, self.path / name)
+        if self.store is not None:
+            self.store.write_bytes(f"{self.key}/{name}", data)
+
+    def read(self) -> pd.DataFrame:
+        df = read_parts(self.path)
+        return df if not df.empty else pd.DataFrame({n: pd.Series(dtype=object) for n in self.schema.names})
+
+    def pull(self) -> int:
+        """Copy parts that exist only in the store (a sweep resumed on another machine); return how many."""
+        if self.store is None:
+            return 0
+        have = {p.name for p in self.parts()}
+        new = [n for n in self.store.list(self.key) if n.startswith("part-") and n not in have]
+        for name in new:
+            data = self.store.read_bytes(f"{self.key}/{name}")
+            if data is not None:
+                tmp = self.path / f".{name}.tmp{os.getpid()}"
+                tmp.write_bytes(data)
+                os.replace(tmp, self.path / name)
+        return len(new)
 
 
 class RunTables:
-    def __init__(self, run_dir: str | os.PathLike):
+    """trials.parquet and curves.parquet of one run directory."""
+
+    def __init__(self, run_dir: str | os.PathLike, store: Store | None = None, name: str = ""):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.trials_path = self.dir / "trials.parquet"
-        self.curves_path = self.dir / "curves.parquet"
-        self.trials = pd.read_parquet(self.trials_path) if self.trials_path.exists() else pd.DataFrame()
-        self.curves = pd.read_parquet(self.curves_path) if self.curves_path.exists() else pd.DataFrame()
+        self.trials_set = Dataset(self.dir / "trials.parquet", TRIAL_SCHEMA, store, f"{name}/trials.parquet")
+        self.curves_set = Dataset(self.dir / "curves.parquet", CURVE_SCHEMA, store, f"{name}/curves.parquet")
 
-    def finished_ids(self) -> set[str]:
-        """Trials that need no rerun: finished (ok) or diverged. Errors are retried."""
-        if self.trials.empty:
-            return set()
-        done = self.trials[self.trials["status"].isin(["ok", "diverged"])]
-        return set(done["trial_id"])
+    @property
+    def trials(self) -> pd.DataFrame:
+        return newest_rows(self.trials_set.read())
+
+    @property
+    def curves(self) -> pd.DataFrame:
+        return newest_curves(self.curves_set.read())
+
+    def finished_ids(self, rerun_stopped: bool = False) -> set[str]:
+        """Rows that need no rerun: ok, diverged, and (unless asked to rerun them) stopped. Errors are retried."""
+        done = {"ok", "diverged"} | (set() if rerun_stopped else {"stopped"})
+        t = self.trials
+        return set(t.loc[t["status"].isin(done), "trial_id"]) if not t.empty else set()
 
     def append(self, row: dict, curve: list[dict]) -> None:
-        tid = row["trial_id"]
-        new = pd.DataFrame([row])
-        ordered = [c for c in TRIAL_COLUMNS if c in new] + [c for c in new if c not in TRIAL_COLUMNS]
-        keep = self.trials[self.trials["trial_id"] != tid] if not self.trials.empty else self.trials
-        self.trials = pd.concat([keep, new[ordered]], ignore_index=True) if not keep.empty else new[ordered]
+        """Add one trial's row and its curve, each as a new part file (curve first: a row never lacks its curve)."""
+        stamp = time.time_ns()
+        name = f"part-{row['trial_id']}-{stamp}-{os.getpid()}.parquet"
         if curve:
-            c = pd.DataFrame(curve).assign(trial_id=tid)
-            c = c[[k for k in CURVE_COLUMNS if k in c] + [k for k in c if k not in CURVE_COLUMNS]]
-            old = self.curves[self.curves["trial_id"] != tid] if not self.curves.empty else self.curves
-            self.curves = pd.concat([old, c], ignore_index=True) if not old.empty else c
-            write_parquet_atomic(self.curves, self.curves_path)
-        write_parquet_atomic(self.trials, self.trials_path)
+            points = [{**c, "trial_id": row["trial_id"], "written_at": stamp} for c in curve]
+            self.curves_set.write_part(name, to_arrow(points, CURVE_SCHEMA))
+        self.trials_set.write_part(name, to_arrow([{**row, "written_at": stamp}], TRIAL_SCHEMA))
+
+    def pull(self) -> int:
+        return self.trials_set.pull() + self.curves_set.pull()
+
+    def compact(self) -> None:
+        """Merge each table's parts into one (newest row per trial), under a lock shared by every sweep of this run."""
+        with open(self.dir / ".tables.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for dataset, frame in ((self.trials_set, lambda: self.trials), (self.curves_set, lambda: self.curves)):
+                parts = dataset.parts()
+                if len(parts) < 2:
+                    continue
+                df = frame()
+                name = f"part-compact-{time.time_ns()}-{os.getpid()}.parquet"
+                table = pa.Table.from_pandas(df[dataset.schema.names], schema=dataset.schema, preserve_index=False)
+                dataset.write_part(name, table)
+                for p in parts:
+                    p.unlink(missing_ok=True)
+                    if dataset.store is not None:
+                        dataset.store.delete(f"{dataset.key}/{p.name}")

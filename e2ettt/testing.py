@@ -1,4 +1,5 @@
-"""Rank functions for the multi-process tests (importable by spawned ranks)."""
+"""Helpers for tests and benchmarks: rank functions for multi-process runs (importable by spawned ranks)
+and the config of a fake autoscaling cluster on this machine."""
 from __future__ import annotations
 
 import torch
@@ -20,3 +21,25 @@ def ttt_rank(model, tokens, tables: DeviceTables, cfg: TTTConfig) -> dict:
     return {"nll": result.total.nll, "bytes": result.total.bytes, "tokens": result.total.tokens,
             "diverged": result.diverged, "diverged_chunk": result.diverged_chunk,
             "checksums": [s.tolist() for s in sums], "chunks": [c.ttt_bpb for c in result.chunks]}
+
+
+def fake_autoscaling_config(gcs_address: str, worker_cpus: int = 2, max_workers: int = 2,
+                            head_resources: dict | None = None) -> dict:
+    """An autoscaler config for Ray's fake multi-node provider: worker nodes are real raylets on this
+    machine, added on demand (start the head with RAY_FAKE_CLUSTER=1 and --autoscaling-config)."""
+    return {
+        "cluster_name": "fake", "max_workers": max_workers, "upscaling_speed": 1.0, "idle_timeout_minutes": 1,
+        "provider": {"type": "external",
+                     "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
+                     "use_node_id_as_ip": True, "disable_node_updaters": True, "disable_launch_config_check": True,
+                     "gcs_address": gcs_address},
+        "auth": {}, "head_node_type": "ray.head.default",
+        "available_node_types": {
+            "ray.head.default": {"resources": head_resources or {"CPU": 0, "trial_driver": 4}, "node_config": {},
+                                 "max_workers": 0},
+            "worker": {"resources": {"CPU": worker_cpus}, "node_config": {}, "min_workers": 0, "max_workers": max_workers},
+        },
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False, "rsync_exclude": [],
+        "rsync_filter": [], "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+    }

@@ -1,17 +1,22 @@
-"""One trial on one rank: load the shared artifacts, run score-first TTT, build the row.
+"""One trial on one rank: for each seed, load the regime's weights, run score-first TTT, build the row.
 
-`run_trial_on_rank(spec)` is what every rank runs, inside whatever process
-group the launcher made (Ray Train's, or `launch.run_local`'s, or none at
-W = 1). It returns the trial's row and curve on rank 0 and None elsewhere.
-`spec` is plain JSON: inputs, the regime's and the fp control's artifact
-directories, the TTT settings, threads, and optional fault injection used
-by the tests (a killed worker, a raised exception).
+`run_trial_on_rank(spec, device)` is what every rank runs, inside whatever
+process group the launcher made (Ray Train's, `launch.run_local`'s, or none
+at W = 1). It returns, on rank 0, one row and curve per seed (None
+elsewhere). `spec` holds the inputs, the regime, the TTT settings, the seeds,
+and the artifacts as values — or as handles that `fetch` turns into values
+(Ray object refs on a cluster: the weights then travel through Ray's object
+store, never through a disk another node wrote). Optional fault injection
+(a killed worker, a raised exception) serves the tests.
 """
 from __future__ import annotations
 
 import os
+import platform
 import resource
+import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,7 +24,7 @@ import torch
 from e2ettt import prepare
 from e2ettt.distributed import world
 from e2ettt.evaluate import DeviceTables, Score, as_tensor
-from e2ettt.source import Inputs, load_tables
+from e2ettt.source import Inputs, load_tables, set_threads
 from e2ettt.ttt import ChunkRecord, TTTConfig, run_ttt
 
 
@@ -28,6 +33,8 @@ class InjectedFault(RuntimeError):
 
 
 def _inject(fault: dict, rank: int, chunk: int) -> None:
+    if fault.get("hold_seconds") and chunk == 0:  # a trial that occupies its node for a while
+        time.sleep(float(fault["hold_seconds"]))
     if fault.get("raise"):
         raise InjectedFault(fault["raise"])
     marker = fault.get("kill_once_marker")
@@ -37,48 +44,68 @@ def _inject(fault: dict, rank: int, chunk: int) -> None:
             os._exit(17)  # a worker dies without cleanup, as on a preempted node
 
 
-def run_trial_on_rank(spec: dict, device: torch.device | str = "cpu") -> dict | None:
-    rank, world_size = world()
-    if spec.get("threads"):
-        torch.set_num_threads(int(spec["threads"]))
-    cfg = TTTConfig(**spec["ttt"])
-    inputs = Inputs(**spec["inputs"])
-    device = torch.device(device)
-    t0 = time.perf_counter()
-    tokens = as_tensor(prepare.eval_stream(inputs, cfg), device)
-    tables = DeviceTables.from_tables(load_tables(inputs), device)
-    static = prepare.prepare_static(inputs, spec["regime_path"], cfg)
-    fp_static = prepare.prepare_static(inputs, spec["fp_path"], cfg)
-    model = prepare.load_regime_model(inputs, spec["regime_path"]).to(device)
-    fault = spec.get("fault") or {}
-    load_seconds = time.perf_counter() - t0
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
 
-    def on_chunk(rec: ChunkRecord) -> None:
-        _inject(fault, rank, rec.chunk)
 
-    result = run_ttt(model, tokens, tables, cfg, prepare.scores(static), on_chunk)
-    if rank != 0:
-        return None
+def result_row(result, static: dict, fp_static: dict) -> dict:
+    """The numbers of one seed's trial: pre/post-quant from the static curves, post-TTT from the run."""
     pre, post = prepare.total(fp_static), prepare.total(static)
     post_ttt = result.bpb if not result.diverged else float("nan")
     damage = post.bpb - pre.bpb
     recovery = post.bpb - post_ttt
-    row = {
+    return {
         "pre_quant_bpb": pre.bpb, "post_quant_bpb": post.bpb, "post_ttt_bpb": post_ttt,
-        "damage": damage, "recovery": recovery,
-        "recovery_frac": recovery / damage if damage != 0 else float("nan"),
+        "damage": damage, "recovery": recovery, "recovery_frac": recovery / damage if damage != 0 else float("nan"),
         "first_chunk_delta": result.first_chunk_delta,
         "pre_quant_eval_val_bpb": Score(*fp_static["eval_val"]).bpb,
         "post_quant_eval_val_bpb": Score(*static["eval_val"]).bpb,
         "tokens_scored": result.total.tokens, "bytes_scored": result.total.bytes,
         "ttt_seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
-        "load_seconds": load_seconds, "diverged": result.diverged, "diverged_chunk": result.diverged_chunk,
-        "world_size": world_size, "device": str(device.type),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "diverged": result.diverged, "diverged_chunk": result.diverged_chunk,
         "status": "diverged" if result.diverged else "ok", "error": "",
     }
-    curve = [{"chunk": c.chunk, "tokens_seen": c.tokens_seen, "ttt_bpb": c.ttt_bpb, "static_bpb": c.static_bpb,
-              "running_ttt_bpb": c.running_ttt_bpb, "lr": c.lr, "bytes": c.bytes, "adapt_seconds": c.adapt_seconds}
-             for c in result.chunks]
-    return {"row": row, "curve": curve}
 
+
+def curve_rows(result) -> list[dict]:
+    return [{"chunk": c.chunk, "tokens_seen": c.tokens_seen, "ttt_bpb": c.ttt_bpb, "static_bpb": c.static_bpb,
+             "running_ttt_bpb": c.running_ttt_bpb, "lr": c.lr, "bytes": c.bytes, "adapt_seconds": c.adapt_seconds}
+            for c in result.chunks]
+
+
+def run_trial_on_rank(spec: dict, device: torch.device | str = "cpu", fetch: Callable = lambda v: v,
+                      on_chunk: Callable[[int, ChunkRecord], None] | None = None) -> dict | None:
+    rank, world_size = world()
+    set_threads(int(spec.get("threads") or 0))
+    device = torch.device(device)
+    inputs = Inputs(**spec["inputs"])
+    fault = spec.get("fault") or {}
+    started_at = time.time()
+    t0 = time.perf_counter()
+    state = fetch(spec["weights"])
+    tables = DeviceTables.from_tables(load_tables(inputs), device)
+    fetch_seconds = time.perf_counter() - t0
+    seeds = []
+    for seed in spec["seeds"]:
+        t1 = time.perf_counter()
+        cfg = TTTConfig(**{**spec["ttt"], "seed": seed})
+        static, fp_static = fetch(spec["static"][str(seed)]["regime"]), fetch(spec["static"][str(seed)]["fp"])
+        tokens = as_tensor(prepare.eval_stream(inputs, cfg), device)
+        model = prepare.load_regime_model(inputs, state, device)
+        load_seconds = time.perf_counter() - t1 + (fetch_seconds if not seeds else 0.0)
+
+        def chunk_done(rec: ChunkRecord, seed=seed) -> None:
+            _inject(fault, rank, rec.chunk)
+            if on_chunk is not None:
+                on_chunk(seed, rec)
+
+        result = run_ttt(model, tokens, tables, cfg, prepare.scores(static), chunk_done)
+        if rank == 0:
+            row = {**result_row(result, static, fp_static), "load_seconds": load_seconds, "world_size": world_size,
+                   "device": device.type, "device_name": device_name(device), "hostname": socket.gethostname(),
+                   "started_at": started_at, "ended_at": time.time(),
+                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            seeds.append({"seed": seed, "row": row, "curve": curve_rows(result)})
+    return {"seeds": seeds} if rank == 0 else None

@@ -45,15 +45,31 @@ def test_missing_shards_and_tokens_outside_vocab(tmp_path):
         data.load_tokens(tmp_path, "val", vocab_size=1024)
 
 
-def test_eval_segment_cap_and_seed():
+def test_seeds_get_distinct_non_overlapping_segments_at_document_starts():
     tokens = np.concatenate([[1] + [doc + 4] * 99 for doc in range(50)])  # 50 distinct documents of 100 tokens
-    assert data.eval_segment(tokens, 0, 3) is tokens
     seg0 = data.eval_segment(tokens, 300, 0)
-    assert seg0.size == 301 and seg0[0] == 1
-    starts = []
-    for seed in range(1, 6):
+    assert seg0.size == 301 and data.segment_start(tokens, 300, 0) == 0  # seed 0: the start of the stream
+    starts = data.segment_starts(tokens, 300)
+    assert len(starts) == 12 and len(set(starts)) == 12  # 0, 400, ..., 4400: every segment of 301 tokens fits
+    spans = sorted((s, s + 301) for s in starts)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no two seeds share a token
+    for seed, start in enumerate(starts):
         seg = data.eval_segment(tokens, 300, seed)
-        start = next(s for s in range(0, tokens.size - 300, 100) if np.array_equal(tokens[s : s + 301], seg))
-        starts.append(start)
-        assert seg.size == 301 and seg[0] == data.BOS_ID
-    assert len(set(starts)) > 1  # other seeds start at other documents
+        assert seg.size == 301 and seg[0] == data.BOS_ID and np.array_equal(seg, tokens[start : start + 301])
+    assert starts[1:4] != [400, 800, 1200]  # seeds 1..3 sample across the stream, not its first documents
+    with pytest.raises(ValueError, match="ttt.seed=12: the validation stream holds 12 non-overlapping segments"):
+        data.segment_start(tokens, 300, 12)
+
+
+def test_seeds_that_cannot_mean_other_text_are_refused():
+    tokens = np.concatenate([[1] + [doc + 4] * 99 for doc in range(50)])
+    assert data.eval_segment(tokens, 0, 0) is tokens
+    with pytest.raises(ValueError, match="ttt.seed=3 without a token cap .* every seed would evaluate the same tokens"):
+        data.eval_segment(tokens, 0, 3)
+    with pytest.raises(ValueError, match="without a token cap"):
+        data.eval_segment(tokens, 10_000, 1)  # a cap that covers the stream is no cap
+    no_bos = tokens.copy()
+    no_bos[no_bos == data.BOS_ID] = 5
+    assert data.segment_start(no_bos, 300, 0) == 0
+    with pytest.raises(ValueError, match="holds 1 non-overlapping segments .* starting at a document"):
+        data.segment_start(no_bos, 300, 1)

@@ -71,7 +71,8 @@ class _Hessians:
     """Forward-pre-hooks summing XᵀX of each named linear's inputs."""
 
     def __init__(self, modules: dict[str, nn.Module]):
-        self.sums = {n: torch.zeros(m.weight.shape[1], m.weight.shape[1], dtype=torch.float64) for n, m in modules.items()}
+        self.sums = {n: torch.zeros(m.weight.shape[1], m.weight.shape[1], dtype=torch.float64, device=m.weight.device)
+                     for n, m in modules.items()}
         self.counts = dict.fromkeys(modules, 0)
         self.handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in modules.items()]
 
@@ -173,8 +174,8 @@ def quantize_model(model: nn.Module, regime: Regime, cfg: QuantConfig = QuantCon
         bits = cfg.embed_bits if name == EMBED else regime.bits
         q, deq, stats = _quantize_weight(name, params[name].detach(), bits, regime, cfg, H)
         params[name].data.copy_(deq)
-        packed["codes"][name] = torch.frombuffer(bytearray(pack_codes(q.codes, bits)), dtype=torch.uint8)
-        packed["scales"][name] = q.scales.to(torch.float16)
+        packed["codes"][name] = torch.frombuffer(bytearray(pack_codes(q.codes.cpu(), bits)), dtype=torch.uint8)
+        packed["scales"][name] = q.scales.to(torch.float16).cpu()
         report.tensors.append(stats)
 
     if regime.method == "gptq":
@@ -192,7 +193,7 @@ def quantize_model(model: nn.Module, regime: Regime, cfg: QuantConfig = QuantCon
             quantize(name, None, None)
         else:
             stored = stored_passthrough(name, p.detach())
-            packed["passthrough"][name] = stored
+            packed["passthrough"][name] = stored.cpu()
             p.data.copy_(stored.float())
     report.quantized_params = sum(t["numel"] for t in report.tensors)
     sizes = compressed_sizes(packed)

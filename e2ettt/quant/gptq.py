@@ -32,9 +32,9 @@ def gptq(W: Tensor, H: Tensor, bits: int, block: int = 128, damp: float = 0.01,
     W[:, dead] = 0.0
     scales = row_scales(W, bits, clip_q)
     m = qmax(bits)
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols)
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, device=W.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     codes = torch.zeros_like(W)
     for i1 in range(0, cols, block):

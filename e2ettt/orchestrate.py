@@ -1,0 +1,444 @@
+"""Running a sweep on Ray: start or join Ray, prepare artifacts as Ray tasks, run the Tune grid, write the tables.
+
+`run(cfg)` is the whole sweep:
+
+1. resolve and fingerprint the inputs and plan the trials (bad settings fail
+   here, before Ray starts);
+2. start a local Ray (no address) or join a cluster (`address`), sized from
+   the cluster's largest configuration, not from the nodes up at start;
+3. quantize each regime once and compute each static curve once, as Ray
+   tasks on the trials' kind of device (a GPU each on a GPU cluster); the
+   results are Ray objects handed to trials, and the driver keeps copies in
+   the storage (a local directory or a URI) so a resumed sweep reuses them;
+4. run the Tune grid (`ray_trial.run_cell` per trial) with a callback that
+   appends each finished trial's rows to the Parquet tables as it arrives and
+   says where the sweep stands while nodes come up;
+5. write `manifest.json` (config, code and package versions, every node
+   that ran a trial) and compact the tables.
+
+Nothing a trial reads was written by another node: artifacts travel as
+Ray objects, inputs are on every node at the same path (cluster.yaml ships
+them), and only the driver writes tables, manifest and storage copies.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from e2ettt import prepare
+from e2ettt.config import ConfigError
+from e2ettt.data import segment_start
+from e2ettt.provenance import git_sha, hardware, versions
+from e2ettt.quant.regimes import parse_regime
+from e2ettt.source import Inputs, fingerprint, load_split, resolve
+from e2ettt.storage import Store
+from e2ettt.sweep import SweepConfig, Trial, plan
+from e2ettt.tables import RunTables
+
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the autoscaler config on the head
+
+
+@dataclass
+class Outcome:
+    run_dir: Path
+    row_keys: set  # every row of the grid
+    todo: set  # rows this invocation set out to run
+    wall_seconds: float = 0.0
+    interrupted: bool = False
+    trials_run: int = 0
+
+
+@dataclass
+class Sweep:
+    """What the driver knows while a sweep runs."""
+
+    cfg: SweepConfig
+    inputs: Inputs
+    fingerprint: str
+    trials: dict[str, Trial]  # setting key -> trial, only those with seeds to run
+    store: Store
+    tables: RunTables
+    sha: str
+    versions: dict
+    starts: dict = field(default_factory=dict)  # seed -> segment start
+    reports: dict = field(default_factory=dict)  # regime -> quantization report
+    nodes: dict = field(default_factory=dict)  # node id -> what ran there
+
+
+# ---------------------------------------------------------------- Ray and the cluster's capacity
+
+def start_ray(cfg: SweepConfig):
+    """A local Ray of this machine's cores (even if an earlier `ray start` left an address behind), or the cluster."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # default 2 s adds up to 2 s per trial
+    quiet = {"include_dashboard": False, "log_to_driver": False, "configure_logging": True, "logging_level": "ERROR"}
+    if cfg.address:
+        ray.init(address=cfg.address, **quiet)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        cpus = cfg.local_cpus or os.cpu_count() or 1
+        ray.init(address="local", num_cpus=max(cpus, cfg.workers * cfg.cpus_per_worker),
+                 num_gpus=None if cfg.gpus_per_trial else 0, resources={"trial_driver": 64}, **quiet)
+    return ray
+
+
+def trial_demand(cfg: SweepConfig) -> dict[str, float]:
+    """Resources one trial takes: its workers, plus its driver's slot on the head."""
+    demand = {"CPU": cfg.ranks * cfg.cpus_per_worker}
+    if cfg.gpus_per_trial:
+        demand["GPU"] = cfg.gpus_per_trial
+    return demand
+
+
+def read_cluster_config(cfg: SweepConfig) -> tuple[dict | None, str]:
+    path = Path(os.path.expanduser(cfg.cluster_config or (BOOTSTRAP_CONFIG if cfg.address else "")))
+    if not str(path) or str(path) == "." or not path.is_file():
+        if cfg.cluster_config:
+            raise ConfigError(f"--cluster-config {cfg.cluster_config}: file does not exist")
+        return None, ""
+    try:
+        return yaml.safe_load(path.read_text()), str(path)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--cluster-config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
+def capacity_from_config(config: dict, demand: dict[str, float], strict: bool) -> tuple[int, int, int]:
+    """(trials that fit at the cluster's largest, worker nodes at most, trial_driver slots).
+
+    Node counts: the head once, each worker type up to its max_workers, all
+    worker types together up to the top-level max_workers (filled with the
+    types that fit most trials first). With `strict` (GPU trials, STRICT_PACK)
+    a trial must fit on one node; otherwise its workers may spread.
+    """
+    types = config.get("available_node_types", {})
+    head = config.get("head_node_type")
+    budget = int(config.get("max_workers", sum(t.get("max_workers", 0) for n, t in types.items() if n != head)))
+
+    def fits(res: dict) -> int:
+        return min((int(res.get(r, 0) // need) for r, need in demand.items()), default=0)
+
+    counts = {head: 1} if head in types else {}
+    for name in sorted((n for n in types if n != head), key=lambda n: -fits(types[n].get("resources", {}))):
+        counts[name] = min(int(types[name].get("max_workers", 0)), budget)
+        budget -= counts[name]
+    if strict:
+        trials = sum(n * fits(types[t].get("resources", {})) for t, n in counts.items())
+    else:
+        total = {r: sum(n * types[t].get("resources", {}).get(r, 0) for t, n in counts.items()) for r in demand}
+        trials = fits(total)
+    drivers = int(sum(n * types[t].get("resources", {}).get("trial_driver", 0) for t, n in counts.items()))
+    return trials, sum(n for t, n in counts.items() if t != head), drivers
+
+
+def max_concurrent(ray, cfg: SweepConfig, log) -> tuple[int, int]:
+    """(trials in flight, worker nodes at most): --max-concurrent, else the autoscaler config, else what is up now."""
+    demand = trial_demand(cfg)
+    config, path = read_cluster_config(cfg)
+    if config is not None:
+        trials, nodes, drivers = capacity_from_config(config, demand, strict=bool(cfg.gpus_per_trial))
+        if trials == 0:
+            raise ConfigError(f"{path}: no node type can hold a trial needing {demand} "
+                              f"({cfg.ranks} ranks × {cfg.cpus_per_worker} CPU{', 1 GPU' if cfg.gpus_per_trial else ''} each)")
+        if drivers == 0:
+            raise ConfigError(f"{path}: no node declares the 'trial_driver' resource that trial drivers run in "
+                              "(give the head node resources: {\"trial_driver\": N})")
+        n = cfg.max_concurrent or min(trials, drivers)
+        log(f"  cluster: up to {nodes} worker nodes ({path}) hold {trials} trial(s) at once; running {n} at a time")
+        return n, nodes
+    res = ray.cluster_resources()
+    up = min((int(res.get(r, 0) // need) for r, need in demand.items()), default=1)
+    if cfg.address and not cfg.max_concurrent:
+        log(f"  cluster: no autoscaler config found ({BOOTSTRAP_CONFIG} or --cluster-config); sizing from the "
+            f"{len(ray.nodes())} node(s) up now: {max(1, up)} trial(s) at once (--max-concurrent to change)")
+    return cfg.max_concurrent or max(1, up), 0
+
+
+# ---------------------------------------------------------------- artifacts as Ray objects
+
+def _task_options(cfg: SweepConfig) -> dict:
+    """Prep tasks run where trials run: one GPU each on a GPU sweep (same device and dtype as the TTT scores)."""
+    return {"num_cpus": cfg.cpus_per_worker, "num_gpus": 1 if cfg.gpus_per_trial else 0}
+
+
+def prepare_artifacts(ray, sw: Sweep, log) -> dict[str, object]:
+    """Every artifact the trials need, as object refs by name (weights key, static key)."""
+    cfg, store, name = sw.cfg, sw.store, sw.cfg.name
+    regimes = list(dict.fromkeys(["fp"] + [t.regime for t in sw.trials.values()]))
+    wkeys = {r: prepare.regime_key(sw.fingerprint, r, cfg.quant, cfg.device) for r in regimes}
+    opts = _task_options(cfg)
+    quantize = ray.remote(**opts)(prepare.quantize_regime).options(num_returns=2)
+    static_task = ray.remote(**opts)(prepare.static_scores)
+    t0 = time.perf_counter()
+    refs, pending = {}, {}
+    for r in regimes:
+        cached = prepare.load_regime(store, f"{name}/artifacts/{wkeys[r]}")
+        if cached is not None:
+            sw.reports[r] = cached[0]
+            refs[wkeys[r]] = ray.put(cached[1])
+            log(f"  {r:>20}: quantized weights reused from {store.url(f'{name}/artifacts/{wkeys[r]}')}")
+        else:
+            report_ref, state_ref = quantize.remote(sw.inputs, r, cfg.quant, cfg.device, cfg.cpus_per_worker)
+            refs[wkeys[r]] = state_ref
+            pending[report_ref] = r
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        r = pending.pop(done[0])
+        sw.reports[r] = rep = ray.get(done[0])
+        prepare.save_regime(store, f"{name}/artifacts/{wkeys[r]}", rep, ray.get(refs[wkeys[r]]))
+        log(f"  {r:>20}: {rep['quantized_params']:>10,} params quantized, {rep['artifact_bytes']:>10,} bytes (lzma), "
+            f"{rep['seconds']:.1f} s on {rep['device']}")
+    needed: dict[str, dict] = {r: {} for r in regimes}  # regime -> static key -> TTT config
+    for t in sw.trials.values():
+        for seed in t.seeds:
+            c = t.at_seed(seed)
+            for r in {t.regime, "fp"}:
+                needed[r][prepare.static_key(wkeys[r], c, cfg.device)] = c
+    jobs = {}
+    for r, configs in needed.items():
+        todo = {}
+        for key, c in configs.items():
+            cached = prepare.load_static(store, f"{name}/artifacts/{key}")
+            if cached is not None:
+                refs[key] = ray.put(cached)
+            else:
+                todo[key] = c
+        if todo:
+            jobs[static_task.remote(sw.inputs, refs[wkeys[r]], list(todo.values()), cfg.device, cfg.cpus_per_worker)] = todo
+    n_static = sum(len(v) for v in jobs.values())
+    while jobs:
+        done, _ = ray.wait(list(jobs), num_returns=1)
+        todo = jobs.pop(done[0])
+        for key, static in zip(todo, ray.get(done[0])):
+            prepare.save_static(store, f"{name}/artifacts/{key}", static)
+            refs[key] = ray.put(static)
+    log(f"  {len(regimes)} regimes ready, {n_static} static curves computed "
+        f"({sum(len(v) for v in needed.values()) - n_static} reused) in {time.perf_counter() - t0:.0f} s")
+    return refs
+
+
+def trial_config(sw: Sweep, t: Trial, seeds: list[int]) -> dict:
+    """What Tune hands `run_cell`: the trial's spec (artifacts by name) and its resources."""
+    cfg = sw.cfg
+    wkey = {r: prepare.regime_key(sw.fingerprint, r, cfg.quant, cfg.device) for r in {t.regime, "fp"}}
+    static = {str(s): {role: prepare.static_key(wkey[r], t.at_seed(s), cfg.device)
+                       for role, r in (("regime", t.regime), ("fp", "fp"))} for s in seeds}
+    faults = json.loads(cfg.fault) if cfg.fault else {}
+    fault = faults.get(t.regime) or faults.get(t.key) or {}
+    spec = {"inputs": sw.inputs.as_dict(), "regime": t.regime, "ttt": dataclasses.asdict(t.ttt), "seeds": seeds,
+            "weights": wkey[t.regime], "static": static, "threads": cfg.cpus_per_worker, "fault": fault}
+    resources = {"workers": cfg.ranks, "cpus_per_worker": cfg.cpus_per_worker,
+                 "gpus_per_worker": 1 if cfg.gpus_per_trial else 0, "max_worker_failures": cfg.max_worker_failures,
+                 "storage_path": sw.store.url(f"{cfg.name}/ray/train"), "start_timeout": cfg.worker_start_timeout,
+                 "extra": fault.get("resources", {})}
+    return {"key": t.key, "spec": spec, "resources": resources}
+
+
+# ---------------------------------------------------------------- rows
+
+def trial_row(sw: Sweep, t: Trial, seed: int, numbers: dict, node_id: str) -> dict:
+    """One table row: the trial's numbers and every setting that can change them."""
+    spec = parse_regime(t.regime)
+    ttt = dataclasses.asdict(t.at_seed(seed))
+    row = {"trial_id": t.row_keys[seed], "setting_key": t.key, "control_key": t.control_keys[seed],
+           "config_hash": t.row_keys[seed], "regime": t.regime, "bits": spec.bits,
+           "method": spec.method + ("+hadamard" if spec.rotate else ""),
+           **{("inner_lr" if k == "lr" else k): v for k, v in ttt.items()},
+           **{f"quant_{k}": v for k, v in dataclasses.asdict(sw.cfg.quant).items()},
+           "segment_start": sw.starts.get(seed, 0), "input_fingerprint": sw.fingerprint,
+           "checkpoint": sw.inputs.checkpoint, "node_id": node_id,
+           "artifact_bytes": sw.reports.get(t.regime, {}).get("artifact_bytes"),
+           "git_sha": sw.sha, "versions": json.dumps(sw.versions, sort_keys=True),
+           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "world_size": sw.cfg.ranks, "device": sw.cfg.device}
+    row.update(numbers)
+    return row
+
+
+def error_numbers(message: str, tb: str = "") -> dict:
+    return {"status": "error", "error": message, "traceback": tb}
+
+
+def make_callback(sw: Sweep, total: int, log):
+    from ray.tune import Callback
+
+    class TableWriter(Callback):
+        """Appends each finished trial's rows to the tables and says where the sweep stands."""
+
+        def __init__(self):
+            self.done = 0
+            self.t0 = time.perf_counter()
+            self.last_line = self.t0
+
+        def _record(self, trial, payload: dict) -> None:
+            t = sw.trials[trial.config["trial"]["key"]]
+            node = payload.get("node_id", "")
+            seeds = {s["seed"]: s for s in payload.get("seeds", [])}
+            for seed in trial.config["trial"]["spec"]["seeds"]:
+                if seed in seeds:
+                    numbers = {**seeds[seed]["row"], "trial_seconds": payload.get("trial_seconds")}
+                    if payload.get("driver_started_at"):  # node boot, placement and worker-group start-up
+                        numbers["startup_seconds"] = numbers["started_at"] - payload["driver_started_at"]
+                    curve = seeds[seed]["curve"]
+                    sw.nodes.setdefault(node, {k: numbers.get(k) for k in ("hostname", "device", "device_name")})
+                else:
+                    numbers = {**error_numbers(payload.get("error", "trial ended without a result for this seed"),
+                                               payload.get("traceback", "")), "trial_seconds": payload.get("trial_seconds")}
+                    curve = []
+                row = trial_row(sw, t, seed, numbers, node)
+                sw.tables.append(row, curve)
+                self._print(t, seed, row)
+            self.last_line = time.perf_counter()
+
+        def _print(self, t: Trial, seed: int, row: dict) -> None:
+            self.done += 1
+            head = f"[{self.done}/{total}] {t.label:<34} seed={seed}"
+            if row["status"] == "ok":
+                log(f"{head}  post-quant {row['post_quant_bpb']:.4f} -> post-TTT {row['post_ttt_bpb']:.4f} bpb "
+                    f"(recovery {row['recovery']:+.4f}), {row['ttt_seconds']:.1f} s TTT")
+            elif row["status"] == "diverged":
+                log(f"{head}  diverged at chunk {row.get('diverged_chunk')}")
+            else:
+                log(f"{head}  ERROR {row['error']}")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "payload" in result:
+                self._record(trial, json.loads(result["payload"]))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            err = getattr(trial, "error_msg", None) or "trial process failed"
+            self._record(trial, {"error": str(err).strip().splitlines()[-1][:500]})
+
+        def on_step_end(self, iteration, trials, **info):
+            now = time.perf_counter()
+            if now - self.last_line < sw.cfg.progress_seconds:
+                return
+            self.last_line = now
+            log(progress_line(trials, self.done, total, now - self.t0, sw.cfg))
+
+    return TableWriter()
+
+
+def progress_line(trials, rows_done: int, rows_total: int, elapsed: float, cfg: SweepConfig) -> str:
+    """Where a sweep stands: trials by state and, while workers wait, how many nodes are up."""
+    import ray
+
+    states = [t.status for t in trials]
+    running, pending = states.count("RUNNING"), states.count("PENDING")
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    key = "GPU" if cfg.gpus_per_trial else "CPU"
+    units = sum(n["Resources"].get(key, 0) for n in alive)
+    need = trial_demand(cfg)[key]
+    return (f"  ... {elapsed / 60:.0f} min: {rows_done}/{rows_total} rows written; trials {running} running, "
+            f"{pending} pending; cluster: {len(alive)} node(s) up with {units:g} {key} "
+            f"({need:g} {key} per trial)")
+
+
+# ---------------------------------------------------------------- the Tune run, the manifest, the whole sweep
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+def run_trials(ray, sw: Sweep, configs: list[dict], refs: dict, concurrency: int, log) -> bool:
+    """The Tune grid; returns whether it was interrupted (Ctrl-C)."""
+    from ray import tune
+
+    from e2ettt.ray_trial import run_cell
+
+    total = sum(len(c["spec"]["seeds"]) for c in configs)
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(run_cell, artifacts=refs), {"trial_driver": 1}),
+        param_space={"trial": tune.grid_search(configs)},
+        # reuse_actors: the trial driver process (which imports Ray Train and torch) survives from one
+        # trial to the next; this saves ~4 s per trial here. Each trial still gets a fresh TorchTrainer.
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True),
+        run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
+                                  storage_path=sw.store.url(f"{sw.cfg.name}/ray"),
+                                  callbacks=[make_callback(sw, total, log)], verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+    grid = tuner.fit()
+    return any(r.error is not None and "KeyboardInterrupt" in str(r.error) for r in grid)
+
+
+def write_manifest(sw: Sweep, run_dir: Path, extra: dict) -> None:
+    path = run_dir / "manifest.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    configs = dict(old.get("configs", {}))
+    for t in sw.trials.values():
+        for seed in t.seeds:
+            configs[t.row_keys[seed]] = {"regime": t.regime, "ttt": dataclasses.asdict(t.at_seed(seed)),
+                                         "quant": dataclasses.asdict(sw.cfg.quant), "device": sw.cfg.device,
+                                         "ranks": sw.cfg.ranks, "inputs": sw.fingerprint}
+    manifest = {"config": dataclasses.asdict(sw.cfg), "inputs": {**sw.inputs.as_dict(), "fingerprint": sw.fingerprint},
+                "git_sha": sw.sha, "versions": sw.versions, "driver": hardware(),
+                "nodes": {**old.get("nodes", {}), **sw.nodes},
+                "regimes": {**old.get("regimes", {}), **{r: {k: v for k, v in rep.items() if k != "tensors"}
+                                                         for r, rep in sw.reports.items()}},
+                "configs": configs, "runs": old.get("runs", []) + [extra]}
+    write_json_atomic(path, manifest)
+    if not (sw.store.local and Path(sw.store.root) == run_dir.parent):
+        sw.store.write_bytes(f"{sw.cfg.name}/manifest.json", path.read_bytes())
+
+
+def run(cfg: SweepConfig, log=print, code_dir: str | os.PathLike = ".") -> Outcome:
+    """The whole sweep; bad inputs or settings raise (ValueError/OSError) before Ray starts."""
+    t_start = time.perf_counter()
+    cfg.validate()
+    inputs = resolve(cfg.source, log=log)
+    if inputs.demo:
+        log(f"demo model: {inputs.demo['parameters']:,} parameters, validation bpb {inputs.demo['val_bpb']:.4f} "
+            f"(eval_val over all {inputs.demo['val_tokens']:,} validation tokens); cache {Path(inputs.checkpoint).parent}")
+    fp = fingerprint(inputs)
+    trials = plan(cfg, fp)
+    val = load_split(inputs, "val")
+    starts = {s: segment_start(val, cfg.ttt.max_tokens, s) for s in cfg.grid.seeds}  # seeds that cannot mean other text fail here
+    for t in trials:
+        for s in t.seeds:
+            prepare.eval_stream(inputs, t.at_seed(s))  # a chunk larger than the stream fails here
+    run_dir = Path(cfg.out).resolve() / cfg.name
+    store = Store(cfg.storage or cfg.out)
+    mirror = None if (store.local and Path(store.root) == run_dir.parent) else store
+    tables = RunTables(run_dir, mirror, cfg.name)
+    pulled = tables.pull()
+    finished = tables.finished_ids()
+    todo_trials = {}
+    for t in trials:
+        left = tuple(s for s in t.seeds if t.row_keys[s] not in finished)
+        if left:
+            todo_trials[t.key] = dataclasses.replace(t, seeds=left)
+    all_rows = {k for t in trials for k in t.row_keys.values()}
+    todo_rows = {t.row_keys[s] for t in todo_trials.values() for s in t.seeds}
+    sw = Sweep(cfg, inputs, fp, todo_trials, store, tables, git_sha(code_dir), versions(), starts)
+    log(f"healing_grid: {len(trials)} trials × {len(cfg.grid.seeds)} seed(s) = {len(all_rows)} rows "
+        f"({len(all_rows) - len(todo_rows)} already in {run_dir / 'trials.parquet'}"
+        f"{f', {pulled} parts taken from {store.uri}' if pulled else ''}); {cfg.ranks} {cfg.device.upper()} ranks per trial, "
+        f"{cfg.ttt.max_tokens or 'all'} validation tokens per row")
+    outcome = Outcome(run_dir, all_rows, todo_rows)
+    ray = start_ray(cfg)
+    try:
+        concurrency, _ = max_concurrent(ray, cfg, log)
+        if todo_trials:
+            refs = prepare_artifacts(ray, sw, log)
+            configs = [trial_config(sw, t, list(t.seeds)) for t in todo_trials.values()]
+            outcome.trials_run = len(configs)
+            outcome.interrupted = run_trials(ray, sw, configs, refs, concurrency, log)
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+    finally:
+        outcome.wall_seconds = time.perf_counter() - t_start
+        write_manifest(sw, run_dir, {"started_rows": len(todo_rows), "wall_seconds": outcome.wall_seconds,
+                                     "interrupted": outcome.interrupted, "storage": store.uri,
+                                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        ray.shutdown()
+        tables.compact()
+    return outcome
