@@ -71,18 +71,19 @@ def cmd_quantize(args, cfg: CLIConfig) -> int:
     from e2ettt.evaluate import DeviceTables, as_tensor, eval_val
     from e2ettt.prepare import eval_stream
     from e2ettt.quant.apply import quantize_model
-    from e2ettt.source import load_source_model, load_split, load_tables, resolve
+    from e2ettt.source import load_source_model, load_split, load_tables, resolve, source_dtypes
 
     regimes = [parse_regime(r) for r in args.regimes.split(",")]
     inputs = resolve(cfg.source)
     model = load_source_model(inputs)
+    dtypes = source_dtypes(inputs)
     tokens = as_tensor(eval_stream(inputs, cfg.ttt))
     tables = DeviceTables.from_tables(load_tables(inputs))
     calib = torch.as_tensor(load_split(inputs, "train")[: cfg.quant.calib_tokens + 1])
     base = eval_val(model, tokens, cfg.ttt.context, tables, cfg.ttt.micro_batch).bpb
     print(f"{'regime':>20} {'bpb':>8} {'damage':>8} {'quantized':>10} {'zlib B':>10} {'lzma B':>10} {'seconds':>8}")
     for regime in regimes:
-        q, rep = quantize_model(model, regime, cfg.quant, calib if regime.needs_calibration else None)
+        q, rep = quantize_model(model, regime, cfg.quant, calib if regime.needs_calibration else None, dtypes)
         bpb = eval_val(q, tokens, cfg.ttt.context, tables, cfg.ttt.micro_batch).bpb
         print(f"{regime.name:>20} {bpb:8.4f} {bpb - base:+8.4f} {rep.quantized_params:>10,} "
               f"{rep.artifact_bytes_zlib:>10,} {rep.artifact_bytes_lzma:>10,} {rep.seconds:8.2f}", flush=True)

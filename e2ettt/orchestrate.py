@@ -405,6 +405,7 @@ def run(cfg: SweepConfig, log=print, code_dir: str | os.PathLike = ".") -> Outco
     for t in trials:
         for s in t.seeds:
             prepare.eval_stream(inputs, t.at_seed(s))  # a chunk larger than the stream fails here
+    prepare.check_regimes(inputs, list(cfg.grid.regimes), cfg.quant)  # a regime the model cannot take fails here
     run_dir = Path(cfg.out).resolve() / cfg.name
     store = Store(cfg.storage or cfg.out)
     mirror = None if (store.local and Path(store.root) == run_dir.parent) else store

@@ -24,9 +24,9 @@ import torch
 from e2ettt import data
 from e2ettt.config import config_hash
 from e2ettt.evaluate import DeviceTables, Score, as_tensor, chunk_spans, eval_val, static_curve
-from e2ettt.quant.apply import quantize_model
+from e2ettt.quant.apply import quantize_model, require_targets
 from e2ettt.quant.regimes import QuantConfig, parse_regime
-from e2ettt.source import Inputs, load_source_model, load_split, load_tables, set_threads
+from e2ettt.source import Inputs, load_source_model, load_split, load_tables, set_threads, source_dtypes
 from e2ettt.storage import Store
 from e2ettt.ttt import TTTConfig
 
@@ -70,10 +70,20 @@ def quantize_regime(inputs: Inputs, regime: str, qcfg: QuantConfig, device: str 
     calib = None
     if spec.needs_calibration:
         calib = torch.as_tensor(load_split(inputs, "train")[: qcfg.calib_tokens + 1]).to(device)
-    qmodel, report = quantize_model(model, spec, qcfg, calib)
-    summary = {**{k: v for k, v in dataclasses.asdict(report).items() if k != "tensors"},
-               "artifact_bytes": report.artifact_bytes, "device": device, "tensors": report.tensors}
+    qmodel, report = quantize_model(model, spec, qcfg, calib, source_dtypes(inputs))
+    summary = {**{f.name: getattr(report, f.name) for f in dataclasses.fields(report) if f.name != "artifact"},
+               "artifact_bytes": report.artifact_bytes, "device": device}
     return summary, {k: v.detach().float().cpu().numpy() for k, v in qmodel.state_dict().items()}
+
+
+def check_regimes(inputs: Inputs, regimes: list[str], qcfg: QuantConfig) -> None:
+    """Fail now, in the driver, if the model cannot take a regime (nothing to quantize, no train split for GPTQ)."""
+    specs = [parse_regime(r) for r in regimes]
+    if not any(s.method in ("rtn", "gptq") for s in specs):
+        return
+    require_targets(load_source_model(inputs), qcfg, next(s.name for s in specs if s.method in ("rtn", "gptq")))
+    if any(s.needs_calibration for s in specs):
+        load_split(inputs, "train")  # GPTQ calibrates on the train split: its shards must exist
 
 
 def load_regime_model(inputs: Inputs, state: State, device: torch.device | str = "cpu") -> torch.nn.Module:

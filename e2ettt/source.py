@@ -114,6 +114,13 @@ def load_source_model(inputs: Inputs) -> nn.Module:
     return load_model(inputs.checkpoint, vocab_size=inputs.vocab_size).eval()
 
 
+def source_dtypes(inputs: Inputs) -> dict[str, torch.dtype]:
+    """The dtypes the checkpoint stores each tensor in (parameter-golf keeps tok_emb in bf16)."""
+    if inputs.model_fn:
+        return {k: v.dtype for k, v in build_model(inputs.model_fn, inputs.checkpoint).state_dict().items()}
+    return {k: v.dtype for k, v in load_state_dict(inputs.checkpoint).items()}
+
+
 def load_tables(inputs: Inputs) -> ByteTables:
     return build_byte_tables(load_tokenizer(inputs.tokenizer), inputs.vocab_size)
 

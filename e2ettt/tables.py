@@ -41,6 +41,7 @@ QUANT_COLUMNS = [
     ("quant_min_numel", pa.int64()), ("quant_embed_bits", pa.int64()), ("quant_clip_q", pa.float64()),
     ("quant_calib_tokens", pa.int64()), ("quant_calib_seq_len", pa.int64()), ("quant_gptq_block", pa.int64()),
     ("quant_gptq_damp", pa.float64()), ("quant_act_order", pa.bool_()), ("quant_rotation_seed", pa.int64()),
+    ("quant_linear_types", pa.string()), ("quant_keep_float", pa.string()),
 ]
 
 TRIAL_SCHEMA = pa.schema([

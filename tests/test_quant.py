@@ -10,7 +10,7 @@ from e2ettt.checkpoint import load_state_dict
 from e2ettt.demo import load_demo_model
 from e2ettt.quant import pg_int8
 from e2ettt.quant.apply import quantize_model
-from e2ettt.quant.artifact import pack_codes
+from e2ettt.quant.artifact import decode, pack_codes, unpack_codes
 from e2ettt.quant.gptq import gptq, proxy_loss
 from e2ettt.quant.hadamard import RotatedLinear, Rotation, fwht
 from e2ettt.quant.regimes import QuantConfig, RegimeError, parse_regime
@@ -18,19 +18,32 @@ from e2ettt.quant.rtn import rtn
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
-def test_rtn_is_idempotent_and_within_half_a_step(bits):
+def test_rtn_uses_all_2_to_the_b_levels_within_half_a_step_with_fp16_scales(bits):
     W = torch.randn(48, 96, generator=torch.Generator().manual_seed(bits))
-    q = rtn(W, bits)
-    assert q.codes.abs().max() <= 2 ** (bits - 1) - 1
+    q = rtn(W, 2**bits)
+    assert q.codes.dtype == torch.uint8 and int(q.codes.max()) <= 2**bits - 1
+    assert torch.equal(q.scales, q.scales.half().float())  # the scales are the stored fp16 values
     assert ((W - q.Q).abs() <= q.scales[:, None] / 2 + 1e-6).all()
-    torch.testing.assert_close(rtn(q.Q, bits).Q, q.Q, rtol=0, atol=1e-6)
+    assert torch.equal(q.Q, (q.codes.float() - (2**bits - 1) / 2) * q.scales[:, None])  # the rule, written out
+    if bits == 2:
+        assert q.Q[0].unique().numel() == 4  # a true 4-level code, not ternary
+    torch.testing.assert_close(rtn(q.Q, 2**bits).Q, q.Q, rtol=0, atol=1e-6)
+
+
+def test_ternary_keeps_its_three_levels_under_its_own_name():
+    spec = parse_regime("ternary")
+    assert (spec.bits, spec.levels, spec.method) == (2, 3, "rtn")
+    W = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    q = rtn(W, spec.levels)
+    assert set(q.codes.unique().tolist()) <= {0, 1, 2} and q.Q[0].unique().numel() == 3
+    assert parse_regime("hadamard-gptq-ternary").levels == 3 and parse_regime("int2").levels == 4
 
 
 def test_parse_regimes_and_unknown_regime():
     spec = parse_regime("hadamard-gptq-int3")
-    assert spec.__dict__ == {"name": "hadamard-gptq-int3", "method": "gptq", "bits": 3, "rotate": True}
+    assert spec.__dict__ == {"name": "hadamard-gptq-int3", "method": "gptq", "bits": 3, "rotate": True, "levels": 8}
     assert parse_regime("int6").method == "rtn" and parse_regime("pg-int8").method == "pg"
-    for bad in ("int1", "int9", "gptq", "fp16", "hadamard-fp", "int4-gptq"):
+    for bad in ("int1", "int9", "gptq", "fp16", "hadamard-fp", "int4-gptq", "ternary-gptq"):
         with pytest.raises(RegimeError, match=f"unknown quantization regime '{bad}'; valid forms: fp, pg-int8, intN"):
             parse_regime(bad)
 
@@ -41,7 +54,7 @@ def test_gptq_beats_rtn_on_its_proxy_loss_for_correlated_inputs():
     H = 2 * X.T @ X / X.shape[0]
     W = torch.randn(32, 64, generator=g)
     for bits in (3, 4):
-        assert proxy_loss(W, gptq(W, H, bits, block=16).Q, H) < proxy_loss(W, rtn(W, bits).Q, H)
+        assert proxy_loss(W, gptq(W, H, 2**bits, block=16).Q, H) < proxy_loss(W, rtn(W, 2**bits).Q, H)
 
 
 @pytest.fixture(scope="module")
@@ -146,9 +159,189 @@ def test_pg_int8_matches_the_format_and_round_trips_exactly(tmp_path):
 
 
 def test_packed_codes_take_bits_per_entry():
-    codes = torch.randint(-3, 4, (1000,)).to(torch.int8)
+    codes = torch.randint(0, 8, (1000,)).to(torch.uint8)
     packed = pack_codes(codes, 3)
     assert len(packed) == (1000 * 3 + 7) // 8
     bits = np.unpackbits(np.frombuffer(packed, np.uint8))[: 3000].reshape(-1, 3)
-    back = bits @ np.array([4, 2, 1]) - 3
-    np.testing.assert_array_equal(back, codes.numpy())
+    np.testing.assert_array_equal(bits @ np.array([4, 2, 1]), codes.numpy())  # MSB first, written out
+    assert torch.equal(unpack_codes(packed, 3, 1000), codes)
+
+
+@pytest.mark.parametrize("regime", ["int3", "gptq-int3", "hadamard-gptq-int4", "ternary"])
+def test_the_evaluated_weights_are_what_the_stored_artifact_decodes_to(demo_parts, regime):
+    """The model quantize_model returns holds exactly the weights that the saved artifact reads back to."""
+    model, calib = demo_parts
+    cfg = QuantConfig(min_numel=1024, calib_tokens=2048, calib_seq_len=128)
+    q, report = quantize_model(model, parse_regime(regime), cfg, calib)
+    buf = io.BytesIO()
+    torch.save(report.artifact, buf)
+    stored = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    weights = decode(stored)
+    for name, tensor in q.state_dict().items():
+        assert torch.equal(weights[name], tensor), name
+    for e in stored["quantized"].values():  # the format's rule, written out: fp16 scales, b-bit codes
+        assert e["scales"].dtype == torch.float16 and len(e["codes"]) == (e["shape"][0] * e["shape"][1] * e["bits"] + 7) // 8
+    assert stored["passthrough"]["blocks.0.resid_mix"].dtype == torch.float32
+    assert stored["passthrough"]["blocks.0.attn.q_gain"].dtype == torch.float32
+
+
+def _reference_pg_round_trip(sd: dict) -> dict:
+    """parameter-golf's int8_clean_per_row_v1 round trip written out: each tensor comes back in its own dtype."""
+    control = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight")
+    out = {}
+    for name, t in sd.items():
+        if t.numel() <= 65_536:
+            out[name] = t.float() if any(c in name for c in control) else t.to(torch.float16).to(t.dtype)
+        else:
+            q, s = _reference_int8(t.float())
+            out[name] = (q.float() * s.float()[:, None]).to(t.dtype)
+    return out
+
+
+def test_pg_int8_evaluates_what_parameter_golf_stores_bf16_embedding_included():
+    from e2ettt.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=1024, num_layers=2, model_dim=256, num_heads=4, num_kv_heads=2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    sd["tok_emb.weight"] = sd["tok_emb.weight"].bfloat16()  # as parameter-golf's final_model.pt keeps it
+    model.load_state_dict({k: v.float() for k, v in sd.items()})
+    q, report = quantize_model(model, parse_regime("pg-int8"), QuantConfig(), dtypes={k: v.dtype for k, v in sd.items()})
+    expected = _reference_pg_round_trip(sd)
+    got = q.state_dict()
+    assert expected["tok_emb.weight"].dtype == torch.bfloat16
+    for name in sd:
+        assert torch.equal(got[name], expected[name].float()), name
+    fp32_round_trip = _reference_pg_round_trip({k: v.float() for k, v in sd.items()})["tok_emb.weight"]
+    assert not torch.equal(fp32_round_trip.float(), got["tok_emb.weight"])  # the dtype matters: the test can fail
+    assert {t["name"] for t in report.tensors} == {"tok_emb.weight"} | {k for k, v in sd.items() if v.numel() > 65_536}
+
+
+# ---------------------------------------------------------------- any nn.Module (the LoopLM example)
+
+@pytest.fixture(scope="module")
+def loop_model():
+    from e2ettt.examples.loop_lm import LoopConfig, LoopLM
+
+    torch.manual_seed(0)
+    model = LoopLM(LoopConfig(vocab_size=256, dim=64, heads=4, loops=2))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.1)
+    calib = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(1))
+    return model.eval(), calib
+
+
+LOOP_CFG = QuantConfig(min_numel=1024, calib_tokens=2048, calib_seq_len=64)
+
+
+@pytest.mark.parametrize("regime", ["gptq-int3", "gptq-int4", "hadamard-gptq-int4"])
+def test_gptq_beats_rtn_on_every_layer_of_a_model_it_does_not_know(loop_model, regime):
+    model, calib = loop_model
+    _, report = quantize_model(model, parse_regime(regime), LOOP_CFG, calib)
+    layers = [t for t in report.tensors if "proxy_loss" in t]
+    names = {t["name"] for t in layers}
+    assert {"core.wq.weight", "core.wkv.weight", "core.down.weight", "embed.weight"} <= names
+    assert len(layers) == 5 * 3 + 1  # five linears in each of three blocks, and the tied head/embedding
+    for t in layers:
+        assert t["proxy_loss"] <= t["rtn_proxy_loss"], t["name"]
+
+
+def test_a_shared_weight_is_quantized_once_with_the_hessian_of_every_use(loop_model):
+    model, calib = loop_model
+    q, report = quantize_model(model, parse_regime("gptq-int4"), LOOP_CFG, calib)
+    names = [t["name"] for t in report.tensors]
+    assert len(names) == len(set(names))  # every weight once
+    table = next(t for t in report.tensors if t["name"] == "embed.weight")
+    assert set(table["uses"]) == {"head", "embed"} and table["bits"] == LOOP_CFG.embed_bits
+    assert q.head.weight is q.embed.weight  # still one tensor after quantization
+    assert "head.weight" not in report.artifact["passthrough"] and "embed.weight" in report.artifact["quantized"]
+    assert any("shared weights quantized once" in n for n in report.notes)
+    # the core block runs twice per forward: its Hessian sums both uses (differs from the first use alone)
+    from e2ettt.quant.apply import _calibration_batches, _call_groups, select_targets
+
+    work = __import__("copy").deepcopy(model)
+    targets = select_targets(work, LOOP_CFG)
+    groups, uses = _call_groups(work, _calibration_batches(calib, LOOP_CFG), {k: t for k, t in targets.items() if t.linears})
+    assert uses[id(work.core.wq.weight)] == 2 and uses[id(work.prelude.wq.weight)] == 1
+    assert [targets[k].name for k in groups[0]] == ["prelude.wq.weight", "prelude.wkv.weight"]  # one input, one group
+
+
+def test_rotation_preserves_the_function_of_a_model_it_does_not_know(loop_model):
+    model, _ = loop_model
+    ref = __import__("copy").deepcopy(model).double()
+    rotated = __import__("copy").deepcopy(ref)
+    for module in list(rotated.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                R = Rotation(child.weight.shape[1], seed=len(child_name))
+                linear = RotatedLinear(R.apply(child.weight.detach()), R)
+                if child.bias is not None:
+                    linear.forward = lambda x, lin=linear, b=child.bias: RotatedLinear.forward(lin, x) + b
+                setattr(module, child_name, linear)
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(rotated(ids), ref(ids), rtol=0, atol=1e-5)
+
+
+def _reference_gptq_for_the_baseline_gpt(model, regime, cfg, calib):
+    """The class-aware walk GPTQ took before it knew nothing of the architecture: block by block, inside a
+    block q/k/v, then attn proj, mlp fc, mlp proj, each from inputs through the already-quantized layers."""
+    from e2ettt.model import rms_norm
+    from e2ettt.quant.apply import _calibration_batches, _quantize_weight
+    from e2ettt.quant.artifact import decode_entry, entry
+
+    out = __import__("copy").deepcopy(model).float().eval()
+    params = dict(out.named_parameters())
+
+    def quantize(name, H, bits):
+        seed = cfg.rotation_seed * 1_000_003 + zlib.crc32(name.encode()) if regime.rotate else None
+        q = _quantize_weight(params[name].detach(), 2**bits, regime, cfg, H, seed)
+        params[name].data.copy_(decode_entry(entry(q.codes, q.scales, bits, 2**bits, seed)))
+
+    quantize("tok_emb.weight", None, cfg.embed_bits)
+    with torch.no_grad():
+        x = rms_norm(out.tok_emb(_calibration_batches(calib, cfg)))
+        x0, skips = x, []
+        for i, block in enumerate(out.blocks):
+            if i >= out.num_encoder_layers and skips:
+                x = x + out.skip_weights[i - out.num_encoder_layers][None, None] * skips.pop()
+            for group in (("attn.c_q", "attn.c_k", "attn.c_v"), ("attn.proj",), ("mlp.fc",), ("mlp.proj",)):
+                sums, rows, hooks = {}, {}, []
+                for g in group:
+                    def hook(_m, args, g=g, sums=sums, rows=rows):
+                        a = args[0].reshape(-1, args[0].shape[-1]).double()
+                        sums[g], rows[g] = a.T @ a, a.shape[0]
+                    hooks.append(block.get_submodule(g).register_forward_pre_hook(hook))
+                block(x, x0)
+                for h in hooks:
+                    h.remove()
+                for g in group:
+                    quantize(f"blocks.{i}.{g}.weight", (2.0 * sums[g] / rows[g]).float(), regime.bits)
+            x = block(x, x0)
+            if i < out.num_encoder_layers:
+                skips.append(x)
+    return out
+
+
+@pytest.mark.parametrize("regime", ["gptq-int3", "hadamard-gptq-int4"])
+def test_the_architecture_blind_walk_gives_the_baseline_gpt_the_same_weights(demo_parts, regime):
+    model, calib = demo_parts
+    cfg = QuantConfig(min_numel=1024, calib_tokens=2048, calib_seq_len=128)
+    got, _ = quantize_model(model, parse_regime(regime), cfg, calib)
+    want = _reference_gptq_for_the_baseline_gpt(model, parse_regime(regime), cfg, calib)
+    for name, tensor in want.state_dict().items():
+        if tensor.ndim == 2 and tensor.numel() > 1024:
+            assert torch.equal(got.state_dict()[name], tensor), name
+
+
+def test_a_model_with_nothing_to_quantize_is_refused_with_one_line():
+    from e2ettt.quant.apply import QuantSelectionError
+
+    tiny = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16))
+    with pytest.raises(QuantSelectionError, match="regime int4: Sequential has no weight to quantize"):
+        quantize_model(tiny, parse_regime("int4"), QuantConfig())

@@ -1,0 +1,1 @@
+"""Worked examples of what e2ettt can take: models that are not the baseline GPT."""
