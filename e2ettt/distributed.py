@@ -49,13 +49,14 @@ def share(items: Sequence[T], weights: Sequence[int], rank: int, world_size: int
 
 
 def checksum(params: Sequence[Tensor]) -> Tensor:
-    """Float64 fingerprint of parameter values (bit-identical weights give equal sums)."""
-    acc = torch.zeros(2, dtype=torch.float64, device=params[0].device if params else "cpu")
-    for p in params:
-        d = p.detach().double()
-        acc[0] += d.sum()
-        acc[1] += d.abs().sum()
-    return acc
+    """Float64 fingerprint of parameter values: the sums of their L1 and squared L2 norms, one fused
+    reduction over all tensors (bit-identical weights give equal fingerprints)."""
+    if not params:
+        return torch.zeros(2, dtype=torch.float64)
+    flat = [p.detach() for p in params]
+    l1 = torch.stack(torch._foreach_norm(flat, 1)).double().sum()
+    l2 = torch.stack(torch._foreach_norm(flat, 2)).double().square().sum()
+    return torch.stack([l1, l2])
 
 
 def assert_same_weights(params: Sequence[Tensor], where: str) -> None:

@@ -113,13 +113,25 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def batch_tensors(tokens: Tensor, group: Sequence[Window]) -> tuple[Tensor, Tensor, Tensor]:
-    """Inputs (B, L), targets (B, L) and the scored mask (B, L) of a group."""
-    x = torch.stack([tokens[w.start : w.stop] for w in group])
-    y = torch.stack([tokens[w.start + 1 : w.stop + 1] for w in group])
-    L = x.size(1)
+    """Inputs (B, L), targets (B, L) and the scored mask (B, L) of a group of equal-length windows.
+
+    Built from host-side window metadata only: evenly spaced windows are one strided view of the
+    token stream, masks come from comparisons with Python integers, so nothing waits for the device.
+    """
+    L = group[0].stop - group[0].start
+    starts = [w.start for w in group]
+    step = starts[1] - starts[0] if len(starts) > 1 else 1
+    if step > 0 and all(b - a == step for a, b in zip(starts, starts[1:])):
+        xy = tokens[starts[0] : starts[0] + (len(group) - 1) * step + L + 1].unfold(0, L + 1, step)  # (B, L+1) view
+    else:
+        xy = torch.stack([tokens[w.start : w.stop + 1] for w in group])
     pos = torch.arange(L, device=tokens.device)
-    first = torch.tensor([L - w.scored for w in group], device=tokens.device)
-    return x, y, pos[None, :] >= first[:, None]
+    scored = {w.scored for w in group}
+    if len(scored) == 1:
+        mask = (pos >= L - scored.pop()).expand(len(group), L)
+    else:
+        mask = torch.stack([pos >= L - w.scored for w in group])
+    return xy[:, :-1], xy[:, 1:], mask
 
 
 def token_nll(model: nn.Module, x: Tensor, y: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -129,7 +141,33 @@ def token_nll(model: nn.Module, x: Tensor, y: Tensor, dtype: torch.dtype | None 
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
 
 
+def masked_sums(nll: Tensor, x: Tensor, y: Tensor, mask: Tensor, tables: DeviceTables) -> tuple[Tensor, Tensor]:
+    """Float64 sums of NLL and bytes over the scored positions, on the device (no host sync)."""
+    nll_sum = torch.where(mask, nll.detach().double(), 0.0).sum()
+    byte_sum = torch.where(mask, tables.count_bytes(x, y), 0.0).sum()
+    return nll_sum, byte_sum
+
+
 @torch.no_grad()
+def window_sums(
+    model: nn.Module,
+    tokens: Tensor,
+    windows: Sequence[Window],
+    tables: DeviceTables,
+    micro_batch: int = 16,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor, int]:
+    """Summed NLL and bytes (device float64 scalars) and the target count (host) of `windows`."""
+    nll = torch.zeros((), dtype=torch.float64, device=tokens.device)
+    nbytes = torch.zeros((), dtype=torch.float64, device=tokens.device)
+    for group in micro_batches(windows, micro_batch):
+        x, y, mask = batch_tensors(tokens, group)
+        a, b = masked_sums(token_nll(model, x, y, dtype), x, y, mask, tables)
+        nll += a
+        nbytes += b
+    return nll, nbytes, sum(w.scored for w in windows)
+
+
 def score_windows(
     model: nn.Module,
     tokens: Tensor,
@@ -139,15 +177,7 @@ def score_windows(
     dtype: torch.dtype | None = None,
 ) -> Score:
     """Sum of NLL, bytes and count over the scored targets of `windows`."""
-    nll = torch.zeros((), dtype=torch.float64, device=tokens.device)
-    nbytes = torch.zeros((), dtype=torch.float64, device=tokens.device)
-    count = 0
-    for group in micro_batches(windows, micro_batch):
-        x, y, mask = batch_tensors(tokens, group)
-        loss = token_nll(model, x, y, dtype)
-        nll += loss.double()[mask].sum()
-        nbytes += tables.count_bytes(x[mask], y[mask]).sum()
-        count += int(mask.sum())
+    nll, nbytes, count = window_sums(model, tokens, windows, tables, micro_batch, dtype)
     return Score(float(nll), float(nbytes), count)
 
 

@@ -23,20 +23,24 @@ them), and only the driver writes tables, manifest and storage copies.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
+import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from e2ettt import prepare
+from e2ettt import budget, prepare
 from e2ettt.config import ConfigError
 from e2ettt.data import segment_start
+from e2ettt.evaluate import chunk_spans
 from e2ettt.provenance import git_sha, hardware, versions
 from e2ettt.quant.regimes import parse_regime
-from e2ettt.source import Inputs, fingerprint, load_split, resolve
+from e2ettt.source import Inputs, fingerprint, load_source_model, load_split, resolve
 from e2ettt.storage import Store
 from e2ettt.sweep import SweepConfig, Trial, plan
 from e2ettt.tables import RunTables
@@ -52,6 +56,7 @@ class Outcome:
     wall_seconds: float = 0.0
     interrupted: bool = False
     trials_run: int = 0
+    dry_run: bool = False
 
 
 @dataclass
@@ -67,27 +72,54 @@ class Sweep:
     sha: str
     versions: dict
     starts: dict = field(default_factory=dict)  # seed -> segment start
+    stream_tokens: int = 0  # target tokens of the whole validation stream
     reports: dict = field(default_factory=dict)  # regime -> quantization report
     nodes: dict = field(default_factory=dict)  # node id -> what ran there
+    live: Callable[[dict], None] = lambda result: None  # running numbers of a trial, as they arrive (dashboard)
 
 
 # ---------------------------------------------------------------- Ray and the cluster's capacity
 
-def start_ray(cfg: SweepConfig):
+def start_ray(cfg: SweepConfig, log=print):
     """A local Ray of this machine's cores (even if an earlier `ray start` left an address behind), or the cluster."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # default 2 s adds up to 2 s per trial
-    quiet = {"include_dashboard": False, "log_to_driver": False, "configure_logging": True, "logging_level": "ERROR"}
+    quiet = {"include_dashboard": cfg.dashboard, "log_to_driver": cfg.verbose, "configure_logging": True,
+             "logging_level": "INFO" if cfg.verbose else "ERROR"}
+    if cfg.dashboard:
+        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # Train runs and their workers in the dashboard
     if cfg.address:
-        ray.init(address=cfg.address, **quiet)
+        quiet.pop("include_dashboard")  # a cluster's dashboard is the head's
+        context = ray.init(address=cfg.address, **quiet)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         cpus = cfg.local_cpus or os.cpu_count() or 1
-        ray.init(address="local", num_cpus=max(cpus, cfg.workers * cfg.cpus_per_worker),
-                 num_gpus=None if cfg.gpus_per_trial else 0, resources={"trial_driver": 64}, **quiet)
+        context = ray.init(address="local", num_cpus=max(cpus, cfg.workers * cfg.cpus_per_worker),
+                           num_gpus=None if cfg.gpus_per_trial else 0, resources={"trial_driver": 64}, **quiet)
+    if cfg.dashboard:
+        log(f"  dashboard: http://{context.dashboard_url} (Train runs; e2ettt_* metrics in its Metrics view with "
+            "Prometheus/Grafana set up as Ray's docs describe)")
     return ray
+
+
+def live_metrics():
+    """Per-trial running numbers as Ray metrics (Prometheus, shown in the dashboard's Metrics view)."""
+    from ray.util.metrics import Gauge
+
+    tags = ("trial", "regime", "seed")
+    gauges = {name: Gauge(f"e2ettt_{name}", description=text, tag_keys=tags) for name, text in (
+        ("running_ttt_bpb", "running bpb of score-first TTT"), ("running_static_bpb", "running bpb without TTT"),
+        ("running_recovery", "running static - TTT bpb (negative: TTT hurts)"), ("tokens_seen", "tokens scored"))}
+
+    def update(result: dict) -> None:
+        labels = {"trial": result["setting_key"], "regime": result["regime"], "seed": str(result["seed"])}
+        for name, gauge in gauges.items():
+            if name in result:
+                gauge.set(float(result[name]), tags=labels)
+
+    return update
 
 
 def trial_demand(cfg: SweepConfig) -> dict[str, float]:
@@ -232,8 +264,9 @@ def trial_config(sw: Sweep, t: Trial, seeds: list[int]) -> dict:
                        for role, r in (("regime", t.regime), ("fp", "fp"))} for s in seeds}
     faults = json.loads(cfg.fault) if cfg.fault else {}
     fault = faults.get(t.regime) or faults.get(t.key) or {}
-    spec = {"inputs": sw.inputs.as_dict(), "regime": t.regime, "ttt": dataclasses.asdict(t.ttt), "seeds": seeds,
-            "weights": wkey[t.regime], "static": static, "threads": cfg.cpus_per_worker, "fault": fault}
+    spec = {"key": t.key, "inputs": sw.inputs.as_dict(), "regime": t.regime, "ttt": dataclasses.asdict(t.ttt),
+            "seeds": seeds, "weights": wkey[t.regime], "static": static, "threads": cfg.cpus_per_worker, "fault": fault,
+            "report_seconds": cfg.report_seconds}
     resources = {"workers": cfg.ranks, "cpus_per_worker": cfg.cpus_per_worker,
                  "gpus_per_worker": 1 if cfg.gpus_per_trial else 0, "max_worker_failures": cfg.max_worker_failures,
                  "storage_path": sw.store.url(f"{cfg.name}/ray/train"), "start_timeout": cfg.worker_start_timeout,
@@ -256,91 +289,255 @@ def trial_row(sw: Sweep, t: Trial, seed: int, numbers: dict, node_id: str) -> di
            "checkpoint": sw.inputs.checkpoint, "node_id": node_id,
            "artifact_bytes": sw.reports.get(t.regime, {}).get("artifact_bytes"),
            "git_sha": sw.sha, "versions": json.dumps(sw.versions, sort_keys=True),
-           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "world_size": sw.cfg.ranks, "device": sw.cfg.device}
+           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "world_size": sw.cfg.ranks, "device": sw.cfg.device,
+           "stream_tokens": sw.stream_tokens}
     row.update(numbers)
+    row["projected_full_seconds"] = budget.projected_full_seconds(sw.stream_tokens, row.get("tokens_per_second"))
     return row
 
 
-def error_numbers(message: str, tb: str = "") -> dict:
-    return {"status": "error", "error": message, "traceback": tb}
+class StopBook:
+    """Which trials are done, which a stopper ended, and which fp controls must keep running.
+
+    The fp trial of a setting is the control of every regime trial with the same TTT settings: it is
+    never stopped while one of those is still pending or running, because their healing fractions need it.
+    """
+
+    def __init__(self, trials: dict[str, Trial]):
+        fp = {json.dumps(dataclasses.asdict(t.ttt), sort_keys=True): k for k, t in trials.items() if t.regime == "fp"}
+        self.dependents: dict[str, set] = {k: set() for k in fp.values()}
+        for k, t in trials.items():
+            control = fp.get(json.dumps(dataclasses.asdict(t.ttt), sort_keys=True))
+            if t.regime != "fp" and control:
+                self.dependents[control].add(k)
+        self.done: set[str] = set()
+        self.stopped: dict[str, str] = {}  # setting key -> why
+
+    def protected(self, key: str) -> bool:
+        return bool(self.dependents.get(key, set()) - self.done)
+
+    def stop(self, key: str, why: str) -> bool:
+        """Record a stop unless the trial is a control still needed; return whether it stops."""
+        if self.protected(key):
+            return False
+        self.stopped[key] = why
+        self.done.add(key)
+        return True
 
 
-def make_callback(sw: Sweep, total: int, log):
+def hurting(result: dict, cfg: SweepConfig) -> bool:
+    return (cfg.stop_threshold > 0 and result.get("kind") == "chunks"
+            and result.get("seed_fraction", 0.0) >= cfg.stop_min_fraction
+            and result.get("running_recovery", 0.0) < -cfg.stop_threshold)
+
+
+def make_stopper(book: StopBook, cfg: SweepConfig):
+    from ray.tune import Stopper
+
+    class HurtingStopper(Stopper):
+        """Ends a trial whose score-first TTT makes its own regime worse than no TTT (running recovery below
+        -stop_threshold bpb after stop_min_fraction of a seed's tokens); judged per regime against its own
+        static curve, so a damaged regime is never stopped for being damaged."""
+
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            key = result.get("setting_key", "")
+            if result.get("kind") == "payload":
+                book.done.add(key)
+                return False
+            if hurting(result, cfg):
+                return book.stop(key, f"TTT hurting: running recovery {result['running_recovery']:+.4f} bpb after "
+                                      f"{result['seed_fraction']:.0%} of seed {result['seed']}'s tokens")
+            return False
+
+        def stop_all(self) -> bool:
+            return False
+
+    return HurtingStopper()
+
+
+def make_scheduler(book: StopBook, cfg: SweepConfig, tokens_per_trial: int):
+    """FIFO, or ASHA over running recovery at rungs of tokens seen (fp controls protected as by the stopper)."""
+    if cfg.scheduler == "fifo":
+        return None
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class ProtectedASHA(ASHAScheduler):
+        def on_trial_result(self, tune_controller, trial, result):
+            decision = super().on_trial_result(tune_controller, trial, result)
+            if decision == TrialScheduler.STOP:
+                why = f"ASHA: running recovery {result.get('running_recovery', float('nan')):+.4f} bpb below its rung"
+                if not book.stop(result.get("setting_key", ""), why):
+                    return TrialScheduler.CONTINUE
+            return decision
+
+    grace = max(1, int(tokens_per_trial * cfg.stop_min_fraction))
+    return ProtectedASHA(time_attr="tokens_seen", metric="running_recovery", mode="max", max_t=max(grace + 1, tokens_per_trial),
+                         grace_period=grace, reduction_factor=3)
+
+
+def make_callback(sw: Sweep, book: StopBook, total_rows: int, concurrency: int, log):
     from ray.tune import Callback
 
     class TableWriter(Callback):
-        """Appends each finished trial's rows to the tables and says where the sweep stands."""
+        """Writes each seed's row (and the curve streamed before it) as it arrives; stopped trials keep their
+        partial curves; says where the sweep stands every progress_seconds."""
 
         def __init__(self):
-            self.done = 0
+            self.rows = 0
             self.t0 = time.perf_counter()
             self.last_line = self.t0
+            self.started: dict[str, float] = {}  # trial id -> wall time its driver started
+            self.walls: list[float] = []  # finished trials' wall times
+            self.chunks: dict[str, list] = {}  # trial id -> chunks of the seed in progress
+            self.attempt: dict[str, str] = {}
+            self.last: dict[str, dict] = {}  # trial id -> its latest running numbers
+            self.written: dict[str, set] = {}  # trial id -> seeds with a row
 
-        def _record(self, trial, payload: dict) -> None:
-            t = sw.trials[trial.config["trial"]["key"]]
-            node = payload.get("node_id", "")
-            seeds = {s["seed"]: s for s in payload.get("seeds", [])}
-            for seed in trial.config["trial"]["spec"]["seeds"]:
-                if seed in seeds:
-                    numbers = {**seeds[seed]["row"], "trial_seconds": payload.get("trial_seconds")}
-                    if payload.get("driver_started_at"):  # node boot, placement and worker-group start-up
-                        numbers["startup_seconds"] = numbers["started_at"] - payload["driver_started_at"]
-                    curve = seeds[seed]["curve"]
-                    sw.nodes.setdefault(node, {k: numbers.get(k) for k in ("hostname", "device", "device_name")})
-                else:
-                    numbers = {**error_numbers(payload.get("error", "trial ended without a result for this seed"),
-                                               payload.get("traceback", "")), "trial_seconds": payload.get("trial_seconds")}
-                    curve = []
-                row = trial_row(sw, t, seed, numbers, node)
-                sw.tables.append(row, curve)
-                self._print(t, seed, row)
-            self.last_line = time.perf_counter()
+        def _trial(self, trial) -> Trial:
+            return sw.trials[trial.config["trial"]["key"]]
+
+        def _write(self, trial, seed: int, numbers: dict, curve: list) -> None:
+            t = self._trial(trial)
+            done = self.written.setdefault(trial.trial_id, set())
+            if seed in done:  # a worker group restarted and ran the seed again: the first row stands
+                return
+            done.add(seed)
+            if numbers.get("started_at") and trial.trial_id in self.started:
+                numbers["startup_seconds"] = numbers["started_at"] - self.started[trial.trial_id]
+            row = trial_row(sw, t, seed, numbers, numbers.pop("node_id", ""))
+            sw.tables.append(row, curve)
+            if row["status"] in ("ok", "diverged"):
+                sw.nodes.setdefault(row["node_id"], {k: row.get(k) for k in ("hostname", "device", "device_name")})
+            self.rows += 1
+            self._print(t, seed, row)
 
         def _print(self, t: Trial, seed: int, row: dict) -> None:
-            self.done += 1
-            head = f"[{self.done}/{total}] {t.label:<34} seed={seed}"
+            head = f"[{self.rows}/{total_rows}] {t.label:<34} seed={seed}"
             if row["status"] == "ok":
                 log(f"{head}  post-quant {row['post_quant_bpb']:.4f} -> post-TTT {row['post_ttt_bpb']:.4f} bpb "
                     f"(recovery {row['recovery']:+.4f}), {row['ttt_seconds']:.1f} s TTT")
             elif row["status"] == "diverged":
                 log(f"{head}  diverged at chunk {row.get('diverged_chunk')}")
+            elif row["status"] == "stopped":
+                log(f"{head}  stopped at {row['tokens_scored']:,} tokens: {row['error']}")
             else:
                 log(f"{head}  ERROR {row['error']}")
 
+        def _unwritten(self, trial) -> list[int]:
+            return [s for s in trial.config["trial"]["spec"]["seeds"] if s not in self.written.get(trial.trial_id, set())]
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.started[trial.trial_id] = time.time()
+
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            if "payload" in result:
-                self._record(trial, json.loads(result["payload"]))
+            kind = result.get("kind")
+            tid = trial.trial_id
+            if kind in ("chunks", "seed_done"):
+                if self.attempt.get(tid) != result["attempt"]:  # first report, or a restarted worker group
+                    self.attempt[tid], self.chunks[tid] = result["attempt"], []
+                self.chunks[tid].extend(json.loads(result["chunks"]))
+                self.last[tid] = result
+                sw.live(result)
+            if kind == "seed_done" and result["row"]:
+                self._write(trial, result["seed"], {**json.loads(result["row"]), "node_id": result["node_id"]},
+                            self.chunks.pop(tid, []))
+            elif kind == "payload":
+                payload = json.loads(result["payload"])
+                self.walls.append(time.time() - self.started.get(tid, time.time()))
+                for seed in self._unwritten(trial):
+                    message = payload.get("error", "the trial ended without a row for this seed")
+                    self._write(trial, seed, {"status": "error", "error": message, "traceback": payload.get("traceback", ""),
+                                              "trial_seconds": payload.get("trial_seconds")}, [])
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            key = trial.config["trial"]["key"]
+            if key not in book.stopped:
+                return
+            last, curve = self.last.get(trial.trial_id, {}), self.chunks.pop(trial.trial_id, [])
+            for seed in self._unwritten(trial):
+                started = last.get("seed") == seed
+                numbers = {"status": "stopped", "error": book.stopped[key],
+                           "tokens_scored": curve[-1]["tokens_seen"] if started and curve else 0,
+                           "pre_quant_bpb": last.get("pre_quant_bpb") if started else None,
+                           "post_quant_bpb": last.get("post_quant_bpb") if started else None}
+                if numbers["pre_quant_bpb"] is not None:
+                    numbers["damage"] = numbers["post_quant_bpb"] - numbers["pre_quant_bpb"]
+                self._write(trial, seed, numbers, curve if started else [])
 
         def on_trial_error(self, iteration, trials, trial, **info):
             err = getattr(trial, "error_msg", None) or "trial process failed"
-            self._record(trial, {"error": str(err).strip().splitlines()[-1][:500]})
+            for seed in self._unwritten(trial):
+                self._write(trial, seed, {"status": "error", "error": str(err).strip().splitlines()[-1][:500]}, [])
+            book.done.add(trial.config["trial"]["key"])
 
         def on_step_end(self, iteration, trials, **info):
             now = time.perf_counter()
             if now - self.last_line < sw.cfg.progress_seconds:
                 return
             self.last_line = now
-            log(progress_line(trials, self.done, total, now - self.t0, sw.cfg))
+            log(progress_line(trials, self.rows, total_rows, now - self.t0, self.walls, concurrency, sw.cfg))
 
     return TableWriter()
 
 
-def progress_line(trials, rows_done: int, rows_total: int, elapsed: float, cfg: SweepConfig) -> str:
-    """Where a sweep stands: trials by state and, while workers wait, how many nodes are up."""
+def progress_line(trials, rows_done: int, rows_total: int, elapsed: float, walls: list[float], concurrency: int,
+                  cfg: SweepConfig) -> str:
+    """Where a sweep stands: rows, trials by state, an ETA from measured trial times, and nodes up."""
     import ray
 
     states = [t.status for t in trials]
     running, pending = states.count("RUNNING"), states.count("PENDING")
+    done = len(states) - running - pending
+    eta = ""
+    if walls:
+        left = pending + running / 2
+        eta = f"; ETA {math.ceil(sorted(walls)[len(walls) // 2] * left / max(1, min(concurrency, left or 1)) / 60)} min"
     alive = [n for n in ray.nodes() if n.get("Alive")]
     key = "GPU" if cfg.gpus_per_trial else "CPU"
     units = sum(n["Resources"].get(key, 0) for n in alive)
-    need = trial_demand(cfg)[key]
-    return (f"  ... {elapsed / 60:.0f} min: {rows_done}/{rows_total} rows written; trials {running} running, "
-            f"{pending} pending; cluster: {len(alive)} node(s) up with {units:g} {key} "
-            f"({need:g} {key} per trial)")
+    return (f"  ... {elapsed / 60:.1f} min: {rows_done}/{rows_total} rows; trials {done} done, {running} running, "
+            f"{pending} pending{eta}; cluster: {len(alive)} node(s) up with {units:g} {key} "
+            f"({trial_demand(cfg)[key]:g} {key} per trial)")
 
 
 # ---------------------------------------------------------------- the Tune run, the manifest, the whole sweep
+
+def dry_run_plan(sw: Sweep, targets: int) -> list[str]:
+    """What the sweep would run and cost, from measured rates in this run's rows where they exist."""
+    cfg = sw.cfg
+    model = load_source_model(sw.inputs)
+    matrix_params = sum(p.numel() for p in model.parameters() if p.ndim >= 2)
+    done = sw.tables.trials
+    if not done.empty:
+        done = done[(done["status"] == "ok") & (done["input_fingerprint"] == sw.fingerprint)
+                    & (done["device"] == cfg.device) & (done["world_size"] == cfg.ranks)]
+
+    def measured(t: Trial) -> float | None:
+        if done.empty:
+            return None
+        same = done[(done["epochs"] == t.ttt.epochs) & (done["dtype"] == t.ttt.dtype) & (done["params"] == t.ttt.params)]
+        return float(same["tokens_per_second"].median()) if len(same) else None
+
+    costs = [budget.trial_cost(t.label, len(t.seeds) * targets, cfg.ranks, cfg.device, cfg.ttt.dtype, matrix_params,
+                               t.ttt.epochs, t.ttt.fuse_score, measured(t)) for t in sw.trials.values()]
+    config, _ = read_cluster_config(cfg)
+    demand = trial_demand(cfg)
+    if config is not None:
+        concurrency = cfg.max_concurrent or capacity_from_config(config, demand, strict=bool(cfg.gpus_per_trial))[0]
+    elif not cfg.address:
+        concurrency = cfg.max_concurrent or max(1, int((cfg.local_cpus or os.cpu_count() or 1) // demand["CPU"]))
+    else:
+        concurrency = cfg.max_concurrent or None
+    rows = sum(len(t.seeds) for t in sw.trials.values())
+    lines = [f"dry run: nothing started. {len(sw.trials)} trials to run ({rows} rows), "
+             f"{cfg.ranks} {cfg.device.upper()} ranks each, {targets:,} tokens per row, "
+             f"model {matrix_params:,} matrix parameters"]
+    for c in costs[:12]:
+        lines.append(f"    {c.label:<34} {c.tokens:>12,} tokens  ~{c.seconds:>8.0f} s ({c.source})")
+    if len(costs) > 12:
+        lines.append(f"    ... and {len(costs) - 12} more")
+    return lines + budget.plan_lines(costs, cfg.ranks, cfg.device, concurrency, cfg.gpus_per_node, cfg.usd_per_node_hour)
+
 
 def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -354,16 +551,25 @@ def run_trials(ray, sw: Sweep, configs: list[dict], refs: dict, concurrency: int
 
     from e2ettt.ray_trial import run_cell
 
+    if not sw.cfg.verbose:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no status box; this module prints its own lines
+    # Tune's JSON/CSV/TensorBoard loggers would copy every report (curve chunks included) into result files.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     total = sum(len(c["spec"]["seeds"]) for c in configs)
+    book = StopBook(sw.trials)
+    tokens_per_trial = max(len(c["spec"]["seeds"]) for c in configs) * (sw.cfg.ttt.max_tokens or 1)
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(run_cell, artifacts=refs), {"trial_driver": 1}),
         param_space={"trial": tune.grid_search(configs)},
         # reuse_actors: the trial driver process (which imports Ray Train and torch) survives from one
-        # trial to the next; this saves ~4 s per trial here. Each trial still gets a fresh TorchTrainer.
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True),
+        # trial to the next; each trial still gets a fresh TorchTrainer.
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True,
+                                    scheduler=make_scheduler(book, sw.cfg, tokens_per_trial)),
         run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
                                   storage_path=sw.store.url(f"{sw.cfg.name}/ray"),
-                                  callbacks=[make_callback(sw, total, log)], verbose=0,
+                                  stop=make_stopper(book, sw.cfg),
+                                  callbacks=[make_callback(sw, book, total, concurrency, log)],
+                                  verbose=2 if sw.cfg.verbose else 0,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
     grid = tuner.fit()
@@ -371,21 +577,24 @@ def run_trials(ray, sw: Sweep, configs: list[dict], refs: dict, concurrency: int
 
 
 def write_manifest(sw: Sweep, run_dir: Path, extra: dict) -> None:
+    """Merge this invocation into manifest.json (under a lock: two sweeps may share a run directory)."""
     path = run_dir / "manifest.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
-    configs = dict(old.get("configs", {}))
-    for t in sw.trials.values():
-        for seed in t.seeds:
-            configs[t.row_keys[seed]] = {"regime": t.regime, "ttt": dataclasses.asdict(t.at_seed(seed)),
-                                         "quant": dataclasses.asdict(sw.cfg.quant), "device": sw.cfg.device,
-                                         "ranks": sw.cfg.ranks, "inputs": sw.fingerprint}
-    manifest = {"config": dataclasses.asdict(sw.cfg), "inputs": {**sw.inputs.as_dict(), "fingerprint": sw.fingerprint},
-                "git_sha": sw.sha, "versions": sw.versions, "driver": hardware(),
-                "nodes": {**old.get("nodes", {}), **sw.nodes},
-                "regimes": {**old.get("regimes", {}), **{r: {k: v for k, v in rep.items() if k != "tensors"}
-                                                         for r, rep in sw.reports.items()}},
-                "configs": configs, "runs": old.get("runs", []) + [extra]}
-    write_json_atomic(path, manifest)
+    with open(run_dir / ".manifest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = json.loads(path.read_text()) if path.exists() else {}
+        configs = dict(old.get("configs", {}))
+        for t in sw.trials.values():
+            for seed in t.seeds:
+                configs[t.row_keys[seed]] = {"regime": t.regime, "ttt": dataclasses.asdict(t.at_seed(seed)),
+                                             "quant": dataclasses.asdict(sw.cfg.quant), "device": sw.cfg.device,
+                                             "ranks": sw.cfg.ranks, "inputs": sw.fingerprint}
+        manifest = {"config": dataclasses.asdict(sw.cfg), "inputs": {**sw.inputs.as_dict(), "fingerprint": sw.fingerprint},
+                    "git_sha": sw.sha, "versions": sw.versions, "driver": hardware(),
+                    "nodes": {**old.get("nodes", {}), **sw.nodes},
+                    "regimes": {**old.get("regimes", {}), **{r: {k: v for k, v in rep.items() if k != "tensors"}
+                                                             for r, rep in sw.reports.items()}},
+                    "configs": configs, "runs": old.get("runs", []) + [extra]}
+        write_json_atomic(path, manifest)
     if not (sw.store.local and Path(sw.store.root) == run_dir.parent):
         sw.store.write_bytes(f"{sw.cfg.name}/manifest.json", path.read_bytes())
 
@@ -402,16 +611,18 @@ def run(cfg: SweepConfig, log=print, code_dir: str | os.PathLike = ".") -> Outco
     trials = plan(cfg, fp)
     val = load_split(inputs, "val")
     starts = {s: segment_start(val, cfg.ttt.max_tokens, s) for s in cfg.grid.seeds}  # seeds that cannot mean other text fail here
-    for t in trials:
-        for s in t.seeds:
-            prepare.eval_stream(inputs, t.at_seed(s))  # a chunk larger than the stream fails here
+    targets = cfg.ttt.max_tokens if 0 < cfg.ttt.max_tokens < val.size - 1 else val.size - 1
+    for chunk in set(cfg.grid.chunks):
+        chunk_spans(targets, chunk)  # a chunk larger than the stream fails here
     prepare.check_regimes(inputs, list(cfg.grid.regimes), cfg.quant)  # a regime the model cannot take fails here
+    log(f"  inputs checked ({fp}): {val.size - 1:,} validation targets, {targets:,} per row; "
+        f"{time.perf_counter() - t_start:.0f} s")
     run_dir = Path(cfg.out).resolve() / cfg.name
     store = Store(cfg.storage or cfg.out)
     mirror = None if (store.local and Path(store.root) == run_dir.parent) else store
     tables = RunTables(run_dir, mirror, cfg.name)
     pulled = tables.pull()
-    finished = tables.finished_ids()
+    finished = tables.finished_ids(cfg.rerun_stopped)
     todo_trials = {}
     for t in trials:
         left = tuple(s for s in t.seeds if t.row_keys[s] not in finished)
@@ -419,13 +630,20 @@ def run(cfg: SweepConfig, log=print, code_dir: str | os.PathLike = ".") -> Outco
             todo_trials[t.key] = dataclasses.replace(t, seeds=left)
     all_rows = {k for t in trials for k in t.row_keys.values()}
     todo_rows = {t.row_keys[s] for t in todo_trials.values() for s in t.seeds}
-    sw = Sweep(cfg, inputs, fp, todo_trials, store, tables, git_sha(code_dir), versions(), starts)
+    sw = Sweep(cfg, inputs, fp, todo_trials, store, tables, git_sha(code_dir), versions(), starts, val.size - 1)
     log(f"healing_grid: {len(trials)} trials × {len(cfg.grid.seeds)} seed(s) = {len(all_rows)} rows "
         f"({len(all_rows) - len(todo_rows)} already in {run_dir / 'trials.parquet'}"
         f"{f', {pulled} parts taken from {store.uri}' if pulled else ''}); {cfg.ranks} {cfg.device.upper()} ranks per trial, "
         f"{cfg.ttt.max_tokens or 'all'} validation tokens per row")
     outcome = Outcome(run_dir, all_rows, todo_rows)
-    ray = start_ray(cfg)
+    if cfg.dry_run:
+        for line in dry_run_plan(sw, targets):
+            log(line)
+        outcome.dry_run = True
+        return outcome
+    ray = start_ray(cfg, log)
+    if cfg.dashboard:
+        sw.live = live_metrics()
     try:
         concurrency, _ = max_concurrent(ray, cfg, log)
         if todo_trials:

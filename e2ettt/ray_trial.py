@@ -14,11 +14,73 @@ never from a disk.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import traceback
+import uuid
 
-from e2ettt.worker import run_trial_on_rank
+from e2ettt.prepare import total
+from e2ettt.ttt import ChunkRecord
+from e2ettt.worker import Progress, run_trial_on_rank
+
+
+class TuneProgress(Progress):
+    """Streams a trial to Tune while it runs, through Ray Train reports that every rank makes together.
+
+    Rank 0 votes to report when `every_s` seconds have passed since the last report (or `max_chunks`
+    chunks are waiting); the vote rides on the chunk's score all-reduce, so all ranks report at the
+    same chunk. A report carries the running numbers the stopper judges (tokens seen, running TTT and
+    static bpb of this regime, their difference) and the chunks since the previous report, from which
+    the driver rebuilds each curve; the end of a seed carries its row. Curves never sit whole in Tune's
+    state: each report holds only its own chunks.
+    """
+
+    def __init__(self, key: str, regime: str, every_s: float, node_id: str, max_chunks: int = 256):
+        import ray.train
+
+        self.rank = ray.train.get_context().get_world_rank()
+        self.report = ray.train.report
+        self.base = {"setting_key": key, "regime": regime, "node_id": node_id, "attempt": uuid.uuid4().hex}
+        self.every_s, self.max_chunks = every_s, max_chunks
+        self.last = time.monotonic()
+        self.pending: list[dict] = []
+        self.tokens_before = 0
+        self.metrics: dict = {}
+
+    def signal(self) -> float:
+        due = time.monotonic() - self.last >= self.every_s or len(self.pending) + 1 >= self.max_chunks
+        return 1.0 if self.rank == 0 and due else 0.0
+
+    def seed_started(self, seed: int, static: dict, fp_static: dict) -> None:
+        self.static = static["chunks"]
+        self.static_sums = [0.0, 0.0]
+        self.seed_tokens = sum(c[2] for c in self.static)
+        self.metrics = {"seed": seed, "pre_quant_bpb": total(fp_static).bpb, "post_quant_bpb": total(static).bpb,
+                        "seed_tokens": self.seed_tokens, "tokens_seen": self.tokens_before, "seed_fraction": 0.0}
+
+    def chunk(self, seed: int, rec: ChunkRecord) -> None:
+        nll, nbytes, _ = self.static[rec.chunk]
+        self.static_sums = [self.static_sums[0] + nll, self.static_sums[1] + nbytes]
+        running_static = self.static_sums[0] / (math.log(2) * self.static_sums[1])
+        self.pending.append({"chunk": rec.chunk, "tokens_seen": rec.tokens_seen, "ttt_bpb": rec.ttt_bpb,
+                             "static_bpb": rec.static_bpb, "running_ttt_bpb": rec.running_ttt_bpb, "lr": rec.lr,
+                             "bytes": rec.bytes, "adapt_seconds": rec.adapt_seconds})
+        self.metrics.update(tokens_seen=self.tokens_before + rec.tokens_seen, seed_fraction=rec.tokens_seen / self.seed_tokens,
+                            running_ttt_bpb=rec.running_ttt_bpb, running_static_bpb=running_static,
+                            running_recovery=running_static - rec.running_ttt_bpb)
+        if rec.signal > 0:
+            self._send("chunks")
+
+    def seed_done(self, seed: int, row: dict | None, curve: list[dict] | None) -> None:
+        self._send("seed_done", json.dumps(row, default=float) if row is not None else "")
+        self.tokens_before += self.seed_tokens
+
+    def _send(self, kind: str, row: str = "") -> None:
+        self.report({**self.base, **self.metrics, "kind": kind, "chunks": json.dumps(self.pending, default=float),
+                     "row": row})
+        self.pending = []
+        self.last = time.monotonic()
 
 
 def train_loop(spec: dict) -> dict | None:
@@ -27,10 +89,9 @@ def train_loop(spec: dict) -> dict | None:
     import ray
     import ray.train.torch
 
-    out = run_trial_on_rank(spec, ray.train.torch.get_device(), fetch=ray.get)
-    if out is not None:
-        out["node_id"] = ray.get_runtime_context().get_node_id()
-    return out
+    progress = TuneProgress(spec["key"], spec["regime"], spec["report_seconds"], ray.get_runtime_context().get_node_id())
+    out = run_trial_on_rank(spec, ray.train.torch.get_device(), fetch=ray.get, progress=progress)
+    return {"seeds": len(out["seeds"])} if out is not None else None  # rows and curves went out as reports
 
 
 def one_line(exc: BaseException) -> str:
@@ -51,6 +112,7 @@ def run_cell(config: dict, artifacts: dict | None = None) -> None:
     import ray.tune
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
 
     config = config["trial"]
     spec, res = config["spec"], config["resources"]
@@ -69,19 +131,18 @@ def run_cell(config: dict, artifacts: dict | None = None) -> None:
             scaling_config=ScalingConfig(num_workers=res["workers"], use_gpu=use_gpu, resources_per_worker=per_worker,
                                          placement_strategy="STRICT_PACK" if use_gpu else "PACK"),
             run_config=RunConfig(name=f"train-{config['key']}", storage_path=res["storage_path"],
+                                 callbacks=[TuneReportCallback()],  # worker reports reach Tune as they happen
                                  failure_config=FailureConfig(max_failures=res["max_worker_failures"],
                                                               controller_failure_limit=0)),
         )
         result = trainer.fit()
-        payload = result.return_value
-        if payload is None:
+        if result.return_value is None:
             raise RuntimeError("rank 0 returned no result")
-        payload["trial_seconds"] = time.perf_counter() - t0
-        payload["driver_started_at"] = started
+        payload = {"trial_seconds": time.perf_counter() - t0, "driver_started_at": started}
     except Exception as exc:  # a failed trial is a row with its error, not a lost trial
         message = one_line(exc)
         if "worker group startup timed out" in f"{exc}\n{traceback.format_exc()}".lower():
             message = (f"workers did not start within {res['start_timeout']:g} s: no node could give {res['workers']} "
                        f"worker(s) × {per_worker} (nodes that never came up, or resources no node type has)")
         payload = {"error": message, "traceback": traceback.format_exc()[-4000:], "trial_seconds": time.perf_counter() - t0}
-    ray.tune.report({"payload": json.dumps(payload, default=float)})
+    ray.tune.report({"kind": "payload", "setting_key": config["key"], "payload": json.dumps(payload, default=float)})

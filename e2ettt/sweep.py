@@ -32,7 +32,7 @@ class Grid:
     regimes: tuple = ("fp", "gptq-int3", "int3", "int2")  # fp is the control; damage spans ~0.01 to ~0.4 bpb
     lrs: tuple = (1e-4, 0.03, 3.0)  # too small to matter .. helps .. diverges
     chunks: tuple = (512, 2048)  # chunk_tokens; >= 2 windows of context each, so both ranks have work
-    seeds: tuple = (0,)  # segment of the validation stream (under a token cap); run in turn inside one trial
+    seeds: tuple = (0, 1, 2)  # segments of the validation stream (under a token cap), run in turn inside one trial
     epochs: tuple = (1,)
     optimizers: tuple = ("sgd",)
     params: tuple = ("all",)  # all | norms | lora:R
@@ -56,7 +56,17 @@ class SweepConfig:
     max_concurrent: int = 0  # trials in flight; 0 = what the cluster can hold at its largest (autoscaler config)
     cluster_config: str = ""  # autoscaler config to size concurrency from; empty = ~/ray_bootstrap_config.yaml if joining
     start_timeout: float = 0.0  # seconds a trial may wait for its workers (nodes booting); 0 = 120 locally, 1800 on a cluster
-    progress_seconds: float = 30.0  # how often a waiting sweep prints where it stands
+    progress_seconds: float = 30.0  # how often the sweep prints where it stands
+    report_seconds: float = 2.0  # how often a running trial sends its running numbers and new chunks to Tune
+    stop_threshold: float = 0.02  # end a trial whose running recovery is below -this (bpb): TTT is hurting; 0 = never
+    stop_min_fraction: float = 0.25  # ... judged only after this fraction of a seed's tokens
+    scheduler: str = "fifo"  # fifo | asha: also rank trials by running recovery at rungs of tokens seen
+    rerun_stopped: bool = False  # rerun rows a stopper ended (otherwise they count as done, like diverged ones)
+    dashboard: bool = False  # start Ray's dashboard (local Ray) and export live per-trial metrics to it
+    verbose: bool = False  # let Ray and Tune print their own status output
+    dry_run: bool = False  # print the plan (trials, tokens, projected time, GPU-hours, cost) and exit before Ray starts
+    usd_per_node_hour: float = 0.0  # on-demand price of a GPU node, for the plan's cost line; 0 = not shown
+    gpus_per_node: int = 8  # GPUs of the cluster's node type (p5.48xlarge: 8), for node-hours
     fault: str = ""  # tests only: JSON fault injection {"regime or setting key": {...}}
 
     def validate(self) -> None:
@@ -70,6 +80,10 @@ class SweepConfig:
             (self.max_concurrent >= 0, f"max_concurrent must be >= 0, got {self.max_concurrent}"),
             (self.start_timeout >= 0, f"start_timeout must be >= 0 seconds, got {self.start_timeout}"),
             (self.progress_seconds > 0, f"progress_seconds must be > 0, got {self.progress_seconds}"),
+            (self.report_seconds > 0, f"report_seconds must be > 0, got {self.report_seconds}"),
+            (self.stop_threshold >= 0, f"stop_threshold must be >= 0 bpb, got {self.stop_threshold}"),
+            (0 <= self.stop_min_fraction <= 1, f"stop_min_fraction must be in [0, 1], got {self.stop_min_fraction}"),
+            (self.scheduler in ("fifo", "asha"), f"scheduler must be fifo or asha, got {self.scheduler!r}"),
         ]
         for ok, msg in checks:
             if not ok:

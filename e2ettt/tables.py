@@ -36,6 +36,7 @@ TTT_COLUMNS = [
     ("weight_decay", pa.float64()), ("epochs", pa.int64()), ("step_windows", pa.int64()),
     ("micro_batch", pa.int64()), ("grad_clip", pa.float64()), ("params", pa.string()), ("max_tokens", pa.int64()),
     ("seed", pa.int64()), ("dtype", pa.string()), ("fuse_score", pa.bool_()), ("diverge_nats", pa.float64()),
+    ("checksum_every", pa.int64()),
 ]
 QUANT_COLUMNS = [
     ("quant_min_numel", pa.int64()), ("quant_embed_bits", pa.int64()), ("quant_clip_q", pa.float64()),
@@ -62,6 +63,8 @@ TRIAL_SCHEMA = pa.schema([
     ("pre_quant_eval_val_bpb", pa.float64()), ("post_quant_eval_val_bpb", pa.float64()),
     ("tokens_scored", pa.int64()), ("bytes_scored", pa.float64()),
     ("ttt_seconds", pa.float64()), ("tokens_per_second", pa.float64()), ("load_seconds", pa.float64()),
+    ("stream_tokens", pa.int64()),  # target tokens of the whole validation stream
+    ("projected_full_seconds", pa.float64()),  # TTT over the whole stream at this row's tokens/s, same hardware
     ("trial_seconds", pa.float64()), ("startup_seconds", pa.float64()), ("peak_rss_mb", pa.float64()),
     ("started_at", pa.float64()), ("ended_at", pa.float64()),  # unix seconds on rank 0: trial start, this seed's end
     ("diverged", pa.bool_()), ("diverged_chunk", pa.int64()),

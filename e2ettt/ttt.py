@@ -12,7 +12,15 @@ windows are split into W contiguous near-equal shares; every rank sums the
 NLL of its share, gradients are all-reduced as sums and divided by the
 step's global target count, so all ranks take the identical step and the
 result does not depend on W beyond float rounding. A weight checksum is
-compared across ranks after every chunk. At W = 1 no collective is called.
+compared across ranks every `checksum_every` chunks. At W = 1 no collective
+is called.
+
+The host waits for the device twice per chunk, whatever the number of
+micro-batches: once to read the chunk's score (with the caller's `signal`,
+all-reduced in the same vector, so every rank takes the same decision from
+it), once to read whether any step's gradient norm was not finite. Target
+and byte counts come from the windows, on the host; sums are masked, never
+gathered by boolean indexing.
 """
 from __future__ import annotations
 
@@ -32,10 +40,11 @@ from e2ettt.evaluate import (
     Window,
     batch_tensors,
     chunk_spans,
+    masked_sums,
     micro_batches,
     plan_windows,
-    score_windows,
     token_nll,
+    window_sums,
 )
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -61,6 +70,7 @@ class TTTConfig:
     dtype: str = "fp32"  # fp32 | bf16 autocast
     fuse_score: bool = True  # score chunk k from its first epoch's forward (same θ_k, same windows); saves a forward
     diverge_nats: float = 0.0  # mean chunk NLL above this = diverged; 0 = ln(vocab), worse than uniform
+    checksum_every: int = 1  # compare a weight checksum across ranks every N chunks; 0 = never
 
     def validate(self) -> None:
         checks = [
@@ -76,6 +86,7 @@ class TTTConfig:
             (self.grad_clip >= 0, f"ttt.grad_clip must be >= 0, got {self.grad_clip}"),
             (self.max_tokens >= 0, f"ttt.max_tokens must be >= 0, got {self.max_tokens}"),
             (self.dtype in DTYPES, f"ttt.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}"),
+            (self.checksum_every >= 0, f"ttt.checksum_every must be >= 0, got {self.checksum_every}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -102,6 +113,7 @@ class ChunkRecord:
     running_ttt_bpb: float
     lr: float  # lr of the adaptation that followed (0 after the last chunk)
     adapt_seconds: float
+    signal: float = 0.0  # the callers' `signal` values of this chunk, summed over ranks
 
 
 @dataclass
@@ -154,28 +166,27 @@ def sync_gradients_(params: Sequence[Tensor], global_count: int) -> None:
 
 def backward_share_(
     model: nn.Module, tokens: Tensor, windows: Sequence[Window], cfg: TTTConfig, tables: DeviceTables | None = None,
-) -> Score | None:
-    """Accumulate gradients of this rank's windows' summed NLL; with `tables`, also return their score."""
+) -> tuple[Tensor, Tensor] | None:
+    """Accumulate gradients of this rank's windows' summed NLL; with `tables`, also return their device sums."""
     nll_sum = torch.zeros((), dtype=torch.float64, device=tokens.device)
     byte_sum = torch.zeros((), dtype=torch.float64, device=tokens.device)
-    count = 0
     for group in micro_batches(windows, cfg.micro_batch):
         x, y, mask = batch_tensors(tokens, group)
         nll = token_nll(model, x, y, cfg.autocast_dtype)
         if tables is not None:
-            nll_sum += nll.detach().double()[mask].sum()
-            byte_sum += tables.count_bytes(x[mask], y[mask]).sum()
-            count += int(mask.sum())
-        nll[mask].sum().backward()
-    return Score(float(nll_sum), float(byte_sum), count) if tables is not None else None
+            a, b = masked_sums(nll, x, y, mask, tables)
+            nll_sum += a
+            byte_sum += b
+        torch.where(mask, nll, 0.0).sum().backward()
+    return (nll_sum, byte_sum) if tables is not None else None
 
 
-def finish_step_(params: Sequence[Tensor], global_count: int, cfg: TTTConfig) -> float:
-    """Sum gradients over ranks, divide by the step's target count, clip; return the global grad norm."""
+def finish_step_(params: Sequence[Tensor], global_count: int, cfg: TTTConfig) -> Tensor:
+    """Sum gradients over ranks, divide by the step's target count, clip; return the global grad norm (on device)."""
     sync_gradients_(params, global_count)
     if cfg.grad_clip > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        return torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
 
 
 def run_ttt(
@@ -185,6 +196,7 @@ def run_ttt(
     cfg: TTTConfig,
     static: Sequence[Score] | None = None,
     on_chunk: Callable[[ChunkRecord], None] | None = None,
+    signal: Callable[[], float] | None = None,
 ) -> TTTResult:
     """Score-first TTT of `model` (adapted in place) over all targets of `tokens`.
 
@@ -192,7 +204,10 @@ def run_ttt(
     `static`, if given, is the per-chunk static score of the same windows
     with the starting weights, for the curves and first_chunk_delta. The
     model stays in eval mode throughout (no dropout), so the scored function
-    and the adapted one are the same.
+    and the adapted one are the same. `signal()`, called once per chunk on
+    every rank, is summed over ranks with the chunk's score and handed back
+    in the chunk's record: a decision every rank takes together (when to
+    report progress) at no extra collective.
     """
     cfg.validate()
     rank, world_size = world()
@@ -215,11 +230,13 @@ def run_ttt(
         t_chunk = time.perf_counter()
         if fused:
             opt.zero_grad(set_to_none=True)
-            local = backward_share_(model, tokens, mine, cfg, tables)
+            nll_sum, byte_sum = backward_share_(model, tokens, mine, cfg, tables)
         else:
-            local = score_windows(model, tokens, mine, tables, cfg.micro_batch, cfg.autocast_dtype)
-        sums = all_reduce_sum_(torch.tensor([local.nll, local.bytes], dtype=torch.float64, device=tokens.device))
-        score = Score(float(sums[0]), float(sums[1]), b - a)
+            nll_sum, byte_sum, _ = window_sums(model, tokens, mine, tables, cfg.micro_batch, cfg.autocast_dtype)
+        local = torch.stack([nll_sum, byte_sum, torch.tensor(signal() if signal else 0.0, dtype=torch.float64,
+                                                                  device=tokens.device)])
+        nll, nbytes, signalled = (float(v) for v in all_reduce_sum_(local).cpu())  # host read 1 of 2
+        score = Score(nll, nbytes, b - a)
         result.total = result.total + score
         static_bpb = static[k].bpb if static is not None else float("nan")
         if k == 0:
@@ -230,24 +247,22 @@ def run_ttt(
         if not diverged and not last:
             for group in opt.param_groups:
                 group["lr"] = lr
+            bad = torch.zeros((), dtype=torch.bool, device=tokens.device)
             for epoch in range(cfg.epochs):
                 for s in range(0, len(windows), step_size):
                     step = windows[s : s + step_size]
                     if not (fused and epoch == 0):
                         opt.zero_grad(set_to_none=True)
                         backward_share_(model, tokens, share(step, [w.scored for w in step], rank, world_size), cfg)
-                    norm = finish_step_(params, sum(w.scored for w in step), cfg)
-                    if not math.isfinite(norm):
-                        diverged = True
-                        break
+                    bad |= ~torch.isfinite(finish_step_(params, sum(w.scored for w in step), cfg))
                     opt.step()
-                if diverged:
-                    break
-            assert_same_weights(params, f"after chunk {k}")
+            diverged = bool(bad)  # host read 2 of 2: a non-finite gradient norm in any step of this chunk
+            if not diverged and cfg.checksum_every and (k + 1) % cfg.checksum_every == 0:
+                assert_same_weights(params, f"after chunk {k}")
         record = ChunkRecord(
             chunk=k, tokens=score.tokens, tokens_seen=result.total.tokens, nll=score.nll, bytes=score.bytes,
             ttt_bpb=score.bpb, static_bpb=static_bpb, running_ttt_bpb=result.total.bpb, lr=lr,
-            adapt_seconds=time.perf_counter() - t_chunk,
+            adapt_seconds=time.perf_counter() - t_chunk, signal=signalled,
         )
         result.chunks.append(record)
         if on_chunk is not None:

@@ -75,9 +75,30 @@ def curve_rows(result) -> list[dict]:
             for c in result.chunks]
 
 
+class Progress:
+    """What a trial says while it runs; the default says nothing. The sweep's Ray trial streams it to Tune.
+
+    Every method is called on every rank, in the same order, so an implementation may run collectives.
+    """
+
+    def signal(self) -> float:
+        """This rank's vote, once per chunk, summed over ranks into the chunk record's `signal`."""
+        return 0.0
+
+    def seed_started(self, seed: int, static: dict, fp_static: dict) -> None:
+        pass
+
+    def chunk(self, seed: int, record: ChunkRecord) -> None:
+        pass
+
+    def seed_done(self, seed: int, row: dict | None, curve: list[dict] | None) -> None:
+        """`row` and `curve` on rank 0, None elsewhere."""
+
+
 def run_trial_on_rank(spec: dict, device: torch.device | str = "cpu", fetch: Callable = lambda v: v,
-                      on_chunk: Callable[[int, ChunkRecord], None] | None = None) -> dict | None:
+                      progress: Progress | None = None) -> dict | None:
     rank, world_size = world()
+    progress = progress or Progress()
     set_threads(int(spec.get("threads") or 0))
     device = torch.device(device)
     inputs = Inputs(**spec["inputs"])
@@ -95,17 +116,20 @@ def run_trial_on_rank(spec: dict, device: torch.device | str = "cpu", fetch: Cal
         tokens = as_tensor(prepare.eval_stream(inputs, cfg), device)
         model = prepare.load_regime_model(inputs, state, device)
         load_seconds = time.perf_counter() - t1 + (fetch_seconds if not seeds else 0.0)
+        progress.seed_started(seed, static, fp_static)
 
         def chunk_done(rec: ChunkRecord, seed=seed) -> None:
             _inject(fault, rank, rec.chunk)
-            if on_chunk is not None:
-                on_chunk(seed, rec)
+            progress.chunk(seed, rec)
 
-        result = run_ttt(model, tokens, tables, cfg, prepare.scores(static), chunk_done)
+        result = run_ttt(model, tokens, tables, cfg, prepare.scores(static), chunk_done, progress.signal)
+        row = curve = None
         if rank == 0:
             row = {**result_row(result, static, fp_static), "load_seconds": load_seconds, "world_size": world_size,
                    "device": device.type, "device_name": device_name(device), "hostname": socket.gethostname(),
                    "started_at": started_at, "ended_at": time.time(),
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-            seeds.append({"seed": seed, "row": row, "curve": curve_rows(result)})
+            curve = curve_rows(result)
+            seeds.append({"seed": seed, "row": row, "curve": curve})
+        progress.seed_done(seed, row, curve)
     return {"seeds": seeds} if rank == 0 else None

@@ -89,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", help="YAML or JSON file of settings (dotted keys or nested), applied before flags")
     p.add_argument("--smoke", action="store_true", help="minimal grid: fp + int3, lr 0.03, chunk 256, 2,048 tokens")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (trials, tokens, time, GPU-hours, cost) and exit")
     for flag, (_, key, text) in LIST_FLAGS.items():
         p.add_argument(f"--{flag.replace('_', '-')}", metavar="LIST", help=f"comma-separated {text} (default: {_default(key)})")
     for flag, (key, text) in SCALAR_FLAGS.items():
@@ -132,6 +133,8 @@ def build_config(args: argparse.Namespace) -> SweepConfig:
         updates.update(_flatten(loaded))
     if args.smoke:
         updates = {**SMOKE, **updates}
+    if args.dry_run:
+        updates["dry_run"] = True
     for flag, (kind, key, _) in LIST_FLAGS.items():
         if getattr(args, flag) is not None:
             updates[key] = _split(getattr(args, flag), kind, flag)
@@ -162,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RegimeError, ValueError, OSError) as exc:
         print(f"healing_grid: error: {exc}", file=sys.stderr)
         return 2
+    if outcome.dry_run:
+        return 0
     from e2ettt.tables import RunTables
 
     trials = RunTables(outcome.run_dir).trials

@@ -81,3 +81,35 @@ def test_smoke_grid_faults_and_resume(tmp_path, tiny_demo, capsys):
     kept = again[(again["inner_lr"] == 0.03) & again["regime"].isin(["fp", "int3"])].set_index("regime")
     assert kept["finished_at"].to_dict() == {k: before[k] for k in ("fp", "int3")}  # not rerun
     assert (again[again["regime"] == "int4"]["status"] == "error").all()  # errors are retried, still failing
+
+
+@pytest.mark.slow
+def test_a_hurting_cell_is_stopped_early_and_the_others_are_untouched(tmp_path, tiny_demo, capsys):
+    """lr 1.5 makes TTT hurt without diverging; the default stopper ends those cells once they are a quarter in."""
+    args = real_run_args(tiny_demo, tmp_path, "--smoke", "--regimes", "fp,int3", "--lrs", "0.03,1.5", "--chunks", "128",
+                         "--max-tokens", "2048", "--set", "report_seconds=0.001")
+    assert healing_grid.main(args + ["--name", "stopping"]) == 0
+    assert healing_grid.main(args + ["--name", "no-stopping", "--set", "stop_threshold=0"]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "stopping"
+    rows = pd.read_parquet(run / "trials.parquet").set_index(["regime", "inner_lr"]).sort_index()
+    free = pd.read_parquet(tmp_path / "no-stopping" / "trials.parquet").set_index(["regime", "inner_lr"]).sort_index()
+    hurt = rows.loc[("int3", 1.5)]
+    assert free.loc[("int3", 1.5), "status"] == "ok" and free.loc[("int3", 1.5), "recovery"] < -0.02  # it does hurt
+    assert hurt["status"] == "stopped" and "TTT hurting" in hurt["error"] and 0 < hurt["tokens_scored"] < 2048
+    curves = pd.read_parquet(run / "curves.parquet")
+    partial = curves[curves["trial_id"] == hurt["trial_id"]].sort_values("chunk")
+    assert list(partial["chunk"]) == list(range(len(partial)))  # streamed chunks arrive in order, none missing
+    assert partial["tokens_seen"].iloc[-1] == hurt["tokens_scored"]  # the curve ends where the trial stopped
+    for key in [("fp", 0.03), ("int3", 0.03)]:  # the other cells and their control: the same numbers as without stopping
+        assert rows.loc[key, "status"] == "ok"
+        assert rows.loc[key, "post_ttt_bpb"] == free.loc[key, "post_ttt_bpb"]
+        full = curves[curves["trial_id"] == rows.loc[key, "trial_id"]]
+        assert sorted(full["chunk"]) == list(range(16))
+    assert "stopped at" in out
+    capsys.readouterr()
+    assert healing_grid.main(args + ["--name", "stopping"]) == 0  # a rerun does not rerun stopped cells ...
+    assert "= 4 rows (4 already in" in capsys.readouterr().out
+    assert healing_grid.main(args + ["--name", "stopping", "--set", "rerun_stopped=true", "--set", "stop_threshold=0"]) == 0
+    again = pd.read_parquet(run / "trials.parquet").set_index(["regime", "inner_lr"])
+    assert again.loc[("int3", 1.5), "status"] == "ok"  # ... unless asked to

@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from e2ettt.evaluate import DeviceTables, chunk_spans, static_curve
 from e2ettt.launch import run_local
@@ -111,3 +112,41 @@ def test_bad_settings_fail_clearly():
         TTTConfig(optimizer="lion").validate()
     with pytest.raises(ValueError, match="ttt.params: unknown adapted-parameter spec 'some'"):
         TTTConfig(params="some").validate()
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the operators that make the host wait for the device on a GPU (a scalar read, a data-dependent
+    shape such as boolean-mask indexing, a tensor comparison returning a Python bool)."""
+
+    WAITS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::is_nonzero", "aten::equal"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        bool_index = name == "aten::index" and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else []) if i is not None)
+        self.count += name in self.WAITS or bool_index
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_host_waits_per_chunk_do_not_grow_with_micro_batches(random_gpt, tokens, tables, epochs):
+    counts = []
+    for micro_batch in (1, 8):  # 7 windows per chunk: 7 micro-batches, or 1
+        cfg = TTTConfig(**{**CFG.__dict__, "micro_batch": micro_batch, "epochs": epochs})
+        with SyncCounter() as counter:
+            result = run_ttt(copy.deepcopy(random_gpt), tokens, tables, cfg)
+        counts.append(counter.count / len(result.chunks))
+    # Per adapted chunk: the score vector (nll, bytes, signal) is read once after its all-reduce (one copy to the
+    # host on a GPU, three scalar reads as counted here) and the gradient-norm flag once; nothing per micro-batch.
+    assert counts[0] == counts[1] <= 4
+
+
+def test_the_counter_sees_a_boolean_mask_wait():
+    x = torch.randn(10)
+    with SyncCounter() as counter:
+        x[x > 0].sum()
+    assert counter.count >= 1
