@@ -1,27 +1,29 @@
-"""python -m analysis runs/<name>: write report.md/.html and figures into the run, print the key table."""
+"""python -m analysis RUN_DIR [--markdown]: write report.md/.html and figures into the run, print the key table."""
 from __future__ import annotations
 
+import argparse
 import sys
 
-import pandas as pd
-
-from analysis.report import caveats, key_table, write_report
+from analysis.report import caveats, key_table, markdown_key_table, selection_note, write_report
 from analysis.tables import RunError, load_run
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: python -m analysis runs/<name>", file=sys.stderr)
-        return 2
+    p = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.split(":")[1].strip())
+    p.add_argument("run_dir", help="a run directory with trials.parquet (and curves.parquet, manifest.json)")
+    p.add_argument("--markdown", action="store_true", help="print only the key table as Markdown (for a README or PR)")
+    args = p.parse_args(argv)
     try:
-        run = load_run(argv[0])
+        run = load_run(args.run_dir)
     except RunError as exc:
         print(f"analysis: error: {exc}", file=sys.stderr)
         return 2
+    if args.markdown:
+        print(markdown_key_table(run), end="")
+        return 0
     path = write_report(run)
-    with pd.option_context("display.width", 160, "display.max_columns", 20):
-        print(key_table(run.trials).round(4).to_string(index=False))
+    print(key_table(run.trials).to_string(index=False))
+    print(f"best setting per regime {selection_note(run.trials)}")
     for note in caveats(run):
         print(f"note: {note}")
     print(f"report: {path} (and report.html, figures/)")

@@ -1,7 +1,12 @@
-"""report.md and report.html for a run: the tables, the plots, and what cannot be concluded."""
+"""report.md and report.html for a run, the console summary, and the key table in the field's terms.
+
+bpb to 4 decimals; bytes as integers against parameter-golf's 16,000,000-byte
+cap; every column defined under the table that shows it.
+"""
 from __future__ import annotations
 
 import html
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -9,15 +14,100 @@ import pandas as pd
 from analysis import metrics, plots
 from analysis.tables import Run
 
+GOLF_CAP_BYTES = 16_000_000
+EVAL_BUDGET_SECONDS = 600
+COLUMNS = {
+    "damage": "post-quant − pre-quant bpb (static, same windows as the TTT scores), mean over segments",
+    "artifact bytes": f"packed, lzma-compressed quantized model (parameter-golf's cap: {GOLF_CAP_BYTES:,} bytes, code included)",
+    "lr, chunk": "the chosen setting's inner learning rate and chunk size (tokens)",
+    "n": "seeds the numbers are taken over (distinct validation segments)",
+    "post-TTT": "bpb of score-first TTT over the same positions",
+    "recovery": "post-quant − post-TTT bpb, mean ± 95% t-interval half-width over seeds",
+    "fp gain": "the same for the unquantized model at the same settings: plain adaptation, no damage to repair",
+    "healing": "1 − (post-TTT − post-TTT of fp at the same settings and seed) / damage: recovery beyond plain adaptation",
+    "TTT s": "seconds of TTT per seed's segment, on the trial's ranks",
+    "tokens/s": "TTT tokens per second on the trial's ranks (scoring and adapting)",
+    "full stream s": "projected seconds of the same TTT over the whole validation stream at that rate, same hardware "
+                     f"(parameter-golf allows {EVAL_BUDGET_SECONDS} s on 8×H100)",
+    "gap to next": "how much worse (post-TTT bpb) the next eligible setting was: near 0, the choice matters little",
+}
+
+
+def bpb(v) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
+def with_ci(mean, low, high, digits: int = 4) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "—"
+    if low is None or (isinstance(low, float) and math.isnan(low)):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {(high - low) / 2:.{digits}f}"
+
+
+def count(v) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{int(round(v)):,}"
+
+
+def seconds(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+
 
 def key_table(trials: pd.DataFrame) -> pd.DataFrame:
-    """Per regime at its best setting: damage, post-TTT, recovery and healing fractions."""
+    """Per regime (sorted by damage) at its chosen setting: damage, size, recovery and healing with intervals, cost."""
+    best = metrics.best_setting(trials).set_index("regime")
+    rows = []
+    for _, d in metrics.damage_by_regime(trials).iterrows():
+        b = best.loc[d["regime"]] if d["regime"] in best.index else pd.Series(dtype=object)
+        chosen = "setting_key" in b and isinstance(b.get("setting_key"), str)
+        rows.append({
+            "regime": d["regime"], "damage": with_ci(d["damage_mean"], d["damage_ci_low"], d["damage_ci_high"]),
+            "artifact bytes": count(d["artifact_bytes"]),
+            "lr": f"{b['inner_lr']:g}" if chosen else "—", "chunk": f"{int(b['chunk_tokens'])}" if chosen else "—",
+            "n": int(b["n_seeds"]) if chosen else 0, "post-TTT": bpb(b.get("post_ttt_bpb")) if chosen else "—",
+            "recovery": with_ci(b.get("recovery_mean"), b.get("recovery_ci_low"), b.get("recovery_ci_high")) if chosen else "—",
+            "fp gain": bpb(b.get("fp_gain")) if chosen and d["regime"] != "fp" else "—",
+            "healing": with_ci(b.get("healing_frac_mean"), b.get("healing_frac_ci_low"), b.get("healing_frac_ci_high"), 2)
+            if chosen and d["regime"] != "fp" else "—",
+            "TTT s": seconds(b.get("ttt_seconds")) if chosen else "—",
+            "tokens/s": count(b.get("tokens_per_second")) if chosen else "—",
+            "full stream s": seconds(b.get("projected_full_seconds")) if chosen else "—",
+            "gap to next": bpb(b.get("runner_up_gap")) if chosen else b.get("note", "—"),
+        })
+    return pd.DataFrame(rows)
+
+
+def selection_note(trials: pd.DataFrame) -> str:
     best = metrics.best_setting(trials)
-    dmg = metrics.damage_by_regime(trials)[["regime", "damage"] + [c for c in ("artifact_bytes",) if c in trials]]
-    out = dmg.merge(best, on="regime", how="left")
-    cols = ["regime", "damage", "artifact_bytes", "inner_lr", "chunk_tokens", "post_ttt_bpb", "recovery_mean",
-            "healing_frac_mean", "flatness", "settings_tried"]
-    return out[[c for c in cols if c in out]]
+    return best["chosen_on"].iloc[0] if len(best) else ""
+
+
+def settings_table(trials: pd.DataFrame) -> pd.DataFrame:
+    """Every setting with its interval and what is wrong with it (the chosen ones among them)."""
+    rec = metrics.by_setting(trials)
+    if rec.empty:
+        return rec
+    order = metrics.damage_by_regime(trials)["regime"].tolist()
+    rec = rec.assign(_r=rec["regime"].map({r: i for i, r in enumerate(order)})).sort_values(["_r", "inner_lr", "chunk_tokens"])
+    shown = [c for c in metrics.settings_shown(trials) if c not in ("inner_lr", "chunk_tokens")]
+    rows = []
+    for _, s in rec.iterrows():
+        flags = [f for f in ("hurts", "healing_out_of_range", "identical_seeds", "no_control") if s[f]]
+        rows.append({"regime": s["regime"], "lr": f"{s['inner_lr']:g}", "chunk": int(s["chunk_tokens"]),
+                     **{c: s[c] for c in shown}, "n": f"{s['n_seeds']}/{s['seeds_run']}",
+                     "post-TTT": bpb(s["post_ttt_bpb"]),
+                     "recovery": with_ci(s["recovery_mean"], s["recovery_ci_low"], s["recovery_ci_high"]),
+                     "healing": with_ci(s["healing_frac_mean"], s["healing_frac_ci_low"], s["healing_frac_ci_high"], 2)
+                     if s["regime"] != "fp" else "—",
+                     "TTT s": seconds(s["ttt_seconds"]), "not ok": s["not_ok"] or "", "flags": ", ".join(flags)})
+    return pd.DataFrame(rows)
+
+
+def trial_summary(trials: pd.DataFrame) -> pd.DataFrame:
+    """What the sweep prints at the end: one line per setting, by damage, then lr and chunk."""
+    return settings_table(trials)
 
 
 def caveats(run: Run) -> list[str]:
@@ -27,48 +117,38 @@ def caveats(run: Run) -> list[str]:
         notes.append("No finished fp control: healing cannot be separated from plain adaptation, "
                      "so no healing fraction is reported.")
     seeds = metrics.ok(t)["seed"].nunique()
-    if seeds < 3:
+    if seeds < metrics.MIN_SEEDS:
         notes.append(f"Only {seeds} seed(s): intervals over seeds are not available "
-                     "(they need at least 3 for a useful 95% CI).")
-    caps = set(t["max_tokens"]) if "max_tokens" in t else set()
+                     f"(they need at least {metrics.MIN_SEEDS} for a useful 95% interval).")
+    caps = set(t["max_tokens"].dropna()) if "max_tokens" in t else set()
     if caps and caps != {0}:
-        sizes = ", ".join(f"{c:,}" for c in sorted(caps))
-        notes.append(f"Each trial evaluated a capped segment of the validation stream ({sizes} tokens): "
-                     "numbers describe that segment.")
-    if (t["status"] != "ok").any():
-        bad = int((t["status"] != "ok").sum())
-        notes.append(f"{bad} trial(s) did not finish normally (see sanity flags); they are excluded from means.")
+        sizes = ", ".join(f"{int(c):,}" for c in sorted(caps))
+        notes.append(f"Each row evaluated a capped segment of the validation stream ({sizes} tokens): numbers describe "
+                     "those segments, not the whole stream.")
+    bad = t["status"].value_counts().drop("ok", errors="ignore")
+    if len(bad):
+        notes.append("Rows that did not finish normally (" + ", ".join(f"{n} {s}" for s, n in bad.items())
+                     + ") are excluded from means; their settings are marked and never chosen as best.")
     return notes
 
 
-def _cell(v) -> str:
-    if isinstance(v, float):
-        return "—" if v != v else f"{v:.4g}"
-    return str(v).replace("|", "\\|")
-
-
 def _md(df: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table (NaN shown as —)."""
+    """A GitHub-flavoured Markdown table."""
     if df.empty:
         return "_none_\n"
     rows = [" | ".join(map(str, df.columns)), " | ".join("---" for _ in df.columns)]
-    rows += [" | ".join(_cell(v) for v in r) for r in df.itertuples(index=False)]
+    rows += [" | ".join(str(v).replace("|", "\\|").replace("\n", " ") for v in r) for r in df.itertuples(index=False)]
     return "\n".join(f"| {r} |" for r in rows) + "\n"
 
 
-SUMMARY_COLUMNS = {"regime": "regime", "inner_lr": "lr", "chunk_tokens": "chunk", "seed": "seed",
-                   "pre_quant_bpb": "pre-quant", "post_quant_bpb": "post-quant", "damage": "damage",
-                   "post_ttt_bpb": "post-TTT", "recovery": "recovery", "recovery_frac": "rec.frac",
-                   "healing_frac": "healing", "status": "status"}
+def legend(columns) -> list[str]:
+    return [f"- **{k}**: {v}" for k, v in COLUMNS.items() if k in columns or (k == "lr, chunk" and "lr" in columns)]
 
 
-def trial_summary(trials: pd.DataFrame) -> pd.DataFrame:
-    """One line per trial, sorted by regime, chunk and lr: what the sweep prints at the end."""
-    df = metrics.with_healing(trials)
-    df = df.sort_values([c for c in ("regime", "chunk_tokens", "inner_lr", "seed") if c in df])
-    df = df[[c for c in SUMMARY_COLUMNS if c in df]].rename(columns=SUMMARY_COLUMNS)
-    return df.round({"pre-quant": 4, "post-quant": 4, "damage": 4, "post-TTT": 4, "recovery": 4,
-                     "rec.frac": 3, "healing": 3})
+def markdown_key_table(run: Run) -> str:
+    """The key table as it goes into a README or a PR: table, selection note, column legend."""
+    table = key_table(run.trials)
+    return "\n".join([_md(table), f"Best setting per regime {selection_note(run.trials)}.", "", *legend(table.columns)]) + "\n"
 
 
 def write_report(run: Run) -> Path:
@@ -76,22 +156,28 @@ def write_report(run: Run) -> Path:
     pngs = [p for p in (plots.recovery_vs_damage(run.trials, figs, run.name),
                         plots.healing_curves(run.trials, run.curves, figs, run.name),
                         plots.healing_heatmaps(run.trials, figs, run.name)) if p is not None]
+    damage = metrics.damage_by_regime(run.trials)
+    damage_view = pd.DataFrame({"regime": damage["regime"], "bits": damage["bits"],
+                                "artifact bytes": damage["artifact_bytes"].map(count),
+                                "of 16 MB cap": damage["artifact_bytes"].map(lambda b: f"{b / GOLF_CAP_BYTES:.1%}" if b else "—"),
+                                "pre-quant": damage["pre_quant_bpb"].map(bpb), "post-quant": damage["post_quant_bpb"].map(bpb),
+                                "damage": [with_ci(*v) for v in
+                                           damage[["damage_mean", "damage_ci_low", "damage_ci_high"]].to_numpy()],
+                                "segments": damage["n_segments"]})
+    heal = metrics.tokens_to_heal(run.trials, run.curves)
     sections = [
-        ("Key table: each regime at its best setting", key_table(run.trials)),
-        ("Damage per regime", metrics.damage_by_regime(run.trials)),
-        ("Recovery and healing per setting (spread over seeds)", metrics.recovery_by_setting(run.trials)),
-        ("Tokens to heal (running bpb within 0.01 of the fp model's static bpb)",
-         metrics.tokens_to_heal(run.trials, run.curves)),
+        ("Key table: each regime at its chosen setting", key_table(run.trials)),
+        ("Damage per regime", damage_view),
+        ("Every setting (n: finished seeds / seeds run)", settings_table(run.trials)),
+        ("Tokens to heal (running bpb within 0.01 of the fp model's static bpb)", heal),
         ("Sanity flags", metrics.sanity_flags(run.trials)),
     ]
     meta = run.manifest
     lines = [f"# e2ettt report: {run.name}", ""]
     if meta:
         lines.append(f"git {meta.get('git_sha', '?')}, torch {meta.get('versions', {}).get('torch', '?')}, "
-                     f"ray {meta.get('versions', {}).get('ray', '?')}, {len(run.trials)} trials.")
+                     f"ray {meta.get('versions', {}).get('ray', '?')}, {len(run.trials)} rows.")
         lines.append("")
-    lines += ["healing_frac = 1 − (post_ttt(regime) − post_ttt(fp, same settings and seed)) / damage: "
-              "the part of the recovery that is not plain adaptation.", ""]
     for note in caveats(run):
         lines.append(f"> {note}")
     lines.append("")
@@ -99,15 +185,16 @@ def write_report(run: Run) -> Path:
         lines += [f"![{png.stem}](figures/{png.name})", ""]
     for title, df in sections:
         lines += [f"## {title}", "", _md(df)]
-    md = "\n".join(lines)
-    (run.dir / "report.md").write_text(md)
+        if title.startswith("Key table"):
+            lines += [f"Best setting per regime {selection_note(run.trials)}.", "", *legend(df.columns), ""]
+    (run.dir / "report.md").write_text("\n".join(lines))
     body = [f"<h1>e2ettt report: {html.escape(run.name)}</h1>"]
     body += [f"<blockquote>{html.escape(n)}</blockquote>" for n in caveats(run)]
     body += [f'<img src="figures/{p.name}" style="max-width:100%">' for p in pngs]
     for title, df in sections:
-        body += [f"<h2>{html.escape(title)}</h2>", df.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="—")]
+        body += [f"<h2>{html.escape(title)}</h2>", df.to_html(index=False, na_rep="—")]
     (run.dir / "report.html").write_text("<!doctype html><meta charset=utf-8><title>e2ettt report</title>"
-                                         "<style>body{font-family:sans-serif;max-width:70em;margin:auto}"
+                                         "<style>body{font-family:sans-serif;max-width:80em;margin:auto}"
                                          "table{border-collapse:collapse}td,th{padding:2px 6px;border:1px solid #ccc}</style>"
                                          + "\n".join(body))
     return run.dir / "report.md"

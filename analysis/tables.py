@@ -12,7 +12,11 @@ from e2ettt.tables import newest_curves, newest_rows, read_parts
 TRIAL_REQUIRED = ["trial_id", "regime", "inner_lr", "chunk_tokens", "seed", "pre_quant_bpb", "post_quant_bpb",
                   "post_ttt_bpb", "damage", "recovery", "recovery_frac", "first_chunk_delta", "diverged", "status"]
 CURVE_REQUIRED = ["trial_id", "chunk", "tokens_seen", "ttt_bpb", "static_bpb", "running_ttt_bpb"]
-SETTINGS = ["inner_lr", "chunk_tokens", "epochs", "optimizer", "params"]  # what "same TTT settings" means
+# Settings a table row may carry; tables written before rows carried control and setting keys are matched on
+# every one of these that is present (and, for the control, the seed).
+DISPLAY_SETTINGS = ["inner_lr", "chunk_tokens", "epochs", "optimizer", "params", "context", "stride", "max_tokens",
+                    "momentum", "weight_decay", "schedule", "grad_clip", "step_windows", "dtype", "device", "world_size"]
+MATCH_SETTINGS = DISPLAY_SETTINGS + ["micro_batch", "fuse_score", "diverge_nats", "input_fingerprint"]
 
 
 class RunError(ValueError):
@@ -57,7 +61,21 @@ def load_run(run_dir: str | Path) -> Run:
             manifest = json.loads((run_dir / "manifest.json").read_text())
         except json.JSONDecodeError as exc:
             raise RunError(f"{run_dir / 'manifest.json'}: not valid JSON ({exc})") from None
+    return Run(run_dir, run_dir.name, with_keys(trials), curves, manifest)
+
+
+def with_keys(trials: pd.DataFrame) -> pd.DataFrame:
+    """Rows from tables that predate `control_key`/`setting_key` get them from every setting column present."""
+    trials = trials.copy()
     for col, default in (("epochs", 1), ("optimizer", "sgd"), ("params", "all")):
         if col not in trials:
             trials[col] = default
-    return Run(run_dir, run_dir.name, trials, curves, manifest)
+    present = [c for c in MATCH_SETTINGS if c in trials]
+    settings = trials[present].astype(str).agg("|".join, axis=1) if present else ""
+    if "control_key" not in trials or trials["control_key"].isna().any():
+        derived = settings + "|seed=" + trials["seed"].astype(str)
+        trials["control_key"] = trials["control_key"].fillna(derived) if "control_key" in trials else derived
+    if "setting_key" not in trials or trials["setting_key"].isna().any():
+        derived = trials["regime"].astype(str) + "|" + settings
+        trials["setting_key"] = trials["setting_key"].fillna(derived) if "setting_key" in trials else derived
+    return trials

@@ -42,7 +42,8 @@ def main() -> None:
                      "artifact bytes (lzma)": report.artifact_bytes_lzma,
                      "calibration tokens": args.calib_tokens if "gptq" in name else 0})
     record(f"Quantization time, 17M baseline GPT ({count_parameters(model):,} params), {torch.get_num_threads()} threads",
-           rows, ["GPTQ: sequential block by block, lazy blocks of 128 columns, act-order, damping 1%"])
+           rows, ["GPTQ: architecture-blind walk (forward hooks, one calibration pass per group of layers that "
+                 "share an input, stopped after the group's last use), lazy blocks of 128 columns, act-order, damping 1%"])
 
 
 if __name__ == "__main__":

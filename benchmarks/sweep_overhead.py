@@ -63,15 +63,15 @@ def main() -> None:
         raise SystemExit(f"sweep failed with exit code {proc.returncode}")
     trials = pd.read_parquet(REPO / "runs" / name / "trials.parquet")
     ttt = trials["ttt_seconds"].sum()
-    startup = (trials["trial_seconds"] - trials["ttt_seconds"]).dropna()
-    rows = [{"trials": len(trials), "wall s": wall, "sum TTT s": ttt, "overhead s": wall - ttt,
+    startup = trials.groupby("setting_key")["startup_seconds"].min().dropna()  # the first seed's row carries it
+    rows = [{"trials": trials["setting_key"].nunique(), "rows": len(trials), "wall s": wall, "sum TTT s": ttt, "overhead s": wall - ttt,
              "overhead share": (wall - ttt) / wall, "start-up s/trial (median)": float(startup.median()),
              "peak RSS/worker MB (max)": float(trials["peak_rss_mb"].max()),
              "peak RSS whole sweep GB": peak / 2**30}]
     record("Sweep overhead and memory (default grid, demo cached)", rows, [
         "overhead = wall time of the whole command (Ray start, quantization, static curves, worker-group start-up, "
         "artifact loading, table writes) minus the sum of the trials' TTT seconds",
-        "start-up s/trial = a trial's TorchTrainer.fit() wall time minus its TTT seconds",
+        "start-up s/trial = from the trial driver's start until rank 0 runs the trial (placement, worker-group start-up)",
         f"run: runs/{name}",
     ])
 

@@ -33,12 +33,13 @@ class CLIConfig:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", default="")
-    p.add_argument("--data", default="")
-    p.add_argument("--tokenizer", default="")
-    p.add_argument("--model-fn", default="")
+    p.add_argument("--checkpoint", default="", help="parameter-golf final_model.pt or .int8.ptz (empty: the embedded demo)")
+    p.add_argument("--data", default="", help="directory with *_train_*.bin and *_val_*.bin shards")
+    p.add_argument("--tokenizer", default="", help="SentencePiece .model matching the checkpoint's vocabulary")
+    p.add_argument("--model-fn", default="", help="module:function building any causal LM from the checkpoint path")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted setting, e.g. ttt.epochs=3")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted setting, e.g. ttt.epochs=3 or quant.min_numel=4096 (repeatable)")
 
 
 def build(args: argparse.Namespace) -> CLIConfig:
@@ -134,14 +135,16 @@ def cmd_ttt(args, cfg: CLIConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="e2ettt", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    _common(sub.add_parser("demo", help="build or reuse the embedded demo"))
-    q = sub.add_parser("quantize", help="damage and artifact size of regimes")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    _common(sub.add_parser("demo", help="build or reuse the embedded demo", formatter_class=fmt))
+    q = sub.add_parser("quantize", help="damage and artifact size of regimes", formatter_class=fmt)
     _common(q)
-    q.add_argument("--regimes", default="fp,pg-int8,int8,int6,int4,int3,gptq-int4,gptq-int3,hadamard-gptq-int3")
-    t = sub.add_parser("ttt", help="static eval + score-first TTT for one regime and setting")
+    q.add_argument("--regimes", default="fp,pg-int8,int8,int6,int4,int3,gptq-int4,gptq-int3,hadamard-gptq-int3",
+                   help="comma-separated regimes: fp, pg-int8, intN, gptq-intN, hadamard-intN, hadamard-gptq-intN, ternary")
+    t = sub.add_parser("ttt", help="static eval + score-first TTT for one regime and setting", formatter_class=fmt)
     _common(t)
-    t.add_argument("--regime", default="int3")
-    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--regime", default="int3", help="the quantization regime to heal")
+    t.add_argument("--lr", type=float, default=None, help="inner learning rate (default: ttt.lr)")
     t.add_argument("--workers", type=int, default=1, help="ranks (gloo processes on this machine)")
     t.add_argument("--work-dir", default="", help="where regime artifacts are cached (default: a temp dir)")
     args = parser.parse_args(argv)

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,8 +97,9 @@ def encode_documents(sp, docs: list[tuple[str, str]]) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def pretrain(cfg: DemoConfig, train_tokens: np.ndarray) -> GPT:
-    """A few minutes of AdamW on random windows of the train stream, with a progress bar."""
+def pretrain(cfg: DemoConfig, train_tokens: np.ndarray, log=print) -> GPT:
+    """A few minutes of AdamW on random windows of the train stream: a progress bar on a terminal,
+    a line every quarter of the steps otherwise (a log file gets no bar frames)."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = GPT(cfg.model)
@@ -111,7 +113,9 @@ def pretrain(cfg: DemoConfig, train_tokens: np.ndarray) -> GPT:
         progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
         return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    bar = tqdm(range(cfg.steps), desc="pretraining demo GPT", unit="step", mininterval=1.0)
+    tty = sys.stderr.isatty()
+    bar = tqdm(range(cfg.steps), desc="pretraining demo GPT", unit="step", mininterval=1.0, disable=not tty)
+    t0 = time.perf_counter()
     for step in bar:
         starts = rng.integers(0, tokens.numel() - T - 1, size=cfg.batch_seqs)
         idx = torch.as_tensor(starts)[:, None] + torch.arange(T + 1)[None, :]
@@ -126,6 +130,8 @@ def pretrain(cfg: DemoConfig, train_tokens: np.ndarray) -> GPT:
         opt.step()
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        if not tty and (step + 1) % max(1, cfg.steps // 4) == 0:
+            log(f"demo: pretraining step {step + 1}/{cfg.steps}, loss {loss.item():.3f}, {time.perf_counter() - t0:.0f} s")
     bar.close()
     return model.eval()
 
@@ -163,7 +169,7 @@ def build_demo(cfg: DemoConfig = DemoConfig(), cache_dir: str | os.PathLike | No
     data.write_shard(tmp / "data" / "demo_val_000000.bin", val_tokens)
     log(f"demo: {train_tokens.size:,} train / {val_tokens.size:,} validation tokens "
         f"({time.perf_counter() - t0:.0f} s); pretraining a {cfg.model.num_layers}-layer d={cfg.model.model_dim} GPT")
-    model = pretrain(cfg, train_tokens)
+    model = pretrain(cfg, train_tokens, log)
     save_state_dict(model, tmp / "final_model.pt")
     tables = DeviceTables.from_tables(build_byte_tables(sp, cfg.vocab_size))
     score = eval_val(model, as_tensor(data.truncate_for_eval(val_tokens, cfg.seq_len)), cfg.seq_len, tables, 32)

@@ -40,6 +40,7 @@ from e2ettt.data import segment_start
 from e2ettt.evaluate import chunk_spans
 from e2ettt.provenance import git_sha, hardware, versions
 from e2ettt.quant.regimes import parse_regime
+from e2ettt.ray_trial import stop_reason
 from e2ettt.source import Inputs, fingerprint, load_source_model, load_split, resolve
 from e2ettt.storage import Store
 from e2ettt.sweep import SweepConfig, Trial, plan
@@ -85,7 +86,7 @@ def start_ray(cfg: SweepConfig, log=print):
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # default 2 s adds up to 2 s per trial
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # a report waits for the previous one to be polled
     quiet = {"include_dashboard": cfg.dashboard, "log_to_driver": cfg.verbose, "configure_logging": True,
              "logging_level": "INFO" if cfg.verbose else "ERROR"}
     if cfg.dashboard:
@@ -266,7 +267,7 @@ def trial_config(sw: Sweep, t: Trial, seeds: list[int]) -> dict:
     fault = faults.get(t.regime) or faults.get(t.key) or {}
     spec = {"key": t.key, "inputs": sw.inputs.as_dict(), "regime": t.regime, "ttt": dataclasses.asdict(t.ttt),
             "seeds": seeds, "weights": wkey[t.regime], "static": static, "threads": cfg.cpus_per_worker, "fault": fault,
-            "report_seconds": cfg.report_seconds}
+            "report_seconds": cfg.report_seconds, "stop_rule": [cfg.stop_threshold, cfg.stop_min_fraction]}
     resources = {"workers": cfg.ranks, "cpus_per_worker": cfg.cpus_per_worker,
                  "gpus_per_worker": 1 if cfg.gpus_per_trial else 0, "max_worker_failures": cfg.max_worker_failures,
                  "storage_path": sw.store.url(f"{cfg.name}/ray/train"), "start_timeout": cfg.worker_start_timeout,
@@ -296,6 +297,33 @@ def trial_row(sw: Sweep, t: Trial, seed: int, numbers: dict, node_id: str) -> di
     return row
 
 
+class StopBoard:
+    """A small Ray actor the trials' rank 0 asks, at each report, whether the sweep's stopper ended them.
+
+    Tune's own way to end a trial stops the trial's driver, but the Ray Train run inside it (controller
+    and workers, blocked on their next report) keeps its resources, and the next trial's workers cannot
+    start. So the stopper's decision is posted here, and the trial's ranks end together at the next
+    chunk boundary: partial curve and rows kept, resources freed, no rank left in a collective.
+    """
+
+    def __init__(self):
+        self.reasons: dict[str, str] = {}
+        self.verdicts: dict[tuple, str] = {}
+
+    def stop(self, key: str, why: str) -> None:
+        self.reasons.setdefault(key, why)
+
+    def reason(self, key: str) -> str:
+        return self.reasons.get(key, "")
+
+    def verdict_for(self, key: str, seed: int, why: str) -> None:
+        """The stopper's decision on a finished seed ("" = go on), for a trial waiting to start its next seed."""
+        self.verdicts[(key, seed)] = why
+
+    def verdict(self, key: str, seed: int) -> str | None:
+        return self.verdicts.get((key, seed))
+
+
 class StopBook:
     """Which trials are done, which a stopper ended, and which fp controls must keep running.
 
@@ -303,7 +331,7 @@ class StopBook:
     never stopped while one of those is still pending or running, because their healing fractions need it.
     """
 
-    def __init__(self, trials: dict[str, Trial]):
+    def __init__(self, trials: dict[str, Trial], board=None):
         fp = {json.dumps(dataclasses.asdict(t.ttt), sort_keys=True): k for k, t in trials.items() if t.regime == "fp"}
         self.dependents: dict[str, set] = {k: set() for k in fp.values()}
         for k, t in trials.items():
@@ -312,23 +340,22 @@ class StopBook:
                 self.dependents[control].add(k)
         self.done: set[str] = set()
         self.stopped: dict[str, str] = {}  # setting key -> why
+        self.board = board
 
     def protected(self, key: str) -> bool:
         return bool(self.dependents.get(key, set()) - self.done)
 
     def stop(self, key: str, why: str) -> bool:
-        """Record a stop unless the trial is a control still needed; return whether it stops."""
+        """Post a stop unless the trial is a control still needed; return whether it stops."""
+        if key in self.stopped:
+            return True
         if self.protected(key):
             return False
         self.stopped[key] = why
         self.done.add(key)
+        if self.board is not None:
+            self.board.stop.remote(key, why)
         return True
-
-
-def hurting(result: dict, cfg: SweepConfig) -> bool:
-    return (cfg.stop_threshold > 0 and result.get("kind") == "chunks"
-            and result.get("seed_fraction", 0.0) >= cfg.stop_min_fraction
-            and result.get("running_recovery", 0.0) < -cfg.stop_threshold)
 
 
 def make_stopper(book: StopBook, cfg: SweepConfig):
@@ -336,17 +363,18 @@ def make_stopper(book: StopBook, cfg: SweepConfig):
 
     class HurtingStopper(Stopper):
         """Ends a trial whose score-first TTT makes its own regime worse than no TTT (running recovery below
-        -stop_threshold bpb after stop_min_fraction of a seed's tokens); judged per regime against its own
-        static curve, so a damaged regime is never stopped for being damaged."""
+        -stop_threshold bpb after stop_min_fraction of a seed's tokens), or one of whose seeds diverged; judged
+        per regime against its own static curve, so a damaged regime is never stopped for being damaged."""
 
         def __call__(self, trial_id: str, result: dict) -> bool:
             key = result.get("setting_key", "")
             if result.get("kind") == "payload":
                 book.done.add(key)
                 return False
-            if hurting(result, cfg):
-                return book.stop(key, f"TTT hurting: running recovery {result['running_recovery']:+.4f} bpb after "
-                                      f"{result['seed_fraction']:.0%} of seed {result['seed']}'s tokens")
+            why = stop_reason(result, cfg.stop_threshold, cfg.stop_min_fraction)
+            stops = bool(why) and book.stop(key, why)  # the trial's ranks end at their next report (StopBoard)
+            if result.get("kind") == "seed_done" and book.board is not None:
+                book.board.verdict_for.remote(key, result["seed"], why if stops else "")  # a rank may wait for it
             return False
 
         def stop_all(self) -> bool:
@@ -366,8 +394,8 @@ def make_scheduler(book: StopBook, cfg: SweepConfig, tokens_per_trial: int):
             decision = super().on_trial_result(tune_controller, trial, result)
             if decision == TrialScheduler.STOP:
                 why = f"ASHA: running recovery {result.get('running_recovery', float('nan')):+.4f} bpb below its rung"
-                if not book.stop(result.get("setting_key", ""), why):
-                    return TrialScheduler.CONTINUE
+                book.stop(result.get("setting_key", ""), why)  # ended through the StopBoard, at a chunk boundary
+                return TrialScheduler.CONTINUE
             return decision
 
     grace = max(1, int(tokens_per_trial * cfg.stop_min_fraction))
@@ -390,7 +418,6 @@ def make_callback(sw: Sweep, book: StopBook, total_rows: int, concurrency: int, 
             self.walls: list[float] = []  # finished trials' wall times
             self.chunks: dict[str, list] = {}  # trial id -> chunks of the seed in progress
             self.attempt: dict[str, str] = {}
-            self.last: dict[str, dict] = {}  # trial id -> its latest running numbers
             self.written: dict[str, set] = {}  # trial id -> seeds with a row
 
         def _trial(self, trial) -> Trial:
@@ -435,8 +462,7 @@ def make_callback(sw: Sweep, book: StopBook, total_rows: int, concurrency: int, 
             if kind in ("chunks", "seed_done"):
                 if self.attempt.get(tid) != result["attempt"]:  # first report, or a restarted worker group
                     self.attempt[tid], self.chunks[tid] = result["attempt"], []
-                self.chunks[tid].extend(json.loads(result["chunks"]))
-                self.last[tid] = result
+                self.chunks.setdefault(tid, []).extend(json.loads(result["chunks"]))
                 sw.live(result)
             if kind == "seed_done" and result["row"]:
                 self._write(trial, result["seed"], {**json.loads(result["row"]), "node_id": result["node_id"]},
@@ -448,21 +474,6 @@ def make_callback(sw: Sweep, book: StopBook, total_rows: int, concurrency: int, 
                     message = payload.get("error", "the trial ended without a row for this seed")
                     self._write(trial, seed, {"status": "error", "error": message, "traceback": payload.get("traceback", ""),
                                               "trial_seconds": payload.get("trial_seconds")}, [])
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            key = trial.config["trial"]["key"]
-            if key not in book.stopped:
-                return
-            last, curve = self.last.get(trial.trial_id, {}), self.chunks.pop(trial.trial_id, [])
-            for seed in self._unwritten(trial):
-                started = last.get("seed") == seed
-                numbers = {"status": "stopped", "error": book.stopped[key],
-                           "tokens_scored": curve[-1]["tokens_seen"] if started and curve else 0,
-                           "pre_quant_bpb": last.get("pre_quant_bpb") if started else None,
-                           "post_quant_bpb": last.get("post_quant_bpb") if started else None}
-                if numbers["pre_quant_bpb"] is not None:
-                    numbers["damage"] = numbers["post_quant_bpb"] - numbers["pre_quant_bpb"]
-                self._write(trial, seed, numbers, curve if started else [])
 
         def on_trial_error(self, iteration, trials, trial, **info):
             err = getattr(trial, "error_msg", None) or "trial process failed"
@@ -556,13 +567,15 @@ def run_trials(ray, sw: Sweep, configs: list[dict], refs: dict, concurrency: int
     # Tune's JSON/CSV/TensorBoard loggers would copy every report (curve chunks included) into result files.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     total = sum(len(c["spec"]["seeds"]) for c in configs)
-    book = StopBook(sw.trials)
+    board = ray.remote(num_cpus=0)(StopBoard).remote()
+    book = StopBook(sw.trials, board)
     tokens_per_trial = max(len(c["spec"]["seeds"]) for c in configs) * (sw.cfg.ttt.max_tokens or 1)
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(run_cell, artifacts=refs), {"trial_driver": 1}),
+        tune.with_resources(tune.with_parameters(run_cell, artifacts=refs, board=board), {"trial_driver": 1}),
         param_space={"trial": tune.grid_search(configs)},
         # reuse_actors: the trial driver process (which imports Ray Train and torch) survives from one
-        # trial to the next; each trial still gets a fresh TorchTrainer.
+        # trial to the next; each trial still gets a fresh TorchTrainer. (Trials end by finishing; a stopped
+        # one finishes early through the StopBoard, so Tune never has to end a driver mid-fit.)
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True,
                                     scheduler=make_scheduler(book, sw.cfg, tokens_per_trial)),
         run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",

@@ -43,3 +43,10 @@ def fake_autoscaling_config(gcs_address: str, worker_cpus: int = 2, max_workers:
         "rsync_filter": [], "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
         "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
     }
+
+
+def long_curve(n: int) -> list[dict] | None:
+    """A curve of n chunks on rank 0 (a result far larger than a pipe's buffer)."""
+    rank, _ = world()
+    curve = [{"chunk": k, "tokens_seen": 48 * (k + 1), "ttt_bpb": 1.0, "static_bpb": 1.0} for k in range(n)]
+    return curve if rank == 0 else None

@@ -122,6 +122,7 @@ class TTTResult:
     total: Score = Score(0.0, 0.0, 0)
     diverged: bool = False
     diverged_chunk: int = -1
+    stopped: bool = False  # the caller's on_chunk asked to end after `chunks[-1]` (early stopping)
     first_chunk_delta: float = float("nan")  # ttt_bpb(chunk 0) - static_bpb(chunk 0); must be 0
     seconds: float = 0.0
     world_size: int = 1
@@ -195,7 +196,7 @@ def run_ttt(
     tables: DeviceTables,
     cfg: TTTConfig,
     static: Sequence[Score] | None = None,
-    on_chunk: Callable[[ChunkRecord], None] | None = None,
+    on_chunk: Callable[[ChunkRecord], bool | None] | None = None,
     signal: Callable[[], float] | None = None,
 ) -> TTTResult:
     """Score-first TTT of `model` (adapted in place) over all targets of `tokens`.
@@ -207,7 +208,9 @@ def run_ttt(
     and the adapted one are the same. `signal()`, called once per chunk on
     every rank, is summed over ranks with the chunk's score and handed back
     in the chunk's record: a decision every rank takes together (when to
-    report progress) at no extra collective.
+    report progress, whether to stop) at no extra collective. `on_chunk`
+    returning True ends the run after that chunk (`result.stopped`); every
+    rank must return the same, which a decision read off `signal` ensures.
     """
     cfg.validate()
     rank, world_size = world()
@@ -265,10 +268,12 @@ def run_ttt(
             adapt_seconds=time.perf_counter() - t_chunk, signal=signalled,
         )
         result.chunks.append(record)
-        if on_chunk is not None:
-            on_chunk(record)
+        stop = on_chunk(record) if on_chunk is not None else False
         if diverged:
             result.diverged, result.diverged_chunk = True, k
+            break
+        if stop and not last:
+            result.stopped = True
             break
     result.seconds = time.perf_counter() - t0
     return result

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from e2ettt import prepare
-from e2ettt.distributed import world
+from e2ettt.distributed import all_reduce_sum_, world
 from e2ettt.evaluate import DeviceTables, Score, as_tensor
 from e2ettt.source import Inputs, load_tables, set_threads
 from e2ettt.ttt import ChunkRecord, TTTConfig, run_ttt
@@ -50,10 +50,11 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def result_row(result, static: dict, fp_static: dict) -> dict:
-    """The numbers of one seed's trial: pre/post-quant from the static curves, post-TTT from the run."""
+def result_row(result, static: dict, fp_static: dict, stop_reason: str = "") -> dict:
+    """The numbers of one seed's trial: pre/post-quant from the static curves, post-TTT from the run
+    (none when it diverged or was stopped: its running bpb covers only part of the segment)."""
     pre, post = prepare.total(fp_static), prepare.total(static)
-    post_ttt = result.bpb if not result.diverged else float("nan")
+    post_ttt = result.bpb if not (result.diverged or result.stopped) else float("nan")
     damage = post.bpb - pre.bpb
     recovery = post.bpb - post_ttt
     return {
@@ -65,7 +66,8 @@ def result_row(result, static: dict, fp_static: dict) -> dict:
         "tokens_scored": result.total.tokens, "bytes_scored": result.total.bytes,
         "ttt_seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
         "diverged": result.diverged, "diverged_chunk": result.diverged_chunk,
-        "status": "diverged" if result.diverged else "ok", "error": "",
+        "status": "diverged" if result.diverged else "stopped" if result.stopped else "ok",
+        "error": stop_reason if result.stopped else "",
     }
 
 
@@ -88,8 +90,16 @@ class Progress:
     def seed_started(self, seed: int, static: dict, fp_static: dict) -> None:
         pass
 
-    def chunk(self, seed: int, record: ChunkRecord) -> None:
-        pass
+    def chunk(self, seed: int, record: ChunkRecord) -> bool:
+        """Return True to end the trial after this chunk (decided from `record.signal`, the same on every rank)."""
+        return False
+
+    def stop_vote(self) -> float:
+        """This rank's vote, before each seed, to end the trial there (summed over ranks: > 0 ends it)."""
+        return 0.0
+
+    def stop_reason(self) -> str:
+        return "stopped"
 
     def seed_done(self, seed: int, row: dict | None, curve: list[dict] | None) -> None:
         """`row` and `curve` on rank 0, None elsewhere."""
@@ -109,7 +119,15 @@ def run_trial_on_rank(spec: dict, device: torch.device | str = "cpu", fetch: Cal
     tables = DeviceTables.from_tables(load_tables(inputs), device)
     fetch_seconds = time.perf_counter() - t0
     seeds = []
+    stopped = False
     for seed in spec["seeds"]:
+        stopped = stopped or all_reduce_sum_(torch.tensor([progress.stop_vote()], device=device)).item() > 0
+        if stopped:  # the sweep's stopper ended this trial: its remaining seeds are not run
+            row = {"status": "stopped", "error": progress.stop_reason(), "tokens_scored": 0} if rank == 0 else None
+            if row is not None:
+                seeds.append({"seed": seed, "row": row, "curve": []})
+            progress.seed_done(seed, row, [] if row is not None else None)
+            continue
         t1 = time.perf_counter()
         cfg = TTTConfig(**{**spec["ttt"], "seed": seed})
         static, fp_static = fetch(spec["static"][str(seed)]["regime"]), fetch(spec["static"][str(seed)]["fp"])
@@ -118,14 +136,16 @@ def run_trial_on_rank(spec: dict, device: torch.device | str = "cpu", fetch: Cal
         load_seconds = time.perf_counter() - t1 + (fetch_seconds if not seeds else 0.0)
         progress.seed_started(seed, static, fp_static)
 
-        def chunk_done(rec: ChunkRecord, seed=seed) -> None:
+        def chunk_done(rec: ChunkRecord, seed=seed) -> bool:
             _inject(fault, rank, rec.chunk)
-            progress.chunk(seed, rec)
+            return progress.chunk(seed, rec)
 
         result = run_ttt(model, tokens, tables, cfg, prepare.scores(static), chunk_done, progress.signal)
+        stopped = result.stopped
         row = curve = None
         if rank == 0:
-            row = {**result_row(result, static, fp_static), "load_seconds": load_seconds, "world_size": world_size,
+            row = {**result_row(result, static, fp_static, progress.stop_reason()), "load_seconds": load_seconds,
+                   "world_size": world_size,
                    "device": device.type, "device_name": device_name(device), "hostname": socket.gethostname(),
                    "started_at": started_at, "ended_at": time.time(),
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

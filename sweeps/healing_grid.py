@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     trials = RunTables(outcome.run_dir).trials
     rows = trials[trials["trial_id"].isin(outcome.row_keys)]
     if not rows.empty:
-        log("\n" + trial_summary(rows).to_string(index=False))
+        log("\nper setting (n: finished seeds / seeds run; recovery and healing: mean ± 95% interval over seeds):\n"
+            + trial_summary(rows).to_string(index=False))
     ran = rows[rows["trial_id"].isin(outcome.todo)]
     interrupted = outcome.interrupted or len(ran) < len(outcome.todo)
     log(f"\n{'stopped early' if interrupted else 'done'}: {len(ran)} of {len(outcome.todo)} rows written in "
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         f"tables in {outcome.run_dir}")
     if interrupted:
         log("rerun the same command to run the remaining trials (finished rows are skipped)")
+    log(f"next: python -m analysis {outcome.run_dir}    (report.md, figures, the key table)")
     if cfg.ttt.max_tokens:
         log(f"note: each row evaluated {cfg.ttt.max_tokens:,} validation tokens (ttt.max_tokens); "
             "numbers describe those segments, not the whole validation stream")

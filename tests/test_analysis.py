@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -5,31 +6,39 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis import metrics
+from analysis import metrics, plots, report
 from analysis.__main__ import main as analysis_main
-from analysis.tables import RunError, load_run
+from analysis.tables import RunError, load_run, with_keys
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def trial(regime, seed, lr=0.01, chunk=256, pre=1.70, post=1.74, ttt=1.72, status="ok", delta=0.0, tid=None):
-    return {"trial_id": tid or f"{regime}-{lr}-{chunk}-{seed}", "regime": regime, "bits": 3, "inner_lr": lr,
+def trial(regime, seed, lr=0.01, chunk=256, pre=1.70, post=1.74, ttt=1.72, status="ok", delta=0.0, tid=None,
+          max_tokens=4096):
+    done = status == "ok"
+    return {"trial_id": tid or f"{regime}-{lr}-{chunk}-{seed}-{max_tokens}", "regime": regime, "bits": 3, "inner_lr": lr,
             "chunk_tokens": chunk, "epochs": 1, "optimizer": "sgd", "params": "all", "seed": seed,
-            "pre_quant_bpb": pre, "post_quant_bpb": post, "post_ttt_bpb": ttt, "damage": post - pre,
-            "recovery": post - ttt, "recovery_frac": (post - ttt) / (post - pre) if post != pre else float("nan"),
+            "pre_quant_bpb": pre, "post_quant_bpb": post, "post_ttt_bpb": ttt if done else float("nan"),
+            "damage": post - pre, "recovery": post - ttt if done else float("nan"),
+            "recovery_frac": (post - ttt) / (post - pre) if post != pre and done else float("nan"),
             "first_chunk_delta": delta, "diverged": status == "diverged", "diverged_chunk": 3 if status == "diverged" else -1,
-            "status": status, "error": "", "artifact_bytes": 1000, "max_tokens": 4096}
+            "status": status, "error": "", "artifact_bytes": 1000, "max_tokens": max_tokens, "ttt_seconds": 2.0,
+            "tokens_per_second": 2048.0, "projected_full_seconds": 200.0}
+
+
+def table(rows) -> pd.DataFrame:
+    return with_keys(pd.DataFrame(rows))
 
 
 @pytest.fixture
 def trials():
     rows = [trial("fp", s, post=1.70, ttt=1.69 - 0.001 * s) for s in range(3)]
     rows += [trial("int3", s, post=1.74, ttt=1.73 - 0.01 * s) for s in range(3)]  # recoveries 0.01, 0.02, 0.03
-    return pd.DataFrame(rows)
+    return table(rows)
 
 
-def test_recovery_spread_and_healing_fraction(trials):
-    rec = metrics.recovery_by_setting(trials).set_index("regime")
+def test_recovery_spread_and_healing_fraction_against_the_control(trials):
+    rec = metrics.by_setting(trials).set_index("regime")
     r = rec.loc["int3"]
     assert r["n_seeds"] == 3
     assert r["recovery_mean"] == pytest.approx(0.02)
@@ -37,45 +46,81 @@ def test_recovery_spread_and_healing_fraction(trials):
     half = 4.303 * 0.01 / 3**0.5
     assert (r["recovery_ci_low"], r["recovery_ci_high"]) == pytest.approx((0.02 - half, 0.02 + half))
     assert r["recovery_frac_mean"] == pytest.approx(0.5)
-    # healing per seed: 1 - ((1.73 - .01 s) - (1.69 - .001 s)) / 0.04 = 1 - (0.04 - 0.009 s)/0.04
+    # healing per seed: 1 - ((1.73 - .01 s) - (1.69 - .001 s)) / 0.04
     expected = [1 - (0.04 - 0.009 * s) / 0.04 for s in range(3)]
     assert r["healing_frac_mean"] == pytest.approx(sum(expected) / 3)
+    assert r["fp_gain"] == pytest.approx(0.01 + 0.001)  # fp's own TTT gain at the same settings, mean over seeds
     assert pd.isna(rec.loc["fp", "healing_frac_mean"])
 
 
-def test_damage_best_setting_and_flatness(trials):
-    more = pd.DataFrame([trial("int3", s, lr=0.1, ttt=1.735) for s in range(3)]
-                        + [trial("fp", s, lr=0.1, post=1.70, ttt=1.695) for s in range(3)])
-    t = pd.concat([trials, more], ignore_index=True)
-    dmg = metrics.damage_by_regime(t).set_index("regime")
-    assert dmg.loc["int3", "damage"] == pytest.approx(0.04) and dmg.loc["fp", "damage"] == pytest.approx(0)
+def test_passes_that_differ_only_in_max_tokens_are_kept_apart(trials):
+    """Two passes into one run directory: the second capped at 2048 tokens, where int3 heals less."""
+    other = [trial("fp", s, post=1.70, ttt=1.68, max_tokens=2048) for s in range(3)]
+    other += [trial("int3", s, post=1.74, ttt=1.735, max_tokens=2048) for s in range(3)]
+    both = pd.concat([trials, table(other)], ignore_index=True)
+    rec = metrics.by_setting(both)
+    int3 = rec[rec["regime"] == "int3"].set_index("max_tokens")
+    assert list(int3["n_seeds"]) == [3, 3]  # not 6 seeds from 3
+    assert int3.loc[2048, "healing_frac_mean"] == pytest.approx(1 - (1.735 - 1.68) / 0.04)  # -0.375, its own control
+    assert int3.loc[4096, "healing_frac_mean"] > 0
+
+
+def test_a_setting_that_hurts_or_lost_a_seed_is_marked_and_never_chosen(trials):
+    hurting = [trial("int3", s, lr=3.0, ttt=1.60 + 0.2) for s in range(3)]  # recovery -0.06
+    lucky = [trial("int3", s, lr=0.1, ttt=1.60) if s == 0 else trial("int3", s, lr=0.1, status="diverged") for s in range(3)]
+    fps = [trial("fp", s, lr=lr, post=1.70, ttt=1.69) for s in range(3) for lr in (3.0, 0.1)]
+    t = pd.concat([trials, table(hurting + lucky + fps)], ignore_index=True)
+    rec = metrics.by_setting(t).set_index(["regime", "inner_lr"])
+    assert rec.loc[("int3", 3.0), "hurts"] and not rec.loc[("int3", 3.0), "eligible"]
+    assert rec.loc[("int3", 0.1), "not_ok"] == "diverged 2" and not rec.loc[("int3", 0.1), "eligible"]
     best = metrics.best_setting(t).set_index("regime")
-    assert best.loc["int3", "inner_lr"] == 0.01
-    assert best.loc["int3", "flatness"] == pytest.approx(1.735 - 1.72)
-    assert best.loc["int3", "settings_tried"] == 2
+    assert best.loc["int3", "inner_lr"] == 0.01  # neither the hurting lr nor the one surviving seed of lr 0.1
+    flags = metrics.sanity_flags(t)
+    assert "int3 lr=3 chunk=256" in set(flags.loc[flags["flag"] == "hurts", "what"])
+
+
+def test_the_best_setting_is_chosen_on_some_seeds_and_reported_on_the_others():
+    rows = []
+    for s in range(6):
+        jitter = 0.0001 * s  # seeds are different text: their numbers differ a little
+        rows += [trial("fp", s, lr=lr, post=1.70, ttt=1.69 - jitter) for lr in (0.01, 0.03)]
+        rows.append(trial("int3", s, lr=0.01, ttt=1.72 - jitter))  # steady: recovery about 0.02 on every seed
+        rows.append(trial("int3", s, lr=0.03, ttt=(1.70 if s < 3 else 1.735) - jitter))  # best on seeds 0-2 only
+    best = metrics.best_setting(table(rows)).set_index("regime").loc["int3"]
+    assert best["inner_lr"] == 0.03 and best["chosen_on"].startswith("chosen on seeds 0,1,2, reported on seeds 3,4,5")
+    assert best["n_seeds"] == 3 and best["recovery_mean"] == pytest.approx(0.005 + 0.0004)  # held-out seeds, not 0.04
+
+
+def test_identical_seeds_and_a_missing_control_are_flagged(trials):
+    same = [trial("int4", s, lr=0.05, ttt=1.71) for s in range(3)]  # every seed the same numbers: not replicates
+    flags = metrics.sanity_flags(pd.concat([trials, table(same)], ignore_index=True))
+    assert set(flags.loc[flags["flag"] == "identical_seeds", "what"]) == {"int4 lr=0.05 chunk=256"}
+    assert set(flags.loc[flags["flag"] == "no_control", "what"]) == {"int4 lr=0.05 chunk=256"}
+    assert metrics.with_healing(table(same))["healing_frac"].isna().all()
 
 
 def test_sanity_flags(trials):
-    bad = pd.concat([trials, pd.DataFrame([
+    bad = pd.concat([trials, table([
         trial("int4", 0, delta=0.3, tid="broken"), trial("int2", 0, status="diverged", tid="div"),
         trial("int5", 0, post=1.71, ttt=1.65, tid="over")])], ignore_index=True)
     flags = metrics.sanity_flags(bad)
-    kinds = flags.groupby("flag")["trial"].apply(list).to_dict()
+    kinds = flags.groupby("flag")["what"].apply(list).to_dict()
     assert kinds["first_chunk_delta"] == ["int4 lr=0.01 chunk=256 seed=0"]
     assert kinds["diverged"] == ["int2 lr=0.01 chunk=256 seed=0"]
     assert any("int5" in t for t in kinds["recovery_frac>1"])
-    assert any(t.startswith("int4") for t in kinds["few_seeds"]) and not any(t.startswith("int3") for t in kinds["few_seeds"])
+    assert kinds["few_seeds"] == ["3 of 5 settings"]  # one line, however many settings it concerns
 
 
-def test_tokens_to_heal():
-    t = pd.DataFrame([trial("fp", 0, post=1.70, ttt=1.69, tid="f"), trial("int3", 0, tid="q")])
+def test_tokens_to_heal_pairs_each_row_with_its_own_control():
+    t = table([trial("fp", 0, post=1.70, ttt=1.69, tid="f"), trial("int3", 0, tid="q"),
+               trial("fp", 0, post=1.70, ttt=1.69, tid="f-other", max_tokens=999)])
     curves = pd.DataFrame(
-        [{"trial_id": "f", "chunk": k, "tokens_seen": 100 * (k + 1), "static_bpb": 1.70, "ttt_bpb": 1.69,
-          "running_ttt_bpb": 1.69} for k in range(4)]
+        [{"trial_id": f, "chunk": k, "tokens_seen": 100 * (k + 1), "static_bpb": level, "ttt_bpb": 1.69,
+          "running_ttt_bpb": 1.69} for k in range(4) for f, level in (("f", 1.70), ("f-other", 1.50))]
         + [{"trial_id": "q", "chunk": k, "tokens_seen": 100 * (k + 1), "static_bpb": 1.74, "ttt_bpb": 1.70,
             "running_ttt_bpb": r} for k, r in enumerate([1.74, 1.73, 1.715, 1.705])])
     out = metrics.tokens_to_heal(t, curves, within=0.02)
-    assert out["tokens_to_heal"].tolist() == [300.0]
+    assert out["tokens_to_heal"].tolist() == [300.0]  # against "f" (same settings), never "f-other"
     assert metrics.tokens_to_heal(t, curves, within=0.001)["tokens_to_heal"].isna().all()
 
 
@@ -91,18 +136,39 @@ def _write_run(tmp_path, trials, with_curves=True):
     return run
 
 
-def test_report_and_plots_are_written(tmp_path, trials, capsys):
+def test_report_and_its_key_table_read_back_with_the_right_numbers(tmp_path, trials, capsys):
     run = _write_run(tmp_path, trials)
     assert analysis_main([str(run)]) == 0
     out = capsys.readouterr().out
-    assert "int3" in out and "report:" in out
     md = (run / "report.md").read_text()
-    assert "## Sanity flags" in md and "![recovery_vs_damage](figures/recovery_vs_damage.png)" in md
-    assert "capped segment" in md
+    key = md.split("## Key table")[1].split("## ")[0]
+    int3 = next(line for line in key.splitlines() if line.startswith("| int3 |"))
+    cells = [c.strip() for c in int3.strip("|").split("|")]
+    assert cells[:9] == ["int3", "0.0400 ± 0.0000", "1,000", "0.01", "256", "3", "1.7200",
+                         f"0.0200 ± {4.303 * 0.01 / 3**0.5:.4f}", "0.0110"]
+    assert cells[9] == f"0.23 ± {4.303 * 0.225 / 3**0.5:.2f}"  # healing 1 - (0.04 - 0.009 s)/0.04: 0, .225, .45
+    assert "**healing**:" in md and "**gap to next**:" in md  # every column defined
+    assert "chosen and reported on the same seeds 0,1,2" in md
+    assert "| int3 |" in out.replace("  ", " ") or "int3" in out
     for stem in ("recovery_vs_damage", "healing_curves", "healing_heatmaps"):
         for ext in ("png", "svg"):
             assert (run / "figures" / f"{stem}.{ext}").stat().st_size > 1000
     assert "<table" in (run / "report.html").read_text()
+    capsys.readouterr()
+    assert analysis_main([str(run), "--markdown"]) == 0
+    assert capsys.readouterr().out.startswith("| regime | damage | artifact bytes |")
+
+
+def test_error_bars_only_with_seeds_and_then_always(tmp_path, trials):
+    plots.recovery_vs_damage(trials, tmp_path / "three", "r")
+    svg = (tmp_path / "three" / "recovery_vs_damage.svg").read_text()
+    assert "bars: 95% CI over 3+ seeds" in svg
+    assert metrics.best_setting(trials)["recovery_ci_low"].notna().all()
+    one = trials[trials["seed"] == 0]
+    plots.recovery_vs_damage(one, tmp_path / "one", "r")
+    svg = (tmp_path / "one" / "recovery_vs_damage.svg").read_text()
+    assert "no error bars" in svg and "95% CI" not in svg
+    assert plots._bars(metrics.best_setting(one), "recovery") is None
 
 
 def test_report_says_what_it_cannot_conclude_without_fp(tmp_path, trials):
@@ -125,12 +191,36 @@ def test_missing_or_malformed_tables_are_clear(tmp_path, trials, capsys):
         load_run(run)
 
 
-def test_analysis_never_imports_torch():
+def test_analysis_runs_from_any_directory_and_never_imports_torch(tmp_path, trials):
+    run = _write_run(tmp_path, trials)
+    done = subprocess.run([sys.executable, "-m", "analysis", str(run)], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (run / "report.md").exists()
     code = "import sys; import analysis.report, analysis.__main__; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True)
 
 
 def test_running_static_bpb_weights_chunks_by_bytes():
     curve = pd.DataFrame({"chunk": [0, 1], "tokens_seen": [100, 200], "static_bpb": [1.0, 2.0], "bytes": [100.0, 300.0]})
     assert metrics.running_static_bpb(curve).tolist() == [1.0, 1.75]
     assert metrics.running_static_bpb(curve.drop(columns="bytes")).tolist() == [1.0, 1.5]  # older tables: by tokens
+
+
+def test_the_readme_pandas_example_runs(tmp_path, trials):
+    """The README's 'The pandas a user writes' block, run against a small run directory."""
+    text = (REPO / "README.md").read_text()
+    code = re.search(r"<!-- pandas-example -->\s*```python\n(.*?)```", text, re.S).group(1)
+    run = _write_run(tmp_path, trials)
+    namespace = {}
+    code = code.replace("runs/demo", str(run)).replace("healing.png", str(tmp_path / "healing.png"))
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+    healing = namespace["healing"]
+    assert (tmp_path / "healing.png").stat().st_size > 1000
+    assert healing.loc["int3", "mean"].iloc[0] == pytest.approx((1 - (0.04 - 0.009 * 0) / 0.04 + 1 - (0.04 - 0.009) / 0.04
+                                                         + 1 - (0.04 - 0.018) / 0.04) / 3)
+
+
+def test_key_table_formats_numbers_for_the_field(trials):
+    t = report.key_table(trials).set_index("regime")
+    assert t.loc["int3", "artifact bytes"] == "1,000" and t.loc["int3", "post-TTT"] == "1.7200"
+    assert t.loc["fp", "healing"] == "—"

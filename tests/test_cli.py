@@ -55,3 +55,49 @@ def test_corrupt_shard_in_data_dir_is_named(tiny_demo, tmp_path, capsys):
             str(tiny_demo.tokenizer), "--regimes", "fp"]
     assert main(args) == 2
     assert "x_val_000001.bin: bad magic 0" in capsys.readouterr().err
+
+
+def test_gpu_check_stops_with_one_line_without_cuda():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the check would run")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("gpu_check: no CUDA device here") and len(done.stderr.strip().splitlines()) == 1
+
+
+def _options(help_text: str) -> list[str]:
+    """Each option's block of help text (option line plus its wrapped description)."""
+    blocks, current = [], None
+    for line in help_text.splitlines():
+        if line.startswith("  -") and not line.startswith("  -h"):
+            current = [line]
+            blocks.append(current)
+        elif current is not None and line.startswith("    "):
+            current.append(line)
+        else:
+            current = None
+    return [" ".join(b) for b in blocks]
+
+
+def test_every_flag_has_help_and_shows_its_default(capsys):
+    from sweeps import healing_grid
+
+    helps = []
+    for argv, entry in ((["--help"], healing_grid.parse_args), (["quantize", "--help"], main), (["ttt", "--help"], main)):
+        with pytest.raises(SystemExit):
+            entry(argv)
+        helps.append((argv, capsys.readouterr().out))
+    for argv, text in helps:
+        options = _options(text)
+        assert len(options) >= 5, argv
+        for opt in options:
+            flag = opt.split()[0]
+            if flag in ("--smoke", "--dry-run", "--grid", "--set"):  # switches and the open-ended ones: no default to show
+                assert len(opt.split()) > 2, opt
+                continue
+            assert "default" in opt, f"{argv}: {opt}"

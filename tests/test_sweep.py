@@ -24,6 +24,10 @@ def real_run_args(demo, out, *extra):
     (["--set", "ttt.optimiser=sgd"], "unknown setting 'ttt.optimiser'"),
     (["--chunks", "abc"], "--chunks: cannot read 'abc'"),
     (["--set", "ttt.optimizer=lion"], "ttt.optimizer must be sgd or adamw"),
+    (["--workers", "0"], "workers must be >= 1, got 0"),
+    (["--workers", "-1"], "workers must be >= 1, got -1"),
+    (["--gpus-per-trial", "-2"], "gpus_per_trial must be in 0..64"),
+    (["--set", "scheduler=hyperband"], "scheduler must be fifo or asha"),
 ])
 def test_bad_flags_fail_before_ray(args, message, capsys):
     import ray
@@ -46,6 +50,12 @@ def test_bad_grid_file_and_bad_data_fail_before_ray(tmp_path, tiny_demo, capsys)
     assert "ttt.epochs must be >= 0" in capsys.readouterr().err
     assert healing_grid.main(real_run_args(tiny_demo, tmp_path, "--chunks", "5000")) == 2
     assert "chunk_tokens=5000 is larger than the 1024 target tokens" in capsys.readouterr().err
+    assert healing_grid.main(real_run_args(tiny_demo, tmp_path, "--max-tokens", "0", "--seeds", "0,1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "ttt.seed=1 without a token cap" in err and len(err.splitlines()) == 1  # seeds that would be the same trial
+    assert healing_grid.main(real_run_args(tiny_demo, tmp_path, "--seeds", "0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,"
+                                           "17,18,19,20,21,22,23,24,25,26,27,28,29,30")) == 2
+    assert "non-overlapping segments" in capsys.readouterr().err
     assert not ray.is_initialized()
 
 
@@ -113,3 +123,24 @@ def test_a_hurting_cell_is_stopped_early_and_the_others_are_untouched(tmp_path, 
     assert healing_grid.main(args + ["--name", "stopping", "--set", "rerun_stopped=true", "--set", "stop_threshold=0"]) == 0
     again = pd.read_parquet(run / "trials.parquet").set_index(["regime", "inner_lr"])
     assert again.loc[("int3", 1.5), "status"] == "ok"  # ... unless asked to
+
+
+@pytest.mark.slow
+def test_two_sweeps_into_one_run_directory_at_once_keep_every_row(tmp_path, tiny_demo):
+    import subprocess
+    import sys
+
+    procs = []
+    for lr in ("0.01", "0.03"):
+        args = real_run_args(tiny_demo, tmp_path, "--smoke", "--name", "shared", "--lrs", lr)
+        procs.append(subprocess.Popen([sys.executable, str(REPO / "sweeps" / "healing_grid.py"), *args],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-2000:]
+        assert "done: 2 of 2 rows written" in out
+    rows = pd.read_parquet(tmp_path / "shared" / "trials.parquet")
+    assert len(rows) == 4 and rows["trial_id"].is_unique
+    assert sorted(rows["inner_lr"]) == [0.01, 0.01, 0.03, 0.03]
+    manifest = json.loads((tmp_path / "shared" / "manifest.json").read_text())
+    assert set(rows["trial_id"]) <= set(manifest["configs"]) and len(manifest["runs"]) == 2  # neither run's record lost

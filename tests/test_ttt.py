@@ -150,3 +150,17 @@ def test_the_counter_sees_a_boolean_mask_wait():
     with SyncCounter() as counter:
         x[x > 0].sum()
     assert counter.count >= 1
+
+
+def test_a_result_larger_than_the_pipe_comes_back_from_two_ranks():
+    """A 3,000-chunk curve fills the pipe: rank 0 blocks until the parent reads it, so the parent must read first."""
+    import threading
+
+    from e2ettt.testing import long_curve
+
+    out = {}
+    worker = threading.Thread(target=lambda: out.setdefault("curve", run_local(long_curve, (3000,), 2)), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "run_local hung on a long result"
+    assert len(out["curve"]) == 3000 and out["curve"][-1]["chunk"] == 2999
