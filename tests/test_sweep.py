@@ -144,3 +144,35 @@ def test_two_sweeps_into_one_run_directory_at_once_keep_every_row(tmp_path, tiny
     assert sorted(rows["inner_lr"]) == [0.01, 0.01, 0.03, 0.03]
     manifest = json.loads((tmp_path / "shared" / "manifest.json").read_text())
     assert set(rows["trial_id"]) <= set(manifest["configs"]) and len(manifest["runs"]) == 2  # neither run's record lost
+
+
+@pytest.mark.slow
+def test_a_model_that_is_not_the_baseline_goes_through_quantize_and_the_sweep(tmp_path, tiny_demo, capsys):
+    """The README's worked example: LoopLM (recurrent core, U-Net skip, tied head) via --model-fn."""
+    import torch
+
+    from e2ettt import data
+    from e2ettt.cli import main as cli_main
+    from e2ettt.examples.loop_lm import LoopConfig, pretrain, save
+
+    tokens = torch.as_tensor(data.load_tokens(tiny_demo.data_dir, "train"))
+    ckpt = tmp_path / "loop_lm.pt"
+    save(pretrain(tokens, LoopConfig(vocab_size=1024, dim=64, heads=4), steps=30, seq_len=64, batch=8), str(ckpt))
+    files = ["--checkpoint", str(ckpt), "--model-fn", "e2ettt.examples.loop_lm:build", "--data", str(tiny_demo.data_dir),
+             "--tokenizer", str(tiny_demo.tokenizer)]
+    capsys.readouterr()
+    assert cli_main(["quantize", *files, "--regimes", "fp,int4,gptq-int4,hadamard-gptq-int4", "--set", "quant.min_numel=1024",
+                     "--set", "quant.calib_tokens=2048", "--set", "quant.calib_seq_len=64", "--set", "ttt.max_tokens=2048",
+                     "--set", "ttt.context=128"]) == 0
+    out = capsys.readouterr().out
+    assert all(r in out for r in ("gptq-int4", "hadamard-gptq-int4"))
+    args = [*files, "--out", str(tmp_path), "--name", "loop", "--smoke", "--regimes", "fp,gptq-int4,hadamard-gptq-int4",
+            "--set", "quant.min_numel=1024", "--set", "quant.calib_seq_len=64", "--max-tokens", "1024", "--context", "128"]
+    assert healing_grid.main(args) == 0
+    rows = pd.read_parquet(tmp_path / "loop" / "trials.parquet").set_index("regime")
+    assert list(rows.loc[["fp", "gptq-int4", "hadamard-gptq-int4"], "status"]) == ["ok", "ok", "ok"]
+    assert rows.loc["gptq-int4", "artifact_bytes"] < rows.loc["fp", "artifact_bytes"] / 3  # really quantized
+    assert rows.loc["gptq-int4", "post_quant_bpb"] != rows.loc["fp", "post_quant_bpb"]
+    assert abs(rows.loc["fp", "first_chunk_delta"]) < 1e-6
+    report = json.loads((tmp_path / "loop" / "manifest.json").read_text())["regimes"]["gptq-int4"]
+    assert any("embed.weight" in n for n in report["notes"])  # the tied weight, quantized once, said so
