@@ -39,7 +39,7 @@ def main() -> None:
         run = load_run(path)
         t = run.trials
         b = best_setting(t).set_index("regime")
-        best[label] = {r: (b.loc[r, "inner_lr"], b.loc[r, "chunk_tokens"]) for r in b.index if "inner_lr" in b}
+        best[label] = {r: (float(b.loc[r, "inner_lr"]), int(b.loc[r, "chunk_tokens"])) for r in b.index if "inner_lr" in b}
         status = t["status"].value_counts()
         rows.append({"run": label, "rows": len(t), "wall s": wall,
                      "TTT tokens scored": int(t["tokens_scored"].fillna(0).sum()),

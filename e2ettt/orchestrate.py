@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -486,23 +485,26 @@ def make_callback(sw: Sweep, book: StopBook, total_rows: int, concurrency: int, 
             if now - self.last_line < sw.cfg.progress_seconds:
                 return
             self.last_line = now
-            log(progress_line(trials, self.rows, total_rows, now - self.t0, self.walls, concurrency, sw.cfg))
+            log(progress_line(trials, len(sw.trials), self.rows, total_rows, now - self.t0, self.walls, concurrency, sw.cfg))
 
     return TableWriter()
 
 
-def progress_line(trials, rows_done: int, rows_total: int, elapsed: float, walls: list[float], concurrency: int,
-                  cfg: SweepConfig) -> str:
-    """Where a sweep stands: rows, trials by state, an ETA from measured trial times, and nodes up."""
+def progress_line(trials, n_trials: int, rows_done: int, rows_total: int, elapsed: float, walls: list[float],
+                  concurrency: int, cfg: SweepConfig) -> str:
+    """Where a sweep stands: rows, trials by state, an ETA from measured trial times, and nodes up.
+
+    Tune creates trials only as slots free up, so pending = all trials − started ones."""
     import ray
 
     states = [t.status for t in trials]
-    running, pending = states.count("RUNNING"), states.count("PENDING")
-    done = len(states) - running - pending
+    running = states.count("RUNNING")
+    done = len(states) - running - states.count("PENDING")
+    pending = n_trials - done - running
     eta = ""
     if walls:
-        left = pending + running / 2
-        eta = f"; ETA {math.ceil(sorted(walls)[len(walls) // 2] * left / max(1, min(concurrency, left or 1)) / 60)} min"
+        left = pending + running / 2  # a running trial is about half done
+        eta = f"; ETA {sorted(walls)[len(walls) // 2] * left / max(1, min(concurrency, n_trials)) / 60:.0f} min"
     alive = [n for n in ray.nodes() if n.get("Alive")]
     key = "GPU" if cfg.gpus_per_trial else "CPU"
     units = sum(n["Resources"].get(key, 0) for n in alive)
