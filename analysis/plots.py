@@ -117,8 +117,7 @@ def healing_heatmaps(trials: pd.DataFrame, out: Path, run: str) -> Path | None:
     best = metrics.best_setting(trials).set_index("regime")
     regimes = list(dict.fromkeys(rec.sort_values("damage")["regime"]))
     fig, axes = plt.subplots(1, len(regimes), figsize=(3.6 * len(regimes) + 1.2, 3.4), squeeze=False)
-    cmap = matplotlib.colormaps["RdYlGn"].copy()
-    cmap.set_bad("#d9d9d9")
+    cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="#d9d9d9")
     im = None
     for ax, regime in zip(axes[0], regimes):
         g = rec[rec["regime"] == regime]

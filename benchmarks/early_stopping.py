@@ -39,12 +39,14 @@ def main() -> None:
         run = load_run(path)
         t = run.trials
         b = best_setting(t).set_index("regime")
-        best[label] = {r: (float(b.loc[r, "inner_lr"]), int(b.loc[r, "chunk_tokens"])) for r in b.index if "inner_lr" in b}
+        best[label] = {r: (float(b.loc[r, "inner_lr"]), int(b.loc[r, "chunk_tokens"]))
+                       for r in b.index if "inner_lr" in b}
         status = t["status"].value_counts()
         rows.append({"run": label, "rows": len(t), "wall s": wall,
                      "TTT tokens scored": int(t["tokens_scored"].fillna(0).sum()),
                      "TTT s": float(t["ttt_seconds"].fillna(0).sum()),
-                     "ok / diverged / stopped": f"{status.get('ok', 0)} / {status.get('diverged', 0)} / {status.get('stopped', 0)}",
+                     "ok / diverged / stopped":
+                         f"{status.get('ok', 0)} / {status.get('diverged', 0)} / {status.get('stopped', 0)}",
                      "run dir": f"runs/{path.name}"})
     same = best["default stopper"] == best["no stopping"]
     record("Early stopping on the default grid (demo cached)", rows, [

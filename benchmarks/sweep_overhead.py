@@ -64,7 +64,8 @@ def main() -> None:
     trials = pd.read_parquet(REPO / "runs" / name / "trials.parquet")
     ttt = trials["ttt_seconds"].sum()
     startup = trials.groupby("setting_key")["startup_seconds"].min().dropna()  # the first seed's row carries it
-    rows = [{"trials": trials["setting_key"].nunique(), "rows": len(trials), "wall s": wall, "sum TTT s": ttt, "overhead s": wall - ttt,
+    rows = [{"trials": trials["setting_key"].nunique(), "rows": len(trials),
+             "wall s": wall, "sum TTT s": ttt, "overhead s": wall - ttt,
              "overhead share": (wall - ttt) / wall, "start-up s/trial (median)": float(startup.median()),
              "peak RSS/worker MB (max)": float(trials["peak_rss_mb"].max()),
              "peak RSS whole sweep GB": peak / 2**30}]

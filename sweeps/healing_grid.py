@@ -74,6 +74,8 @@ SCALAR_FLAGS = {
                        " (empty: ~/ray_bootstrap_config.yaml when joining)"),
     "start_timeout": ("start_timeout", "seconds a trial may wait for its workers (0: 120 locally, 1800 on a cluster)"),
     "max_worker_failures": ("max_worker_failures", "restarts of a trial's worker group after a killed worker or lost node"),
+    "scheduler": ("scheduler", "fifo, or asha: also rank trials by running recovery at rungs of tokens seen"),
+    "stop_threshold": ("stop_threshold", "end a trial whose running recovery is below -this bpb (TTT hurting); 0 = never"),
     "local_cpus": ("local_cpus", "logical CPUs of the local Ray (0: the machine's cores)"),
 }
 
@@ -90,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid", help="YAML or JSON file of settings (dotted keys or nested), applied before flags")
     p.add_argument("--smoke", action="store_true", help="minimal grid: fp + int3, lr 0.03, chunk 256, 2,048 tokens")
     p.add_argument("--dry-run", action="store_true", help="print the plan (trials, tokens, time, GPU-hours, cost) and exit")
+    p.add_argument("--verbose", action="store_true", help="let Ray and Tune print their own status output (default: quiet)")
+    p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard and export live per-trial metrics to it")
+    p.add_argument("--rerun-stopped", action="store_true", help="rerun rows the stopper ended (default: they count as done)")
     for flag, (_, key, text) in LIST_FLAGS.items():
         p.add_argument(f"--{flag.replace('_', '-')}", metavar="LIST", help=f"comma-separated {text} (default: {_default(key)})")
     for flag, (key, text) in SCALAR_FLAGS.items():
@@ -133,8 +138,9 @@ def build_config(args: argparse.Namespace) -> SweepConfig:
         updates.update(_flatten(loaded))
     if args.smoke:
         updates = {**SMOKE, **updates}
-    if args.dry_run:
-        updates["dry_run"] = True
+    for switch in ("dry_run", "verbose", "dashboard", "rerun_stopped"):
+        if getattr(args, switch):
+            updates[switch] = True
     for flag, (kind, key, _) in LIST_FLAGS.items():
         if getattr(args, flag) is not None:
             updates[key] = _split(getattr(args, flag), kind, flag)

@@ -97,7 +97,8 @@ def test_every_flag_has_help_and_shows_its_default(capsys):
         assert len(options) >= 5, argv
         for opt in options:
             flag = opt.split()[0]
-            if flag in ("--smoke", "--dry-run", "--grid", "--set"):  # switches and the open-ended ones: no default to show
+            switches = ("--smoke", "--dry-run", "--verbose", "--dashboard", "--rerun-stopped", "--grid", "--set")
+            if flag in switches:  # switches and the open-ended ones: no default to show
                 assert len(opt.split()) > 2, opt
                 continue
             assert "default" in opt, f"{argv}: {opt}"
