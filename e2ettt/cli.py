@@ -80,7 +80,7 @@ def cmd_quantize(args, cfg: CLIConfig) -> int:
     dtypes = source_dtypes(inputs)
     tokens = as_tensor(eval_stream(inputs, cfg.ttt))
     tables = DeviceTables.from_tables(load_tables(inputs))
-    calib = torch.as_tensor(load_split(inputs, "train")[: cfg.quant.calib_tokens + 1])
+    calib = torch.as_tensor(load_split(inputs, "train", cfg.quant.calib_tokens + 1))
     base = eval_val(model, tokens, cfg.ttt.context, tables, cfg.ttt.micro_batch).bpb
     print(f"{'regime':>20} {'bpb':>8} {'damage':>8} {'quantized':>10} {'zlib B':>10} {'lzma B':>10} {'seconds':>8}")
     for regime in regimes:

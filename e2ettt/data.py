@@ -76,15 +76,19 @@ def find_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
     return files
 
 
-def load_tokens(data_dir: str | os.PathLike, split: str, vocab_size: int | None = None) -> np.ndarray:
-    """Concatenate a split's shards in sorted order into one int64 array.
+def load_tokens(data_dir: str | os.PathLike, split: str, vocab_size: int | None = None, limit: int = 0) -> np.ndarray:
+    """Concatenate a split's shards in sorted order into one int64 array (its first `limit` tokens if > 0,
+    reading no shard beyond them: GPTQ calibration wants 16K tokens, not a whole train split).
 
     With `vocab_size`, a token id outside the vocabulary is a `ShardError`
     (it usually means the shards were made with another tokenizer).
     """
-    parts = []
+    parts, have = [], 0
     for path in find_shards(data_dir, split):
-        tokens = read_shard(path)
+        if limit and have >= limit:
+            break
+        tokens = read_shard(path)[: limit - have if limit else None]
+        have += tokens.size
         if vocab_size is not None and tokens.size and int(tokens.max()) >= vocab_size:
             raise ShardError(
                 f"{path}: token id {int(tokens.max())} is outside the tokenizer's vocabulary of {vocab_size} "

@@ -55,7 +55,6 @@ class Outcome:
     todo: set  # rows this invocation set out to run
     wall_seconds: float = 0.0
     interrupted: bool = False
-    trials_run: int = 0
     dry_run: bool = False
 
 
@@ -170,8 +169,8 @@ def capacity_from_config(config: dict, demand: dict[str, float], strict: bool) -
     return trials, sum(n for t, n in counts.items() if t != head), drivers
 
 
-def max_concurrent(ray, cfg: SweepConfig, log) -> tuple[int, int]:
-    """(trials in flight, worker nodes at most): --max-concurrent, else the autoscaler config, else what is up now."""
+def max_concurrent(ray, cfg: SweepConfig, log) -> int:
+    """Trials in flight: --max-concurrent, else what the autoscaler config holds at its largest, else what is up now."""
     demand = trial_demand(cfg)
     config, path = read_cluster_config(cfg)
     if config is not None:
@@ -184,13 +183,13 @@ def max_concurrent(ray, cfg: SweepConfig, log) -> tuple[int, int]:
                               "(give the head node resources: {\"trial_driver\": N})")
         n = cfg.max_concurrent or min(trials, drivers)
         log(f"  cluster: up to {nodes} worker nodes ({path}) hold {trials} trial(s) at once; running {n} at a time")
-        return n, nodes
+        return n
     res = ray.cluster_resources()
     up = min((int(res.get(r, 0) // need) for r, need in demand.items()), default=1)
     if cfg.address and not cfg.max_concurrent:
         log(f"  cluster: no autoscaler config found ({BOOTSTRAP_CONFIG} or --cluster-config); sizing from the "
             f"{len(ray.nodes())} node(s) up now: {max(1, up)} trial(s) at once (--max-concurrent to change)")
-    return cfg.max_concurrent or max(1, up), 0
+    return cfg.max_concurrent or max(1, up)
 
 
 # ---------------------------------------------------------------- artifacts as Ray objects
@@ -256,16 +255,16 @@ def prepare_artifacts(ray, sw: Sweep, log) -> dict[str, object]:
     return refs
 
 
-def trial_config(sw: Sweep, t: Trial, seeds: list[int]) -> dict:
+def trial_config(sw: Sweep, t: Trial) -> dict:
     """What Tune hands `run_cell`: the trial's spec (artifacts by name) and its resources."""
     cfg = sw.cfg
     wkey = {r: prepare.regime_key(sw.fingerprint, r, cfg.quant, cfg.device) for r in {t.regime, "fp"}}
     static = {str(s): {role: prepare.static_key(wkey[r], t.at_seed(s), cfg.device)
-                       for role, r in (("regime", t.regime), ("fp", "fp"))} for s in seeds}
+                       for role, r in (("regime", t.regime), ("fp", "fp"))} for s in t.seeds}
     faults = json.loads(cfg.fault) if cfg.fault else {}
     fault = faults.get(t.regime) or faults.get(t.key) or {}
     spec = {"key": t.key, "inputs": sw.inputs.as_dict(), "regime": t.regime, "ttt": dataclasses.asdict(t.ttt),
-            "seeds": seeds, "weights": wkey[t.regime], "static": static, "threads": cfg.cpus_per_worker, "fault": fault,
+            "seeds": list(t.seeds), "weights": wkey[t.regime], "static": static, "threads": cfg.cpus_per_worker, "fault": fault,
             "report_seconds": cfg.report_seconds, "stop_rule": [cfg.stop_threshold, cfg.stop_min_fraction]}
     resources = {"workers": cfg.ranks, "cpus_per_worker": cfg.cpus_per_worker,
                  "gpus_per_worker": 1 if cfg.gpus_per_trial else 0, "max_worker_failures": cfg.max_worker_failures,
@@ -610,8 +609,8 @@ def write_manifest(sw: Sweep, run_dir: Path, extra: dict) -> None:
                                                              for r, rep in sw.reports.items()}},
                     "configs": configs, "runs": old.get("runs", []) + [extra]}
         write_json_atomic(path, manifest)
-    if not (sw.store.local and Path(sw.store.root) == run_dir.parent):
-        sw.store.write_bytes(f"{sw.cfg.name}/manifest.json", path.read_bytes())
+    if sw.tables.store is not None:  # kept beside the tables' copies
+        sw.tables.store.write_bytes(f"{sw.cfg.name}/manifest.json", path.read_bytes())
 
 
 def run(cfg: SweepConfig, log=print, code_dir: str | os.PathLike = ".") -> Outcome:
@@ -660,11 +659,10 @@ def run(cfg: SweepConfig, log=print, code_dir: str | os.PathLike = ".") -> Outco
     if cfg.dashboard:
         sw.live = live_metrics()
     try:
-        concurrency, _ = max_concurrent(ray, cfg, log)
+        concurrency = max_concurrent(ray, cfg, log)
         if todo_trials:
             refs = prepare_artifacts(ray, sw, log)
-            configs = [trial_config(sw, t, list(t.seeds)) for t in todo_trials.values()]
-            outcome.trials_run = len(configs)
+            configs = [trial_config(sw, t) for t in todo_trials.values()]
             outcome.interrupted = run_trials(ray, sw, configs, refs, concurrency, log)
     except KeyboardInterrupt:
         outcome.interrupted = True

@@ -50,15 +50,12 @@ def static_key(weights_key: str, cfg: TTTConfig, device: str) -> str:
     return f"{weights_key}/static-" + config_hash({**windowing(cfg), "device": device}, 16)
 
 
-def eval_stream(inputs: Inputs, cfg: TTTConfig) -> np.ndarray:
-    """The validation tokens a trial evaluates (cap and seed applied; bad combinations raise)."""
-    tokens = data.eval_segment(load_split(inputs, "val"), cfg.max_tokens, cfg.seed)
+def eval_stream(inputs: Inputs, cfg: TTTConfig, val: np.ndarray | None = None) -> np.ndarray:
+    """The validation tokens a trial evaluates (cap and seed applied; bad combinations raise).
+    `val`: the validation split, when the caller already holds it (one read for many seeds)."""
+    tokens = data.eval_segment(load_split(inputs, "val") if val is None else val, cfg.max_tokens, cfg.seed)
     chunk_spans(tokens.size - 1, cfg.chunk_tokens)  # raises if the chunk is larger than the stream
     return tokens
-
-
-def stream_start(inputs: Inputs, cfg: TTTConfig) -> int:
-    return data.segment_start(load_split(inputs, "val"), cfg.max_tokens, cfg.seed)
 
 
 def quantize_regime(inputs: Inputs, regime: str, qcfg: QuantConfig, device: str = "cpu",
@@ -69,7 +66,7 @@ def quantize_regime(inputs: Inputs, regime: str, qcfg: QuantConfig, device: str 
     model = load_source_model(inputs).to(device)
     calib = None
     if spec.needs_calibration:
-        calib = torch.as_tensor(load_split(inputs, "train")[: qcfg.calib_tokens + 1]).to(device)
+        calib = torch.as_tensor(load_split(inputs, "train", qcfg.calib_tokens + 1)).to(device)
     qmodel, report = quantize_model(model, spec, qcfg, calib, source_dtypes(inputs))
     summary = {**{f.name: getattr(report, f.name) for f in dataclasses.fields(report) if f.name != "artifact"},
                "artifact_bytes": report.artifact_bytes, "device": device}
@@ -83,7 +80,7 @@ def check_regimes(inputs: Inputs, regimes: list[str], qcfg: QuantConfig) -> None
         return
     require_targets(load_source_model(inputs), qcfg, next(s.name for s in specs if s.method in ("rtn", "gptq")))
     if any(s.needs_calibration for s in specs):
-        load_split(inputs, "train")  # GPTQ calibrates on the train split: its shards must exist
+        data.find_shards(inputs.data, "train")  # GPTQ calibrates on the train split: its shards must exist
 
 
 def load_regime_model(inputs: Inputs, state: State, device: torch.device | str = "cpu") -> torch.nn.Module:
@@ -98,10 +95,11 @@ def static_scores(inputs: Inputs, state: State, cfgs: list[TTTConfig], device: s
     set_threads(threads)
     model = load_regime_model(inputs, state, device)
     tables = DeviceTables.from_tables(load_tables(inputs), device)
+    val = load_split(inputs, "val")
     out = []
     for cfg in cfgs:
         t0 = time.perf_counter()
-        tokens = as_tensor(eval_stream(inputs, cfg), device)
+        tokens = as_tensor(eval_stream(inputs, cfg, val), device)
         spans = chunk_spans(tokens.numel() - 1, cfg.chunk_tokens)
         with torch.no_grad():
             curve = static_curve(model, tokens, spans, cfg.context, cfg.stride or None, tables, cfg.micro_batch,

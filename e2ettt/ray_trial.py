@@ -24,7 +24,7 @@ import uuid
 
 from e2ettt.prepare import total
 from e2ettt.ttt import ChunkRecord
-from e2ettt.worker import Progress, run_trial_on_rank
+from e2ettt.worker import Progress, curve_point, run_trial_on_rank
 
 
 def stop_reason(result: dict, threshold: float, min_fraction: float) -> str:
@@ -59,7 +59,7 @@ class TuneProgress(Progress):
         self.report = ray.train.report
         self.board, self.get, self.reason = board, ray.get, ""
         self.stop_rule = stop_rule  # (threshold, min_fraction): the sweep stopper's rule, to know when to wait for it
-        self.finished: dict | None = None  # the last seed_done report, when its seed looked like one the stopper ends
+        self.waiting_on: int | None = None  # a finished seed that looked like one the stopper ends: wait for its verdict
         self.base = {"setting_key": key, "regime": regime, "node_id": node_id, "attempt": uuid.uuid4().hex}
         self.every_s, self.max_chunks = every_s, max_chunks
         self.last = time.monotonic()
@@ -85,14 +85,14 @@ class TuneProgress(Progress):
         (a seed's report reaches the stopper a moment after the seed ends), else ask without waiting."""
         if self.rank != 0:
             return 0.0
-        if self.finished is not None and self.board is not None and not self.reason:
+        if self.waiting_on is not None and self.board is not None and not self.reason:
             deadline = time.monotonic() + 30.0
-            while (why := self.get(self.board.verdict.remote(self.base["setting_key"], self.finished["seed"]))) is None:
+            while (why := self.get(self.board.verdict.remote(self.base["setting_key"], self.waiting_on))) is None:
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
             self.reason = why or ""
-            self.finished = None
+            self.waiting_on = None
         return 1.0 if self._stop_requested() else 0.0
 
     def stop_reason(self) -> str:
@@ -106,13 +106,11 @@ class TuneProgress(Progress):
                         "seed_tokens": self.seed_tokens, "tokens_seen": self.tokens_before, "seed_fraction": 0.0,
                         "diverged": False}
 
-    def chunk(self, seed: int, rec: ChunkRecord) -> None:
+    def chunk(self, seed: int, rec: ChunkRecord) -> bool:
         nll, nbytes, _ = self.static[rec.chunk]
         self.static_sums = [self.static_sums[0] + nll, self.static_sums[1] + nbytes]
         running_static = self.static_sums[0] / (math.log(2) * self.static_sums[1])
-        self.pending.append({"chunk": rec.chunk, "tokens_seen": rec.tokens_seen, "ttt_bpb": rec.ttt_bpb,
-                             "static_bpb": rec.static_bpb, "running_ttt_bpb": rec.running_ttt_bpb, "lr": rec.lr,
-                             "bytes": rec.bytes, "adapt_seconds": rec.adapt_seconds})
+        self.pending.append(curve_point(rec))
         self.metrics.update(tokens_seen=self.tokens_before + rec.tokens_seen, seed_fraction=rec.tokens_seen / self.seed_tokens,
                             running_ttt_bpb=rec.running_ttt_bpb, running_static_bpb=running_static,
                             running_recovery=running_static - rec.running_ttt_bpb)
@@ -125,7 +123,7 @@ class TuneProgress(Progress):
         self.metrics.update(seed=seed, diverged=bool(row and row.get("diverged")))
         self._send("seed_done", json.dumps(row, default=float) if row is not None else "")
         looks_stopped = stop_reason({**self.metrics, "kind": "seed_done"}, *self.stop_rule)
-        self.finished = {"seed": seed} if ran and looks_stopped else None
+        self.waiting_on = seed if ran and looks_stopped else None
         if ran:
             self.tokens_before += self.seed_tokens
 

@@ -125,8 +125,8 @@ def load_tables(inputs: Inputs) -> ByteTables:
     return build_byte_tables(load_tokenizer(inputs.tokenizer), inputs.vocab_size)
 
 
-def load_split(inputs: Inputs, split: str) -> np.ndarray:
-    return data.load_tokens(inputs.data, split, inputs.vocab_size)
+def load_split(inputs: Inputs, split: str, limit: int = 0) -> np.ndarray:
+    return data.load_tokens(inputs.data, split, inputs.vocab_size, limit)
 
 
 def set_threads(threads: int) -> None:

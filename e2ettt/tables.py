@@ -77,8 +77,6 @@ CURVE_SCHEMA = pa.schema([
     ("ttt_bpb", pa.float64()), ("static_bpb", pa.float64()), ("running_ttt_bpb", pa.float64()),
     ("lr", pa.float64()), ("bytes", pa.float64()), ("adapt_seconds", pa.float64()), ("written_at", pa.int64()),
 ])
-TRIAL_COLUMNS = TRIAL_SCHEMA.names
-CURVE_COLUMNS = CURVE_SCHEMA.names
 
 
 class TableError(ValueError):
@@ -179,6 +177,7 @@ class RunTables:
     def __init__(self, run_dir: str | os.PathLike, store: Store | None = None, name: str = ""):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.store = store  # where copies of the parts go (None: the run directory is the storage)
         self.trials_set = Dataset(self.dir / "trials.parquet", TRIAL_SCHEMA, store, f"{name}/trials.parquet")
         self.curves_set = Dataset(self.dir / "curves.parquet", CURVE_SCHEMA, store, f"{name}/curves.parquet")
 

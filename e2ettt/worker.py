@@ -11,6 +11,7 @@ store, never through a disk another node wrote). Optional fault injection
 """
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import resource
@@ -24,7 +25,7 @@ import torch
 from e2ettt import prepare
 from e2ettt.distributed import all_reduce_sum_, world
 from e2ettt.evaluate import DeviceTables, Score, as_tensor
-from e2ettt.source import Inputs, load_tables, set_threads
+from e2ettt.source import Inputs, load_split, load_tables, set_threads
 from e2ettt.ttt import ChunkRecord, TTTConfig, run_ttt
 
 
@@ -71,10 +72,10 @@ def result_row(result, static: dict, fp_static: dict, stop_reason: str = "") -> 
     }
 
 
-def curve_rows(result) -> list[dict]:
-    return [{"chunk": c.chunk, "tokens_seen": c.tokens_seen, "ttt_bpb": c.ttt_bpb, "static_bpb": c.static_bpb,
-             "running_ttt_bpb": c.running_ttt_bpb, "lr": c.lr, "bytes": c.bytes, "adapt_seconds": c.adapt_seconds}
-            for c in result.chunks]
+def curve_point(c: ChunkRecord) -> dict:
+    """A chunk as one row of curves.parquet."""
+    return {"chunk": c.chunk, "tokens_seen": c.tokens_seen, "ttt_bpb": c.ttt_bpb, "static_bpb": c.static_bpb,
+            "running_ttt_bpb": c.running_ttt_bpb, "lr": c.lr, "bytes": c.bytes, "adapt_seconds": c.adapt_seconds}
 
 
 class Progress:
@@ -115,9 +116,10 @@ def run_trial_on_rank(spec: dict, device: torch.device | str = "cpu", fetch: Cal
     fault = spec.get("fault") or {}
     started_at = time.time()
     t0 = time.perf_counter()
-    state = fetch(spec["weights"])
+    base = prepare.load_regime_model(inputs, fetch(spec["weights"]), device)  # each seed adapts its own copy
     tables = DeviceTables.from_tables(load_tables(inputs), device)
-    fetch_seconds = time.perf_counter() - t0
+    val = load_split(inputs, "val")  # read once: every seed takes its segment from it
+    setup_seconds = time.perf_counter() - t0
     seeds = []
     stopped = False
     for seed in spec["seeds"]:
@@ -131,9 +133,10 @@ def run_trial_on_rank(spec: dict, device: torch.device | str = "cpu", fetch: Cal
         t1 = time.perf_counter()
         cfg = TTTConfig(**{**spec["ttt"], "seed": seed})
         static, fp_static = fetch(spec["static"][str(seed)]["regime"]), fetch(spec["static"][str(seed)]["fp"])
-        tokens = as_tensor(prepare.eval_stream(inputs, cfg), device)
-        model = prepare.load_regime_model(inputs, state, device)
-        load_seconds = time.perf_counter() - t1 + (fetch_seconds if not seeds else 0.0)
+        tokens = as_tensor(prepare.eval_stream(inputs, cfg, val), device)
+        model = copy.deepcopy(base)
+        load_seconds = time.perf_counter() - t1 + setup_seconds
+        setup_seconds = 0.0  # the first seed's row carries the trial's set-up
         progress.seed_started(seed, static, fp_static)
 
         def chunk_done(rec: ChunkRecord, seed=seed) -> bool:
@@ -149,7 +152,7 @@ def run_trial_on_rank(spec: dict, device: torch.device | str = "cpu", fetch: Cal
                    "device": device.type, "device_name": device_name(device), "hostname": socket.gethostname(),
                    "started_at": started_at, "ended_at": time.time(),
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-            curve = curve_rows(result)
+            curve = [curve_point(c) for c in result.chunks]
             seeds.append({"seed": seed, "row": row, "curve": curve})
         progress.seed_done(seed, row, curve)
     return {"seeds": seeds} if rank == 0 else None

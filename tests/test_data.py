@@ -73,3 +73,12 @@ def test_seeds_that_cannot_mean_other_text_are_refused():
     assert data.segment_start(no_bos, 300, 0) == 0
     with pytest.raises(ValueError, match="holds 1 non-overlapping segments .* starting at a document"):
         data.segment_start(no_bos, 300, 1)
+
+
+def test_a_token_limit_reads_only_the_shards_it_needs(tmp_path):
+    data.write_shard(tmp_path / "x_train_000000.bin", np.arange(100))
+    data.write_shard(tmp_path / "x_train_000001.bin", np.arange(100, 200))
+    (tmp_path / "x_train_000002.bin").write_bytes(b"not a shard")  # never opened under a limit of 150
+    np.testing.assert_array_equal(data.load_tokens(tmp_path, "train", limit=150), np.arange(150))
+    with pytest.raises(data.ShardError, match="x_train_000002.bin"):
+        data.load_tokens(tmp_path, "train")
