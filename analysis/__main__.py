@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from analysis.report import caveats, key_table, markdown_key_table, selection_note, write_report
-from analysis.tables import RunError, load_run
+from analysis.runs import RunError, load_run
 
 
 def main(argv: list[str] | None = None) -> int:

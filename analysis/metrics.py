@@ -21,7 +21,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from analysis.tables import DISPLAY_SETTINGS
+from analysis.runs import DISPLAY_SETTINGS
 
 # two-sided 95% Student-t quantiles t(0.975, df), df = 1..30; the normal 1.96 beyond
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -164,20 +164,20 @@ def running_static_bpb(curve: pd.DataFrame) -> np.ndarray:
 
 
 def control_pairs(trials: pd.DataFrame) -> pd.DataFrame:
-    """Each ok regime row with its fp control (same control key): regime trial_id, fp trial_id."""
+    """Each ok regime row with its fp control (same control key): regime row_id, fp row_id."""
     t = ok(trials)
-    fp = t[t["regime"] == "fp"][["control_key", "trial_id"]].drop_duplicates("control_key")
-    return t[t["regime"] != "fp"].merge(fp.rename(columns={"trial_id": "fp_trial"}), on="control_key")
+    fp = t[t["regime"] == "fp"][["control_key", "row_id"]].drop_duplicates("control_key")
+    return t[t["regime"] != "fp"].merge(fp.rename(columns={"row_id": "fp_row"}), on="control_key")
 
 
 def tokens_to_heal(trials: pd.DataFrame, curves: pd.DataFrame, within: float = 0.01) -> pd.DataFrame:
-    """Tokens of TTT until a trial's running bpb is within `within` of its fp control's running static bpb
+    """Tokens of TTT until a row's running bpb is within `within` of its fp control's running static bpb
     (the unquantized model on the same chunks); NaN when never reached."""
     rows = []
     shown = settings_shown(trials)
     for _, p in control_pairs(trials).iterrows():
-        c = curves[curves["trial_id"] == p["trial_id"]].sort_values("chunk")
-        f = curves[curves["trial_id"] == p["fp_trial"]].sort_values("chunk")
+        c = curves[curves["row_id"] == p["row_id"]].sort_values("chunk")
+        f = curves[curves["row_id"] == p["fp_row"]].sort_values("chunk")
         if c.empty or f.empty or len(c) != len(f):
             continue
         hit = np.flatnonzero(c["running_ttt_bpb"].to_numpy() <= running_static_bpb(f) + within)

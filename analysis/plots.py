@@ -85,16 +85,16 @@ def healing_curves(trials: pd.DataFrame, curves: pd.DataFrame, out: Path, run: s
         if rows.empty:
             continue
         r = rows.iloc[0]
-        fp_id = pairs.loc[pairs["trial_id"] == r["trial_id"], "fp_trial"]
-        panels.append((b, r, fp_id.iloc[0] if len(fp_id) else (r["trial_id"] if b["regime"] == "fp" else None)))
+        fp_id = pairs.loc[pairs["row_id"] == r["row_id"], "fp_row"]
+        panels.append((b, r, fp_id.iloc[0] if len(fp_id) else (r["row_id"] if b["regime"] == "fp" else None)))
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, (b, r, fp_id) in zip(axes[0], panels):
-        c = curves[curves["trial_id"] == r["trial_id"]].sort_values("chunk")
+        c = curves[curves["row_id"] == r["row_id"]].sort_values("chunk")
         ax.plot(c["tokens_seen"], metrics.running_static_bpb(c) - c["running_ttt_bpb"], label=f"{b['regime']}: static − TTT")
-        if fp_id is not None and b["regime"] != "fp" and fp_id in set(fp_rows["trial_id"]):
-            f = curves[curves["trial_id"] == fp_id].sort_values("chunk")
+        if fp_id is not None and b["regime"] != "fp" and fp_id in set(fp_rows["row_id"]):
+            f = curves[curves["row_id"] == fp_id].sort_values("chunk")
             ax.plot(f["tokens_seen"], metrics.running_static_bpb(f) - f["running_ttt_bpb"], "--", color="k",
                     label="fp: static − TTT (plain adaptation)")
         ax.axhline(0, color="grey", lw=0.8)

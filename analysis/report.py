@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import metrics, plots
-from analysis.tables import Run
+from analysis.runs import Run
 
 GOLF_CAP_BYTES = 16_000_000
 EVAL_BUDGET_SECONDS = 600

@@ -19,7 +19,7 @@ from _common import REPO, record
 
 sys.path.insert(0, str(REPO))
 from analysis.metrics import best_setting  # noqa: E402
-from analysis.tables import load_run  # noqa: E402
+from analysis.runs import load_run  # noqa: E402
 
 
 def sweep(name: str, extra: list[str]) -> tuple[float, Path]:

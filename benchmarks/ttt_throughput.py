@@ -101,7 +101,7 @@ def main() -> None:
                 rows.append({"model": name, "dtype": dtype_name, "engine tok/s": "skipped", "naive tok/s": "skipped",
                              "engine/naive": "-", "engine GFLOP/s": "-", "of matmul rate": "-", "naive of matmul rate": "-"})
                 continue
-            ttt_cfg = TTTConfig(chunk_tokens=chunk, context=T, lr=1e-3, epochs=args.epochs, micro_batch=16,
+            ttt_cfg = TTTConfig(chunk_tokens=chunk, context=T, inner_lr=1e-3, epochs=args.epochs, micro_batch=16,
                                 dtype=dtype_name, diverge_nats=1e9)
             m = copy.deepcopy(model)
             run_ttt(m, tokens[: chunk + T + 1], tables, ttt_cfg)  # warm-up: one adapted chunk, one scored window

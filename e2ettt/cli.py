@@ -2,7 +2,7 @@
 
     e2ettt demo                                   # build (or reuse) the demo, print its validation bpb
     e2ettt quantize --regimes fp,int4,gptq-int4   # damage and artifact size per regime
-    e2ettt ttt --regime int3 --lr 0.03 --workers 2 --set ttt.chunk_tokens=256
+    e2ettt ttt --regime int3 --inner-lr 0.03 --workers 2 --set ttt.chunk_tokens=256
 
 Model, data and tokenizer default to the embedded demo; --checkpoint,
 --data and --tokenizer point at parameter-golf files instead. Settings are
@@ -16,10 +16,8 @@ import json
 import sys
 import tempfile
 
-import yaml
-
-from e2ettt.config import ConfigError, override
-from e2ettt.demo import DEMO_QUANT_MIN_NUMEL
+from e2ettt.config import ConfigError, override, set_items
+from e2ettt.demo import DEMO_SETTINGS
 from e2ettt.quant.regimes import QuantConfig, RegimeError, parse_regime
 from e2ettt.source import SourceConfig
 from e2ettt.ttt import TTTConfig
@@ -44,14 +42,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def build(args: argparse.Namespace) -> CLIConfig:
     updates = {"source.checkpoint": args.checkpoint, "source.data": args.data, "source.tokenizer": args.tokenizer,
-               "source.model_fn": args.model_fn}
-    if not args.checkpoint:
-        updates["quant.min_numel"] = DEMO_QUANT_MIN_NUMEL
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        updates[key] = yaml.safe_load(value)
+               "source.model_fn": args.model_fn, **({} if args.checkpoint else DEMO_SETTINGS), **set_items(args.set)}
     return override(CLIConfig(), updates)
 
 
@@ -69,8 +60,8 @@ def cmd_demo(args, cfg: CLIConfig) -> int:
 def cmd_quantize(args, cfg: CLIConfig) -> int:
     import torch
 
+    from e2ettt.data import eval_segment
     from e2ettt.evaluate import DeviceTables, as_tensor, eval_val
-    from e2ettt.prepare import eval_stream
     from e2ettt.quant.apply import quantize_model
     from e2ettt.source import load_source_model, load_split, load_tables, resolve, source_dtypes
 
@@ -78,7 +69,7 @@ def cmd_quantize(args, cfg: CLIConfig) -> int:
     inputs = resolve(cfg.source)
     model = load_source_model(inputs)
     dtypes = source_dtypes(inputs)
-    tokens = as_tensor(eval_stream(inputs, cfg.ttt))
+    tokens = as_tensor(eval_segment(load_split(inputs, "val"), cfg.ttt.max_tokens, cfg.ttt.seed))
     tables = DeviceTables.from_tables(load_tables(inputs))
     calib = torch.as_tensor(load_split(inputs, "train", cfg.quant.calib_tokens + 1))
     base = eval_val(model, tokens, cfg.ttt.context, tables, cfg.ttt.micro_batch).bpb
@@ -94,42 +85,42 @@ def cmd_quantize(args, cfg: CLIConfig) -> int:
 
 
 def cmd_ttt(args, cfg: CLIConfig) -> int:
-    from e2ettt import prepare
+    from e2ettt import artifacts
     from e2ettt.launch import run_local
-    from e2ettt.source import fingerprint, resolve
+    from e2ettt.source import fingerprint, load_split, resolve
     from e2ettt.storage import Store
+    from e2ettt.sweep import make_trial, segments
     from e2ettt.worker import run_trial_on_rank
 
     parse_regime(args.regime)
-    cfg = dataclasses.replace(cfg, ttt=override(cfg.ttt, {"lr": args.lr} if args.lr is not None else {}))
+    ttt = override(cfg.ttt, {"inner_lr": args.lr} if args.lr is not None else {})
     inputs = resolve(cfg.source)
-    prepare.eval_stream(inputs, cfg.ttt)  # bad seed, cap or chunk size: one line, before any work
-    store = Store(args.work_dir or tempfile.mkdtemp(prefix="e2ettt-"))
+    val = load_split(inputs, "val")
+    starts = segments(val, ttt.max_tokens, [ttt.seed], [ttt.chunk_tokens])  # bad seed, cap or chunk: one line
     fp = fingerprint(inputs)
-    static = {}
-    for regime in dict.fromkeys(["fp", args.regime]):
-        key = prepare.regime_key(fp, regime, cfg.quant, "cpu")
-        cached = prepare.load_regime(store, key)
+    trial = make_trial(inputs, fp, args.regime, [dataclasses.replace(ttt, seed=0)], starts, cfg.quant, "cpu", args.workers,
+                       args.threads)
+    (setting, row), = trial.rows
+    store = Store(args.work_dir or tempfile.mkdtemp(prefix="e2ettt-"))
+    values = {}
+    for regime, static in dict.fromkeys([("fp", row.fp_static), (args.regime, row.static)]):
+        key = artifacts.weights_key(fp, regime, cfg.quant, "cpu")
+        cached = artifacts.load_regime(store, key)
         if cached is None:
-            cached = prepare.quantize_regime(inputs, regime, cfg.quant, "cpu", args.threads)
-            prepare.save_regime(store, key, *cached)
-        static[regime] = (cached[1], prepare.static_scores(inputs, cached[1], [cfg.ttt], "cpu", args.threads)[0])
-    spec = {"inputs": inputs.as_dict(), "regime": args.regime, "ttt": dataclasses.asdict(cfg.ttt), "seeds": [cfg.ttt.seed],
-            "weights": static[args.regime][0], "threads": args.threads,
-            "static": {str(cfg.ttt.seed): {"regime": static[args.regime][1], "fp": static["fp"][1]}}}
-    out = run_local(run_trial_on_rank, (spec,), args.workers)["seeds"][0]
-    row, curve = out["row"], out["curve"]
-    print(f"{args.regime}: pre-quant {row['pre_quant_bpb']:.4f}  post-quant {row['post_quant_bpb']:.4f}  "
-          f"post-TTT {row['post_ttt_bpb']:.4f} bpb  (damage {row['damage']:+.4f}, recovery {row['recovery']:+.4f}, "
-          f"status {row['status']})")
-    print(f"{row['tokens_scored']:,} tokens on {row['world_size']} rank(s) in {row['ttt_seconds']:.1f} s "
-          f"({row['tokens_per_second']:,.0f} tokens/s); first_chunk_delta {row['first_chunk_delta']:.2e}")
+            cached = artifacts.quantize_regime(inputs, regime, cfg.quant, "cpu", args.threads)
+            artifacts.save_regime(store, key, *cached)
+        windowing = artifacts.Windowing.of(ttt, row.segment_start)
+        values[key], values[static] = cached[1], artifacts.static_scores(inputs, cached[1], [windowing], "cpu", args.threads)[0]
+    (_, m, curve), = run_local(run_trial_on_rank, (trial, values), args.workers)
+    print(f"{args.regime}: pre-quant {m.pre_quant_bpb:.4f}  post-quant {m.post_quant_bpb:.4f}  post-TTT {m.post_ttt_bpb:.4f} "
+          f"bpb  (damage {m.damage:+.4f}, recovery {m.recovery:+.4f}, status {m.status})")
+    print(f"{m.tokens_scored:,} tokens on {args.workers} rank(s) in {m.ttt_seconds:.1f} s "
+          f"({m.tokens_per_second:,.0f} tokens/s); first_chunk_delta {m.first_chunk_delta:.2e}")
     step = max(1, len(curve) // 12)
-    print(f"{'chunk':>6} {'tokens':>8} {'static':>8} {'ttt':>8} {'running':>8} {'lr':>9}")
+    print(f"{'chunk':>6} {'tokens':>8} {'static':>8} {'ttt':>8} {'running':>8} {'inner lr':>9}")
     for c in curve[::step] + ([curve[-1]] if (len(curve) - 1) % step else []):
-        print(f"{c['chunk']:>6} {c['tokens_seen']:>8,} {c['static_bpb']:8.4f} {c['ttt_bpb']:8.4f} "
-              f"{c['running_ttt_bpb']:8.4f} {c['lr']:9.2e}")
-    return 0 if row["status"] == "ok" else 1
+        print(f"{c.chunk:>6} {c.tokens_seen:>8,} {c.static_bpb:8.4f} {c.ttt_bpb:8.4f} {c.running_ttt_bpb:8.4f} {c.inner_lr:9.2e}")
+    return 0 if m.status == "ok" else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("ttt", help="static eval + score-first TTT for one regime and setting", formatter_class=fmt)
     _common(t)
     t.add_argument("--regime", default="int3", help="the quantization regime to heal")
-    t.add_argument("--lr", type=float, default=None, help="inner learning rate (default: ttt.lr)")
+    t.add_argument("--inner-lr", "--lr", dest="lr", type=float, default=None, help="inner learning rate (default: ttt.inner_lr)")
     t.add_argument("--workers", type=int, default=1, help="ranks (gloo processes on this machine)")
     t.add_argument("--work-dir", default="", help="where regime artifacts are cached (default: a temp dir)")
     args = parser.parse_args(argv)

@@ -1,8 +1,11 @@
 """Frozen configuration dataclasses and the one override path (dotted keys).
 
 The CLI flags, grid files and sweep trials all change settings through
-`override(cfg, {"ttt.lr": 0.01, ...})`; an unknown key or a value of the
-wrong type is a `ConfigError` naming the key.
+`override(cfg, {"ttt.inner_lr": 0.01, ...})`; an unknown key or a value of
+the wrong type is a `ConfigError` naming the key. `settings_file`,
+`set_items` and `split_list` turn what a user typed (a YAML file,
+`--set KEY=VALUE`, a comma-separated flag) into such updates, for every
+entry point alike.
 """
 from __future__ import annotations
 
@@ -10,8 +13,11 @@ import dataclasses
 import hashlib
 import json
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 
 class ConfigError(ValueError):
@@ -46,8 +52,6 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{name}: expected a number, got {value!r}") from None
     if annotation is str:
-        if isinstance(value, (dict, list)):  # structured data for a string setting (e.g. a JSON fault spec)
-            return json.dumps(value)
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
         return str(value)
@@ -92,3 +96,48 @@ def config_hash(obj: Any, length: int = 12) -> str:
         obj = dataclasses.asdict(obj)
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def settings_file(path: str | Path) -> dict[str, Any]:
+    """A YAML (or JSON) file of settings, nested or dotted, as dotted-key updates (lists become tuples)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--grid {path}: file does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())  # JSON is YAML
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--grid {path}: not valid YAML/JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--grid {path}: expected a mapping of settings, got {type(loaded).__name__}")
+    return _flatten(loaded)
+
+
+def _flatten(obj: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def set_items(items: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` items as updates; values are read as YAML (numbers, booleans, lists)."""
+    updates = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        loaded = yaml.safe_load(value)
+        updates[key.strip()] = tuple(loaded) if isinstance(loaded, list) else loaded
+    return updates
+
+
+def split_list(value: str, kind: Callable, flag: str) -> tuple:
+    """A comma-separated flag as a tuple of `kind`."""
+    items = [s.strip() for s in str(value).split(",") if s.strip()]
+    try:
+        return tuple(kind(s) for s in items)
+    except ValueError:
+        raise ConfigError(f"--{flag}: cannot read {value!r} as a list of {kind.__name__}") from None

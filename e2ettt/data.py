@@ -133,7 +133,7 @@ def segment_start(tokens: np.ndarray, max_tokens: int, seed: int = 0) -> int:
     """
     if seed < 0:
         raise ValueError(f"ttt.seed must be >= 0, got {seed}")
-    if max_tokens <= 0 or max_tokens + 1 >= tokens.size:
+    if covers_stream(tokens, max_tokens):
         if seed:
             raise ValueError(f"ttt.seed={seed} without a token cap smaller than the stream ({tokens.size - 1:,} targets): "
                              "every seed would evaluate the same tokens; set ttt.max_tokens (--max-tokens) or use seed 0")
@@ -146,10 +146,16 @@ def segment_start(tokens: np.ndarray, max_tokens: int, seed: int = 0) -> int:
     return starts[seed]
 
 
+def covers_stream(tokens: np.ndarray, max_tokens: int) -> bool:
+    """Whether a cap of `max_tokens` targets leaves the whole stream (no cap, or one at least as long)."""
+    return max_tokens <= 0 or max_tokens + 1 >= tokens.size
+
+
+def segment(tokens: np.ndarray, start: int, max_tokens: int) -> np.ndarray:
+    """The stream a row evaluates: `max_tokens` targets (+1 input token) from `start`, or all of it."""
+    return tokens if covers_stream(tokens, max_tokens) else tokens[start : start + max_tokens + 1]
+
+
 def eval_segment(tokens: np.ndarray, max_tokens: int, seed: int = 0) -> np.ndarray:
-    """The stream a trial evaluates: `max_tokens` targets (+1 input token) from seed's segment, or all of it."""
-    if max_tokens <= 0 or max_tokens + 1 >= tokens.size:
-        segment_start(tokens, max_tokens, seed)  # seeds other than 0 are refused here
-        return tokens
-    start = segment_start(tokens, max_tokens, seed)
-    return tokens[start : start + max_tokens + 1]
+    """The stream seed `seed` evaluates under a cap (seeds that cannot mean other text are refused)."""
+    return segment(tokens, segment_start(tokens, max_tokens, seed), max_tokens)

@@ -1,41 +1,73 @@
-"""A sweep's settings and its plan, decided before Ray starts.
+"""A sweep's settings, its plan and the `Sweep` it yields, all decided before Ray starts.
 
-`SweepConfig` holds every setting of a sweep (the CLI and grid files change
-it through `config.override`). `plan` turns it into trials: one Tune trial
-per regime and setting (inner lr, chunk size, epochs, optimizer, adapted
-parameters), each evaluating the grid's seeds in turn on one Ray Train
-worker group, and one table row per seed. Every row gets three keys:
+`SweepConfig` holds every setting of a sweep (flags, grid files and `--set`
+change it through `config.override`). `plan` turns it into trials: a trial
+(one Tune trial, one Ray Train worker group) evaluates one regime at one
+or more settings (inner lr, chunk size, epochs, optimizer, adapted
+parameters), each at every seed in turn; a row is one setting at one seed.
+The plan computes, once, everything a row needs and everything that
+refers to it:
 
-- `trial_id`: the cell (input fingerprint, device, ranks, regime, quant and
-  TTT settings, seed) — a resumed sweep skips rows already in the table;
-- `setting_key`: the same without the seed — the rows an interval is taken over;
-- `control_key`: the same without the regime — the fp row with a regime
-  row's control key is its control, matched on every setting at once.
+- `row_id`: inputs fingerprint, device, ranks, regime, quant and TTT
+  settings, seed and segment; a resumed sweep skips rows already written;
+- `setting_key`: the same without the seed and segment: the rows an
+  interval is taken over;
+- `control_key`: the same without the regime: the fp row with a regime
+  row's control key is its control, matched on every setting at once;
+- the segment of the validation stream the row evaluates, and the keys of
+  the artifacts it reads (the regime's weights, its static curve and fp's).
 
-Bad values (an unknown regime, a seed that cannot mean other text, a chunk
-larger than the stream) raise here, in the driver, before any node starts.
+Every check fails before any node starts: the settings' own in
+`SweepConfig.validate` (run whenever a config is built), those against the
+inputs (segments, chunk sizes, regimes the model can take) in `preflight`.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
+
+from e2ettt import artifacts, data
+from e2ettt.artifacts import Needs, Windowing
 from e2ettt.config import ConfigError, config_hash, override
+from e2ettt.evaluate import chunk_spans
+from e2ettt.provenance import git_sha, versions
 from e2ettt.quant.regimes import QuantConfig, parse_regime
-from e2ettt.source import SourceConfig
+from e2ettt.source import Inputs, SourceConfig, fingerprint, load_split
+from e2ettt.storage import Store
 from e2ettt.ttt import TTTConfig
+
+if TYPE_CHECKING:  # the tables (pandas, pyarrow) are the driver's: trial workers import this module without them
+    from e2ettt.tables import RunTables
 
 
 @dataclass(frozen=True)
 class Grid:
     regimes: tuple = ("fp", "gptq-int3", "int3", "int2")  # fp is the control; damage spans ~0.01 to ~0.4 bpb
-    lrs: tuple = (1e-4, 0.03, 3.0)  # too small to matter .. helps .. diverges
+    inner_lrs: tuple = (1e-4, 0.03, 3.0)  # too small to matter .. helps .. diverges
     chunks: tuple = (512, 2048)  # chunk_tokens; >= 2 windows of context each, so both ranks have work
     seeds: tuple = (0, 1, 2, 3, 4, 5)  # validation segments (under a cap), run in turn in one trial; best: chosen on 0-2
     epochs: tuple = (1,)
     optimizers: tuple = ("sgd",)
     params: tuple = ("all",)  # all | norms | lora:R
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            values = getattr(self, f.name)
+            if not values:
+                raise ConfigError(f"grid.{f.name}: needs at least one value")
+            repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
+            if repeated:
+                raise ConfigError(f"grid.{f.name}: {', '.join(repeated)} given more than once")
+        for regime in self.regimes:
+            parse_regime(regime)
+        for lr in self.inner_lrs:
+            if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr >= 0):
+                raise ConfigError(f"grid.inner_lrs: {lr!r} is not a finite learning rate >= 0")
 
 
 @dataclass(frozen=True)
@@ -58,16 +90,15 @@ class SweepConfig:
     start_timeout: float = 0.0  # seconds a trial may wait for its workers (nodes booting); 0 = 120 locally, 1800 on a cluster
     progress_seconds: float = 30.0  # how often the sweep prints where it stands
     report_seconds: float = 2.0  # how often a running trial sends its running numbers and new chunks to Tune
-    stop_threshold: float = 0.02  # end a trial whose running recovery is below -this (bpb): TTT is hurting; 0 = never
+    stop_threshold: float = 0.02  # end a setting whose running recovery is below -this (bpb): TTT is hurting; 0 = never
     stop_min_fraction: float = 0.25  # ... judged only after this fraction of a seed's tokens
-    scheduler: str = "fifo"  # fifo | asha: also rank trials by running recovery at rungs of tokens seen
+    scheduler: str = "fifo"  # fifo | asha: also cut settings by running recovery at rungs of tokens seen
     rerun_stopped: bool = False  # rerun rows a stopper ended (otherwise they count as done, like diverged ones)
     dashboard: bool = False  # start Ray's dashboard (local Ray) and export live per-trial metrics to it
     verbose: bool = False  # let Ray and Tune print their own status output
     dry_run: bool = False  # print the plan (trials, tokens, projected time, GPU-hours, cost) and exit before Ray starts
     usd_per_node_hour: float = 0.0  # on-demand price of a GPU node, for the plan's cost line; 0 = not shown
     gpus_per_node: int = 8  # GPUs of the cluster's node type (p5.48xlarge: 8), for node-hours
-    fault: str = ""  # tests only: JSON fault injection {"regime or setting key": {...}}
 
     def validate(self) -> None:
         checks = [
@@ -88,6 +119,8 @@ class SweepConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        self.grid.validate()
+        settings(self)  # each setting of the grid passes TTTConfig's checks
 
     @property
     def ranks(self) -> int:
@@ -98,67 +131,169 @@ class SweepConfig:
         return "cuda" if self.gpus_per_trial else "cpu"
 
     @property
-    def on_cluster(self) -> bool:
-        return bool(self.address)
-
-    @property
     def worker_start_timeout(self) -> float:
-        return self.start_timeout or (1800.0 if self.on_cluster else 120.0)
+        return self.start_timeout or (1800.0 if self.address else 120.0)
 
 
 @dataclass(frozen=True)
-class Trial:
-    """One Tune trial: a regime at one setting, evaluated at each seed in turn."""
+class RowSpec:
+    """One row: a setting at one seed."""
 
-    key: str  # setting key of the regime's rows (the Train run is named after it)
+    row_id: str
+    seed: int
+    segment_start: int  # first validation token of the segment
+    control_key: str
+    static: str  # artifact key: the regime's static curve over this row's windows
+    fp_static: str  # ... and the unquantized model's
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    setting_key: str
+    ttt: TTTConfig  # seed 0; each row runs at its own seed
+    rows: tuple[RowSpec, ...]
+    protected: bool  # an fp control that regime rows are matched to: never stopped early
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """What one trial runs (a value: it reaches every rank as it is)."""
+
+    key: str  # names the trial's Train run
     regime: str
-    ttt: TTTConfig  # seed 0; each seed's config replaces it
-    seeds: tuple[int, ...]
-    row_keys: dict  # seed -> trial_id
-    control_keys: dict  # seed -> control_key
-
-    def at_seed(self, seed: int) -> TTTConfig:
-        return dataclasses.replace(self.ttt, seed=seed)
+    weights: str  # artifact key of the regime's weights
+    inputs: Inputs
+    settings: tuple[SettingSpec, ...]
+    world_size: int
+    threads: int  # CPU threads per rank
+    report_seconds: float
 
     @property
     def label(self) -> str:
-        return f"{self.regime} lr={self.ttt.lr:g} chunk={self.ttt.chunk_tokens}"
+        lrs = ",".join(f"{s.ttt.inner_lr:g}" for s in self.settings)
+        chunks = ",".join(dict.fromkeys(str(s.ttt.chunk_tokens) for s in self.settings))
+        return f"{self.regime} lr={lrs} chunk={chunks}"
+
+    @property
+    def rows(self) -> list[tuple[SettingSpec, RowSpec]]:
+        return [(s, r) for s in self.settings for r in s.rows]
+
+    def without(self, done: set[str]) -> TrialSpec | None:
+        """The trial with the rows in `done` left out (None if nothing is left)."""
+        settings = tuple(dataclasses.replace(s, rows=rows) for s in self.settings
+                         if (rows := tuple(r for r in s.rows if r.row_id not in done)))
+        return dataclasses.replace(self, settings=settings) if settings else None
 
 
-def _settings(cfg: SweepConfig) -> list[TTTConfig]:
+def make_trial(inputs: Inputs, fingerprint: str, regime: str, settings: list[TTTConfig], starts: dict[int, int],
+               quant: QuantConfig, device: str, world_size: int, threads: int = 1, report_seconds: float = 2.0,
+               protected: bool = False) -> TrialSpec:
+    """The one constructor of a trial: every key of its settings and rows, and the artifacts they read."""
+    base = {"inputs": fingerprint, "quant": dataclasses.asdict(quant), "device": device, "ranks": world_size}
+    weights, fp_weights = (artifacts.weights_key(fingerprint, r, quant, device) for r in (regime, "fp"))
+    specs = []
+    for ttt in settings:
+        d = dataclasses.asdict(ttt)
+        rows = []
+        for seed, start in starts.items():
+            at = {"ttt": {**d, "seed": seed}, "segment_start": start}
+            windowing = Windowing.of(ttt, start)
+            rows.append(RowSpec(
+                row_id=config_hash({**base, "regime": regime, **at}, 16), seed=seed, segment_start=start,
+                control_key=config_hash({**base, **at}, 16),
+                static=artifacts.static_key(weights, windowing, device),
+                fp_static=artifacts.static_key(fp_weights, windowing, device)))
+        key = config_hash({**base, "regime": regime, "ttt": {**d, "seed": None}}, 16)
+        specs.append(SettingSpec(key, ttt, tuple(rows), protected))
+    key = specs[0].setting_key if len(specs) == 1 else config_hash([s.setting_key for s in specs], 16)
+    return TrialSpec(key, regime, weights, inputs, tuple(specs), world_size, threads, report_seconds)
+
+
+def settings(cfg: SweepConfig) -> list[TTTConfig]:
+    """The grid's TTT settings (each validated), seed 0."""
     g = cfg.grid
-    if not g.regimes or not g.lrs or not g.chunks or not g.seeds or not g.epochs or not g.optimizers or not g.params:
-        raise ConfigError("grid: regimes, lrs, chunks, seeds, epochs, optimizers and params each need at least one value")
-    out = []
-    for lr in g.lrs:
-        if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr >= 0):
-            raise ConfigError(f"grid.lrs: {lr!r} is not a finite learning rate >= 0")
-        for chunk in g.chunks:
-            for epochs in g.epochs:
-                for opt in g.optimizers:
-                    for params in g.params:
-                        out.append(override(cfg.ttt, {"lr": lr, "chunk_tokens": chunk, "seed": 0, "epochs": epochs,
-                                                      "optimizer": opt, "params": params}))
-    return out
+    return [override(cfg.ttt, {"inner_lr": lr, "chunk_tokens": chunk, "seed": 0, "epochs": epochs, "optimizer": opt,
+                               "params": params})
+            for lr in g.inner_lrs for chunk in g.chunks for epochs in g.epochs for opt in g.optimizers for params in g.params]
 
 
-def plan(cfg: SweepConfig, fingerprint: str) -> list[Trial]:
-    """Every trial of the grid, with the keys of its rows (regimes and settings validated here)."""
+def preflight(cfg: SweepConfig, inputs: Inputs, val: np.ndarray) -> dict[int, int]:
+    """Every check of the settings against the inputs, before Ray starts (the settings' own checks ran when the
+    config was built: `SweepConfig.validate`); returns each seed's segment start."""
     cfg.validate()
-    for regime in cfg.grid.regimes:
-        parse_regime(regime)
-    seeds = tuple(dict.fromkeys(int(s) for s in cfg.grid.seeds))
-    if any(s < 0 for s in seeds):
-        raise ConfigError(f"grid.seeds must be >= 0, got {list(seeds)}")
-    base = {"inputs": fingerprint, "quant": dataclasses.asdict(cfg.quant), "device": cfg.device, "ranks": cfg.ranks}
-    trials = []
-    for regime in dict.fromkeys(cfg.grid.regimes):
-        for ttt in _settings(cfg):
-            ttt_d = dataclasses.asdict(ttt)
-            trials.append(Trial(
-                key=config_hash({**base, "regime": regime, "ttt": {**ttt_d, "seed": None}}, 16),
-                regime=regime, ttt=ttt, seeds=seeds,
-                row_keys={s: config_hash({**base, "regime": regime, "ttt": {**ttt_d, "seed": s}}, 16) for s in seeds},
-                control_keys={s: config_hash({**base, "ttt": {**ttt_d, "seed": s}}, 16) for s in seeds},
-            ))
-    return trials
+    starts = segments(val, cfg.ttt.max_tokens, cfg.grid.seeds, cfg.grid.chunks)
+    artifacts.check_regimes(inputs, list(cfg.grid.regimes), cfg.quant)  # a regime the model cannot take
+    return starts
+
+
+def segments(val: np.ndarray, max_tokens: int, seeds, chunks) -> dict[int, int]:
+    """Each seed's segment start; a seed that cannot mean other text, or a chunk larger than a row's stream, fails."""
+    starts = {int(s): data.segment_start(val, max_tokens, int(s)) for s in seeds}
+    targets = data.segment(val, 0, max_tokens).size - 1
+    for chunk in chunks:
+        chunk_spans(targets, chunk)
+    return starts
+
+
+def plan(cfg: SweepConfig, inputs: Inputs, fingerprint: str, starts: dict[int, int]) -> list[TrialSpec]:
+    """Every trial of the grid: one per regime and setting, running the grid's seeds in turn."""
+    protected = "fp" in cfg.grid.regimes and len(cfg.grid.regimes) > 1  # each fp setting is a control
+    return [make_trial(inputs, fingerprint, regime, [ttt], starts, cfg.quant, cfg.device, cfg.ranks, cfg.cpus_per_worker,
+                       cfg.report_seconds, protected=protected and regime == "fp")
+            for regime in cfg.grid.regimes for ttt in settings(cfg)]
+
+
+def needs(trials: list[TrialSpec], fingerprint: str, cfg: SweepConfig) -> Needs:
+    """The artifacts `trials` read: each regime's weights (fp's too: its static curves) and each static curve."""
+    weights, static = {}, {}
+    for t in trials:
+        fp = artifacts.weights_key(fingerprint, "fp", cfg.quant, cfg.device)
+        weights.update({t.weights: t.regime, fp: "fp"})
+        for s, r in t.rows:
+            windowing = Windowing.of(s.ttt, r.segment_start)
+            static.update({r.static: (t.weights, windowing), r.fp_static: (fp, windowing)})
+    return Needs(weights, static)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A planned sweep: the trials left to run, where their rows go, and what they read."""
+
+    cfg: SweepConfig
+    inputs: Inputs
+    fingerprint: str
+    trials: tuple[TrialSpec, ...]  # only the rows not yet in the table
+    all_rows: frozenset  # every row of the grid
+    stream_targets: int  # target tokens of the whole validation stream
+    row_targets: int  # target tokens of each row
+    needs: Needs
+    run_dir: Path
+    store: Store  # Tune/Train state and artifact copies
+    tables: RunTables
+    pulled: int  # table parts taken from the storage URI
+    git_sha: str
+    versions: dict
+
+    @property
+    def todo(self) -> list[str]:
+        return [r.row_id for t in self.trials for _, r in t.rows]
+
+
+def open_sweep(cfg: SweepConfig, inputs: Inputs, code_dir: str | Path = ".") -> Sweep:
+    """Check and plan `cfg` on `inputs`, and leave out the rows the run directory already holds."""
+    from e2ettt.tables import RunTables
+
+    fp = fingerprint(inputs)
+    val = load_split(inputs, "val")
+    starts = preflight(cfg, inputs, val)
+    trials = plan(cfg, inputs, fp, starts)
+    run_dir = Path(cfg.out).expanduser().resolve() / cfg.name
+    store = Store(cfg.storage or Path(cfg.out).expanduser())
+    mirror = None if (store.local and Path(store.root) == run_dir.parent) else store
+    tables = RunTables(run_dir, mirror, cfg.name)
+    pulled = tables.pull()
+    finished = tables.finished_ids(cfg.rerun_stopped)
+    todo = tuple(left for t in trials if (left := t.without(finished)) is not None)
+    return Sweep(cfg, inputs, fp, todo, frozenset(r.row_id for t in trials for _, r in t.rows), val.size - 1,
+                 data.segment(val, 0, cfg.ttt.max_tokens).size - 1, needs(list(todo), fp, cfg), run_dir, store, tables,
+                 pulled, git_sha(code_dir), versions())

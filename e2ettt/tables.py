@@ -1,12 +1,12 @@
-"""The sweep's tables: Parquet datasets that are appended to, one part file per finished trial.
+"""The sweep's tables: Parquet datasets that are appended to, one part file per finished row.
 
 `runs/<name>/trials.parquet/` and `runs/<name>/curves.parquet/` are
 directories of parts; `pd.read_parquet("runs/<name>/trials.parquet")` reads
 either back as one table. Appending writes one new part (a temporary file
-renamed into place), so appending is O(1) per trial, a crash or Ctrl-C
+renamed into place), so appending is O(1) per row, a crash or Ctrl-C
 never tears a table, and two sweeps writing into one run directory cannot
-overwrite each other's rows. A row key (`trial_id`) written twice (an
-errored trial rerun) keeps its newest row: `read` drops the older one, and
+overwrite each other's rows. A row key (`row_id`) written twice (an
+errored row rerun) keeps its newest row: `read` drops the older one, and
 `compact` (under a lock, at the end of a sweep) merges every part into one.
 
 Every part has the same columns (TRIAL_SCHEMA, CURVE_SCHEMA), so a reader
@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from e2ettt.storage import Store
 
-# Every TTTConfig field (lr as inner_lr, as the grid names it) and every QuantConfig field (quant_*);
+# Every TTTConfig field and every QuantConfig field (quant_*);
 # a test keeps these lists equal to the dataclasses. Written out so that reading tables needs no torch.
 TTT_COLUMNS = [
     ("chunk_tokens", pa.int64()), ("context", pa.int64()), ("stride", pa.int64()), ("optimizer", pa.string()),
@@ -46,13 +46,13 @@ QUANT_COLUMNS = [
 ]
 
 TRIAL_SCHEMA = pa.schema([
-    ("trial_id", pa.string()),  # row key: the cell (inputs, regime, every setting, seed)
+    ("row_id", pa.string()),  # hash of the row's config (inputs, regime, every setting, seed and segment)
     ("setting_key", pa.string()),  # everything but the seed: rows of one setting differ only in seed
     ("control_key", pa.string()),  # everything but the regime: the fp row with this key is the control
-    ("config_hash", pa.string()),
+    ("trial_key", pa.string()),  # the trial (one Ray Train run) that ran the row
     ("regime", pa.string()), ("bits", pa.int64()), ("method", pa.string()),
     *TTT_COLUMNS,
-    ("segment_start", pa.int64()),  # first validation token the trial evaluated
+    ("segment_start", pa.int64()),  # first validation token of the row's segment
     *QUANT_COLUMNS,
     ("world_size", pa.int64()), ("device", pa.string()), ("device_name", pa.string()),
     ("node_id", pa.string()), ("hostname", pa.string()),
@@ -66,16 +66,16 @@ TRIAL_SCHEMA = pa.schema([
     ("stream_tokens", pa.int64()),  # target tokens of the whole validation stream
     ("projected_full_seconds", pa.float64()),  # TTT over the whole stream at this row's tokens/s, same hardware
     ("trial_seconds", pa.float64()), ("startup_seconds", pa.float64()), ("peak_rss_mb", pa.float64()),
-    ("started_at", pa.float64()), ("ended_at", pa.float64()),  # unix seconds on rank 0: trial start, this seed's end
+    ("started_at", pa.float64()), ("ended_at", pa.float64()),  # unix seconds on rank 0: trial start, this row's end
     ("diverged", pa.bool_()), ("diverged_chunk", pa.int64()),
     ("status", pa.string()), ("error", pa.string()), ("traceback", pa.string()),
     ("artifact_bytes", pa.int64()),
     ("git_sha", pa.string()), ("versions", pa.string()), ("finished_at", pa.string()), ("written_at", pa.int64()),
 ])
 CURVE_SCHEMA = pa.schema([
-    ("trial_id", pa.string()), ("chunk", pa.int64()), ("tokens_seen", pa.int64()),
+    ("row_id", pa.string()), ("chunk", pa.int64()), ("tokens_seen", pa.int64()),
     ("ttt_bpb", pa.float64()), ("static_bpb", pa.float64()), ("running_ttt_bpb", pa.float64()),
-    ("lr", pa.float64()), ("bytes", pa.float64()), ("adapt_seconds", pa.float64()), ("written_at", pa.int64()),
+    ("inner_lr", pa.float64()), ("bytes", pa.float64()), ("adapt_seconds", pa.float64()), ("written_at", pa.int64()),
 ])
 
 
@@ -100,14 +100,19 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
+OLD_NAMES = {"trial_id": "row_id", "lr": "inner_lr"}  # column names of tables written by earlier versions
+
+
 def read_parts(path: str | os.PathLike) -> pd.DataFrame:
-    """A table written as a directory of parts (or, by older versions, as one file), all rows."""
+    """A table written as a directory of parts (or, by older versions, as one file), all rows, under today's
+    column names."""
     path = Path(path)
     parts = [path] if path.is_file() else sorted(path.glob("part-*.parquet"))
     frames = []
     for part in parts:
         try:
-            frames.append(pq.read_table(part).to_pandas())
+            frame = pq.read_table(part).to_pandas()
+            frames.append(frame.rename(columns={k: v for k, v in OLD_NAMES.items() if k in frame and v not in frame}))
         except FileNotFoundError:  # compacted away by another sweep while we listed
             continue
     frames = [f for f in frames if not f.empty]
@@ -115,17 +120,17 @@ def read_parts(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def newest_rows(trials: pd.DataFrame) -> pd.DataFrame:
-    """One row per trial_id: the newest written (an errored row rerun, a row kept twice by a compaction race)."""
+    """One row per row_id: the newest written (an errored row rerun, a row kept twice by a compaction race)."""
     if trials.empty or "written_at" not in trials:
         return trials
-    return trials.sort_values("written_at", kind="stable").drop_duplicates("trial_id", keep="last").reset_index(drop=True)
+    return trials.sort_values("written_at", kind="stable").drop_duplicates("row_id", keep="last").reset_index(drop=True)
 
 
 def newest_curves(curves: pd.DataFrame) -> pd.DataFrame:
-    """Each trial's curve as last written (the points of one part)."""
+    """Each row's curve as last written (the points of one part)."""
     if curves.empty or "written_at" not in curves:
         return curves
-    newest = curves.groupby("trial_id")["written_at"].transform("max")
+    newest = curves.groupby("row_id")["written_at"].transform("max")
     return curves[curves["written_at"] == newest].reset_index(drop=True)
 
 
@@ -193,14 +198,14 @@ class RunTables:
         """Rows that need no rerun: ok, diverged, and (unless asked to rerun them) stopped. Errors are retried."""
         done = {"ok", "diverged"} | (set() if rerun_stopped else {"stopped"})
         t = self.trials
-        return set(t.loc[t["status"].isin(done), "trial_id"]) if not t.empty else set()
+        return set(t.loc[t["status"].isin(done), "row_id"]) if not t.empty else set()
 
     def append(self, row: dict, curve: list[dict]) -> None:
-        """Add one trial's row and its curve, each as a new part file (curve first: a row never lacks its curve)."""
+        """Add one row and its curve, each as a new part file (curve first: a row never lacks its curve)."""
         stamp = time.time_ns()
-        name = f"part-{row['trial_id']}-{stamp}-{os.getpid()}.parquet"
+        name = f"part-{row['row_id']}-{stamp}-{os.getpid()}.parquet"
         if curve:
-            points = [{**c, "trial_id": row["trial_id"], "written_at": stamp} for c in curve]
+            points = [{**c, "row_id": row["row_id"], "written_at": stamp} for c in curve]
             self.curves_set.write_part(name, to_arrow(points, CURVE_SCHEMA))
         self.trials_set.write_part(name, to_arrow([{**row, "written_at": stamp}], TRIAL_SCHEMA))
 
@@ -208,7 +213,7 @@ class RunTables:
         return self.trials_set.pull() + self.curves_set.pull()
 
     def compact(self) -> None:
-        """Merge each table's parts into one (newest row per trial), under a lock shared by every sweep of this run."""
+        """Merge each table's parts into one (newest row per row id), under a lock shared by every sweep of this run."""
         with open(self.dir / ".tables.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             for dataset, frame in ((self.trials_set, lambda: self.trials), (self.curves_set, lambda: self.curves)):

@@ -56,7 +56,7 @@ class TTTConfig:
     context: int = 256  # tokens each position may see (earlier chunks included)
     stride: int = 0  # targets per window; 0 = context (non-overlapping), less = sliding
     optimizer: str = "sgd"  # sgd (with momentum) | adamw
-    lr: float = 1e-3  # inner learning rate at chunk 0
+    inner_lr: float = 1e-3  # inner learning rate at chunk 0
     schedule: str = "constant"  # constant | cosine (over chunks, to 0 at the last)
     momentum: float = 0.9  # SGD momentum; AdamW beta1
     weight_decay: float = 0.0  # decoupled for AdamW, L2 for SGD
@@ -79,7 +79,8 @@ class TTTConfig:
             (0 <= self.stride <= self.context, f"ttt.stride must be in [0, context={self.context}], got {self.stride}"),
             (self.optimizer in ("sgd", "adamw"), f"ttt.optimizer must be sgd or adamw, got {self.optimizer!r}"),
             (self.schedule in ("constant", "cosine"), f"ttt.schedule must be constant or cosine, got {self.schedule!r}"),
-            (self.lr >= 0 and math.isfinite(self.lr), f"ttt.lr must be a finite number >= 0, got {self.lr}"),
+            (self.inner_lr >= 0 and math.isfinite(self.inner_lr),
+             f"ttt.inner_lr must be a finite number >= 0, got {self.inner_lr}"),
             (self.epochs >= 0, f"ttt.epochs must be >= 0, got {self.epochs}"),
             (self.step_windows >= 0, f"ttt.step_windows must be >= 0, got {self.step_windows}"),
             (self.micro_batch > 0, f"ttt.micro_batch must be positive, got {self.micro_batch}"),
@@ -111,7 +112,7 @@ class ChunkRecord:
     ttt_bpb: float  # this chunk, scored before adapting on it
     static_bpb: float  # same chunk and windows, starting weights (nan if not given)
     running_ttt_bpb: float
-    lr: float  # lr of the adaptation that followed (0 after the last chunk)
+    inner_lr: float  # inner lr of the adaptation that followed (0 after the last chunk)
     adapt_seconds: float
     signal: float = 0.0  # the callers' `signal` values of this chunk, summed over ranks
 
@@ -138,14 +139,14 @@ class TTTResult:
 
 def lr_at(cfg: TTTConfig, k: int, num_chunks: int) -> float:
     if cfg.schedule == "cosine" and num_chunks > 1:
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * k / (num_chunks - 1)))
-    return cfg.lr
+        return cfg.inner_lr * 0.5 * (1 + math.cos(math.pi * k / (num_chunks - 1)))
+    return cfg.inner_lr
 
 
 def make_optimizer(cfg: TTTConfig, params: Sequence[Tensor]) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.inner_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.inner_lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
 
 
 def sync_gradients_(params: Sequence[Tensor], global_count: int) -> None:
@@ -264,7 +265,7 @@ def run_ttt(
                 assert_same_weights(params, f"after chunk {k}")
         record = ChunkRecord(
             chunk=k, tokens=score.tokens, tokens_seen=result.total.tokens, nll=score.nll, bytes=score.bytes,
-            ttt_bpb=score.bpb, static_bpb=static_bpb, running_ttt_bpb=result.total.bpb, lr=lr,
+            ttt_bpb=score.bpb, static_bpb=static_bpb, running_ttt_bpb=result.total.bpb, inner_lr=lr,
             adapt_seconds=time.perf_counter() - t_chunk, signal=signalled,
         )
         result.chunks.append(record)

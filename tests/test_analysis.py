@@ -8,7 +8,7 @@ import pytest
 
 from analysis import metrics, plots, report
 from analysis.__main__ import main as analysis_main
-from analysis.tables import RunError, load_run, with_keys
+from analysis.runs import RunError, load_run, with_keys
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 def trial(regime, seed, lr=0.01, chunk=256, pre=1.70, post=1.74, ttt=1.72, status="ok", delta=0.0, tid=None,
           max_tokens=4096):
     done = status == "ok"
-    return {"trial_id": tid or f"{regime}-{lr}-{chunk}-{seed}-{max_tokens}", "regime": regime, "bits": 3, "inner_lr": lr,
+    return {"row_id": tid or f"{regime}-{lr}-{chunk}-{seed}-{max_tokens}", "regime": regime, "bits": 3, "inner_lr": lr,
             "chunk_tokens": chunk, "epochs": 1, "optimizer": "sgd", "params": "all", "seed": seed,
             "pre_quant_bpb": pre, "post_quant_bpb": post, "post_ttt_bpb": ttt if done else float("nan"),
             "damage": post - pre, "recovery": post - ttt if done else float("nan"),
@@ -115,9 +115,9 @@ def test_tokens_to_heal_pairs_each_row_with_its_own_control():
     t = table([trial("fp", 0, post=1.70, ttt=1.69, tid="f"), trial("int3", 0, tid="q"),
                trial("fp", 0, post=1.70, ttt=1.69, tid="f-other", max_tokens=999)])
     curves = pd.DataFrame(
-        [{"trial_id": f, "chunk": k, "tokens_seen": 100 * (k + 1), "static_bpb": level, "ttt_bpb": 1.69,
+        [{"row_id": f, "chunk": k, "tokens_seen": 100 * (k + 1), "static_bpb": level, "ttt_bpb": 1.69,
           "running_ttt_bpb": 1.69} for k in range(4) for f, level in (("f", 1.70), ("f-other", 1.50))]
-        + [{"trial_id": "q", "chunk": k, "tokens_seen": 100 * (k + 1), "static_bpb": 1.74, "ttt_bpb": 1.70,
+        + [{"row_id": "q", "chunk": k, "tokens_seen": 100 * (k + 1), "static_bpb": 1.74, "ttt_bpb": 1.70,
             "running_ttt_bpb": r} for k, r in enumerate([1.74, 1.73, 1.715, 1.705])])
     out = metrics.tokens_to_heal(t, curves, within=0.02)
     assert out["tokens_to_heal"].tolist() == [300.0]  # against "f" (same settings), never "f-other"
@@ -129,9 +129,9 @@ def _write_run(tmp_path, trials, with_curves=True):
     run.mkdir()
     trials.to_parquet(run / "trials.parquet")
     if with_curves:
-        rows = [{"trial_id": tid, "chunk": k, "tokens_seen": 256 * (k + 1), "static_bpb": 1.7 + 0.01 * k,
-                 "ttt_bpb": 1.7, "running_ttt_bpb": 1.7 - 0.001 * k, "lr": 0.01}
-                for tid in trials["trial_id"] for k in range(4)]
+        rows = [{"row_id": tid, "chunk": k, "tokens_seen": 256 * (k + 1), "static_bpb": 1.7 + 0.01 * k,
+                 "ttt_bpb": 1.7, "running_ttt_bpb": 1.7 - 0.001 * k, "inner_lr": 0.01}
+                for tid in trials["row_id"] for k in range(4)]
         pd.DataFrame(rows).to_parquet(run / "curves.parquet")
     return run
 

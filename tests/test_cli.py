@@ -33,26 +33,26 @@ def test_ttt_on_two_processes_prints_result_and_curve(tiny_demo, tmp_path, capsy
     assert len([ln for ln in out.splitlines() if ln.strip()[:1].isdigit()]) >= 4  # curve rows
 
 
-def test_mismatched_tokenizer_and_bad_regime_are_one_line_errors(tiny_demo, tmp_path, capsys):
-    sd = torch.load(tiny_demo.checkpoint, weights_only=True)
+def test_mismatched_tokenizer_and_bad_regime_are_one_line_errors(tiny_inputs, tmp_path, capsys):
+    sd = torch.load(tiny_inputs.checkpoint, weights_only=True)
     sd["tok_emb.weight"] = torch.zeros(2048, sd["tok_emb.weight"].shape[1])
     bad = tmp_path / "big_vocab.pt"
     torch.save(sd, bad)
     with pytest.raises(ValueError, match="tok_emb.weight has 2048 rows but tokenizer .* has 1024 pieces"):
-        resolve(SourceConfig(checkpoint=str(bad), data=str(tiny_demo.data_dir), tokenizer=str(tiny_demo.tokenizer)))
-    assert main(["quantize", *files(tiny_demo), "--regimes", "int3,q4"]) == 2
+        resolve(SourceConfig(checkpoint=str(bad), data=str(tiny_inputs.data_dir), tokenizer=str(tiny_inputs.tokenizer)))
+    assert main(["quantize", *files(tiny_inputs), "--regimes", "int3,q4"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("e2ettt quantize: error: unknown quantization regime 'q4'") and len(err.splitlines()) == 1
 
 
-def test_corrupt_shard_in_data_dir_is_named(tiny_demo, tmp_path, capsys):
+def test_corrupt_shard_in_data_dir_is_named(tiny_inputs, tmp_path, capsys):
     d = tmp_path / "data"
     d.mkdir()
-    tokens = data.read_shard(next(tiny_demo.data_dir.glob("*_val_*.bin")))
+    tokens = data.read_shard(next(tiny_inputs.data_dir.glob("*_val_*.bin")))
     data.write_shard(d / "x_val_000000.bin", np.asarray(tokens))
     (d / "x_val_000001.bin").write_bytes(b"\x00" * 2000)
-    args = ["quantize", "--checkpoint", str(tiny_demo.checkpoint), "--data", str(d), "--tokenizer",
-            str(tiny_demo.tokenizer), "--regimes", "fp"]
+    args = ["quantize", "--checkpoint", str(tiny_inputs.checkpoint), "--data", str(d), "--tokenizer",
+            str(tiny_inputs.tokenizer), "--regimes", "fp"]
     assert main(args) == 2
     assert "x_val_000001.bin: bad magic 0" in capsys.readouterr().err
 

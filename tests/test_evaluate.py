@@ -25,10 +25,10 @@ def test_chunk_larger_than_stream_is_a_clear_error():
         chunk_spans(99, 500)
 
 
-def test_bpb_matches_an_independent_computation(tiny_demo):
+def test_bpb_matches_an_independent_computation(tiny_inputs):
     """Naive per-window loss and bytes from decoded text agree with eval_val."""
-    sp = load_tokenizer(tiny_demo.tokenizer)
-    model = load_demo_model(tiny_demo)
+    sp = load_tokenizer(tiny_inputs.tokenizer)
+    model = load_demo_model(tiny_inputs)
     docs = load_documents(30)[:3]
     stream = np.concatenate([[data.BOS_ID] + sp.encode(t) for _, t in docs])
     T = 64
@@ -61,9 +61,9 @@ def test_bpb_matches_an_independent_computation(tiny_demo):
     assert score.bpb == pytest.approx((score.nll / count) / math.log(2) * count / score.bytes, abs=1e-12)
 
 
-def test_sliding_windows_do_not_change_the_targets(tiny_demo, random_gpt):
+def test_sliding_windows_do_not_change_the_targets(tiny_inputs, random_gpt):
     tokens = torch.randint(0, 64, (300,))
-    tables = DeviceTables.from_tables(build_byte_tables(load_tokenizer(tiny_demo.tokenizer), 64))
+    tables = DeviceTables.from_tables(build_byte_tables(load_tokenizer(tiny_inputs.tokenizer), 64))
     a = score_windows(random_gpt, tokens, plan_windows(1, 300, 32), tables)
     b = score_windows(random_gpt, tokens, plan_windows(1, 300, 32, 8), tables)
     assert a.tokens == b.tokens == 299 and a.bytes == b.bytes and a.nll != b.nll

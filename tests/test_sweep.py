@@ -1,4 +1,5 @@
 """The main job through real Ray: smoke grid, faults, resume, bad input (the cluster path: test_cluster.py)."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -6,6 +7,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from e2ettt import faults
 from sweeps import healing_grid
 
 REPO = Path(__file__).resolve().parent.parent
@@ -20,7 +22,8 @@ def real_run_args(demo, out, *extra):
 
 @pytest.mark.parametrize("args, message", [
     (["--regimes", "fp,int9"], "unknown quantization regime 'int9'"),
-    (["--lrs", "0.1,nan"], "grid.lrs: nan is not a finite learning rate"),
+    (["--lrs", "0.1,nan"], "grid.inner_lrs: nan is not a finite learning rate"),
+    (["--seeds", "0,1,0"], "grid.seeds: 0 given more than once"),
     (["--set", "ttt.optimiser=sgd"], "unknown setting 'ttt.optimiser'"),
     (["--chunks", "abc"], "--chunks: cannot read 'abc'"),
     (["--set", "ttt.optimizer=lion"], "ttt.optimizer must be sgd or adamw"),
@@ -38,7 +41,7 @@ def test_bad_flags_fail_before_ray(args, message, capsys):
     assert not ray.is_initialized()
 
 
-def test_bad_grid_file_and_bad_data_fail_before_ray(tmp_path, tiny_demo, capsys):
+def test_bad_grid_file_and_bad_data_fail_before_ray(tmp_path, tiny_inputs, capsys):
     import ray
 
     bad = tmp_path / "grid.yaml"
@@ -48,24 +51,62 @@ def test_bad_grid_file_and_bad_data_fail_before_ray(tmp_path, tiny_demo, capsys)
     bad.write_text(yaml.safe_dump({"grid": {"chunks": [256]}, "ttt": {"epochs": -1}}))
     assert healing_grid.main(["--grid", str(bad)]) == 2
     assert "ttt.epochs must be >= 0" in capsys.readouterr().err
-    assert healing_grid.main(real_run_args(tiny_demo, tmp_path, "--chunks", "5000")) == 2
+    assert healing_grid.main(real_run_args(tiny_inputs, tmp_path, "--chunks", "5000")) == 2
     assert "chunk_tokens=5000 is larger than the 1024 target tokens" in capsys.readouterr().err
-    assert healing_grid.main(real_run_args(tiny_demo, tmp_path, "--max-tokens", "0", "--seeds", "0,1")) == 2
+    assert healing_grid.main(real_run_args(tiny_inputs, tmp_path, "--max-tokens", "0", "--seeds", "0,1")) == 2
     err = capsys.readouterr().err.strip()
     assert "ttt.seed=1 without a token cap" in err and len(err.splitlines()) == 1  # seeds that would be the same trial
-    assert healing_grid.main(real_run_args(tiny_demo, tmp_path, "--seeds", "0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,"
+    assert healing_grid.main(real_run_args(tiny_inputs, tmp_path, "--seeds", "0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,"
                                            "17,18,19,20,21,22,23,24,25,26,27,28,29,30")) == 2
     assert "non-overlapping segments" in capsys.readouterr().err
     assert not ray.is_initialized()
 
 
+def test_a_dry_run_prints_the_plan_and_starts_nothing(tmp_path, tiny_inputs, capsys):
+    import ray
+
+    args = real_run_args(tiny_inputs, tmp_path, "--regimes", "fp,int3,int4", "--lrs", "0.01,0.03", "--seeds", "0,1",
+                         "--name", "plan", "--dry-run")
+    assert healing_grid.main(args) == 0
+    out = capsys.readouterr().out
+    assert "= 12 rows (0 already in" in out
+    assert "dry run: nothing started. 6 trials to run (12 rows), 2 CPU ranks each, 1,024 tokens per row" in out
+    assert "6 trials, 12,288 TTT tokens" in out and "0 from measured rates, 6 from the FLOP model" in out
+    assert "wall time at 1 trial(s) at once" in out
+    assert not ray.is_initialized() and not list((tmp_path / "plan" / "trials.parquet").glob("part-*"))
+
+
+def test_an_fp_control_stays_protected_on_a_resumed_sweep_whose_regime_rows_are_done(tmp_path, tiny_inputs):
+    from e2ettt.source import resolve
+    from e2ettt.stopping import SettingProgress, StopBoard, board_args
+    from e2ettt.sweep import open_sweep
+
+    cfg = healing_grid.build_config(healing_grid.parse_args(real_run_args(tiny_inputs, tmp_path, "--regimes", "fp,int3",
+                                                                          "--seeds", "0,1")))
+    inputs = resolve(cfg.source)
+    first = open_sweep(cfg, inputs)
+    assert [t.regime for t in first.trials] == ["fp", "int3"]
+    for t in first.trials:
+        if t.regime == "int3":  # a first run finished every regime row, not the controls
+            for _, r in t.rows:
+                first.tables.append({"row_id": r.row_id, "regime": "int3", "seed": r.seed, "status": "ok"}, [])
+    again = open_sweep(cfg, inputs)
+    assert [t.regime for t in again.trials] == ["fp"] and len(again.todo) == 2
+    board = StopBoard(*board_args(again))
+    (setting,) = again.trials[0].settings
+    hurting = SettingProgress(setting.setting_key, "fp", 0, 900, 0.9, -0.5)
+    assert board.post(hurting) == "" and board.post(dataclasses.replace(hurting, diverged=True)) == ""
+    alone = healing_grid.build_config(healing_grid.parse_args(real_run_args(tiny_inputs, tmp_path / "alone", "--regimes", "fp")))
+    fp_only = open_sweep(alone, inputs)  # no regime rows to match: fp is not a control, and may be stopped
+    assert StopBoard(*board_args(fp_only)).post(dataclasses.replace(hurting, setting_key=fp_only.trials[0].key)) != ""
+
+
 @pytest.mark.slow
-def test_smoke_grid_faults_and_resume(tmp_path, tiny_demo, capsys):
+def test_smoke_grid_faults_and_resume(tmp_path, tiny_demo, capsys, monkeypatch):
     marker = tmp_path / "killed-once"
-    fault = json.dumps({"int3": {"kill_once_marker": str(marker), "kill_rank": 1, "kill_chunk": 1},
-                        "int4": {"raise": "injected failure"}})
-    args = real_run_args(tiny_demo, tmp_path, "--smoke", "--regimes", "fp,int3,int4", "--name", "faults",
-                         "--set", f"fault={fault}")
+    monkeypatch.setenv(faults.ENV, json.dumps({"int3": {"kill_once_marker": str(marker), "kill_rank": 1, "kill_chunk": 1},
+                                               "int4": {"raise": "injected failure"}}))
+    args = real_run_args(tiny_demo, tmp_path, "--smoke", "--regimes", "fp,int3,int4", "--name", "faults")
     assert healing_grid.main(args) == 0
     run = tmp_path / "faults"
     trials = pd.read_parquet(run / "trials.parquet").set_index("regime")
@@ -76,10 +117,10 @@ def test_smoke_grid_faults_and_resume(tmp_path, tiny_demo, capsys):
     assert trials.loc["fp", "first_chunk_delta"] == pytest.approx(0, abs=1e-6)
     assert trials.loc["int3", "damage"] > 0
     curves = pd.read_parquet(run / "curves.parquet")
-    assert set(curves["trial_id"]) == set(trials.loc[["fp", "int3"], "trial_id"])
-    assert len(curves[curves["trial_id"] == trials.loc["fp", "trial_id"]]) == 4  # 1024 tokens / 256
+    assert set(curves["row_id"]) == set(trials.loc[["fp", "int3"], "row_id"])
+    assert len(curves[curves["row_id"] == trials.loc["fp", "row_id"]]) == 4  # 1024 tokens / 256
     manifest = json.loads((run / "manifest.json").read_text())
-    assert set(trials["config_hash"]) <= set(manifest["configs"]) and manifest["versions"]["torch"]
+    assert set(trials["row_id"]) <= set(manifest["configs"]) and manifest["versions"]["torch"]
     before = trials["finished_at"].to_dict()
 
     capsys.readouterr()
@@ -108,13 +149,13 @@ def test_a_hurting_cell_is_stopped_early_and_the_others_are_untouched(tmp_path, 
     assert free.loc[("int3", 1.5), "status"] == "ok" and free.loc[("int3", 1.5), "recovery"] < -0.02  # it does hurt
     assert hurt["status"] == "stopped" and "TTT hurting" in hurt["error"] and 0 < hurt["tokens_scored"] < 2048
     curves = pd.read_parquet(run / "curves.parquet")
-    partial = curves[curves["trial_id"] == hurt["trial_id"]].sort_values("chunk")
+    partial = curves[curves["row_id"] == hurt["row_id"]].sort_values("chunk")
     assert list(partial["chunk"]) == list(range(len(partial)))  # streamed chunks arrive in order, none missing
     assert partial["tokens_seen"].iloc[-1] == hurt["tokens_scored"]  # the curve ends where the trial stopped
     for key in [("fp", 0.03), ("int3", 0.03)]:  # the other cells and their control: the same numbers as without stopping
         assert rows.loc[key, "status"] == "ok"
         assert rows.loc[key, "post_ttt_bpb"] == free.loc[key, "post_ttt_bpb"]
-        full = curves[curves["trial_id"] == rows.loc[key, "trial_id"]]
+        full = curves[curves["row_id"] == rows.loc[key, "row_id"]]
         assert sorted(full["chunk"]) == list(range(16))
     assert "stopped at" in out
     capsys.readouterr()
@@ -140,10 +181,10 @@ def test_two_sweeps_into_one_run_directory_at_once_keep_every_row(tmp_path, tiny
         assert p.returncode == 0, out[-2000:]
         assert "done: 2 of 2 rows written" in out
     rows = pd.read_parquet(tmp_path / "shared" / "trials.parquet")
-    assert len(rows) == 4 and rows["trial_id"].is_unique
+    assert len(rows) == 4 and rows["row_id"].is_unique
     assert sorted(rows["inner_lr"]) == [0.01, 0.01, 0.03, 0.03]
     manifest = json.loads((tmp_path / "shared" / "manifest.json").read_text())
-    assert set(rows["trial_id"]) <= set(manifest["configs"]) and len(manifest["runs"]) == 2  # neither run's record lost
+    assert set(rows["row_id"]) <= set(manifest["configs"]) and len(manifest["runs"]) == 2  # neither run's record lost
 
 
 @pytest.mark.slow

@@ -11,15 +11,15 @@ from e2ettt.ttt import TTTConfig
 
 
 def test_every_ttt_and_quant_setting_is_a_column():
-    ttt = {("inner_lr" if f.name == "lr" else f.name) for f in dataclasses.fields(TTTConfig)}
-    assert ttt == {name for name, _ in TTT_COLUMNS}
+    assert {f.name for f in dataclasses.fields(TTTConfig)} == {name for name, _ in TTT_COLUMNS}
     assert {f"quant_{f.name}" for f in dataclasses.fields(QuantConfig)} == {name for name, _ in QUANT_COLUMNS}
-    for key in ("trial_id", "setting_key", "control_key", "input_fingerprint", "device", "node_id", "git_sha", "versions"):
+    for key in ("row_id", "setting_key", "control_key", "trial_key", "input_fingerprint", "device", "node_id", "git_sha",
+                "versions"):
         assert key in TRIAL_SCHEMA.names
 
 
 def row(tid: str, status: str = "ok", value: float = 1.0) -> dict:
-    return {"trial_id": tid, "regime": "int3", "status": status, "post_ttt_bpb": value, "seed": 0}
+    return {"row_id": tid, "regime": "int3", "status": status, "post_ttt_bpb": value, "seed": 0}
 
 
 def _writer(run_dir: str, who: int, n: int) -> None:
@@ -37,11 +37,11 @@ def test_concurrent_writers_keep_every_row_and_compaction_keeps_them_too(tmp_pat
     for p in procs:
         p.join()
     tables = RunTables(tmp_path)
-    assert len(tables.trials) == 120 and tables.trials["trial_id"].is_unique
+    assert len(tables.trials) == 120 and tables.trials["row_id"].is_unique
     tables.compact()
     assert len(list((tmp_path / "trials.parquet").glob("part-*"))) == 1
     assert len(pd.read_parquet(tmp_path / "trials.parquet")) == 120  # plain pandas reads the dataset back
-    assert set(pd.read_parquet(tmp_path / "curves.parquet")["trial_id"]) == set(tables.trials["trial_id"])
+    assert set(pd.read_parquet(tmp_path / "curves.parquet")["row_id"]) == set(tables.trials["row_id"])
 
 
 def test_the_newest_row_of_a_trial_wins_and_errors_are_retried(tmp_path):
@@ -50,17 +50,19 @@ def test_the_newest_row_of_a_trial_wins_and_errors_are_retried(tmp_path):
     assert tables.finished_ids() == set()
     tables.append(row("a", "ok", 1.5), [{"chunk": 0, "tokens_seen": 1, "ttt_bpb": 1.5}])
     tables.append(row("b", "stopped", 2.0), [])
-    t = tables.trials.set_index("trial_id")
+    t = tables.trials.set_index("row_id")
     assert len(t) == 2 and t.loc["a", "status"] == "ok" and t.loc["a", "post_ttt_bpb"] == 1.5
     assert tables.finished_ids() == {"a", "b"} and tables.finished_ids(rerun_stopped=True) == {"a"}
 
 
 def test_a_table_from_an_older_version_becomes_the_first_part_and_bad_rows_are_refused(tmp_path):
-    pd.DataFrame([row("old")]).to_parquet(tmp_path / "trials.parquet")
+    old = row("old")
+    old["trial_id"] = old.pop("row_id")  # as versions before row_id wrote it
+    pd.DataFrame([old]).to_parquet(tmp_path / "trials.parquet")
     tables = RunTables(tmp_path)
     tables.append(row("new"), [])
-    assert set(tables.trials["trial_id"]) == {"old", "new"}
+    assert set(tables.trials["row_id"]) == {"old", "new"}
     tables.compact()  # parts with missing columns and nulls in integer columns merge into one
-    assert set(pd.read_parquet(tmp_path / "trials.parquet")["trial_id"]) == {"old", "new"}
+    assert set(pd.read_parquet(tmp_path / "trials.parquet")["row_id"]) == {"old", "new"}
     with pytest.raises(TableError, match=r"columns \['no_such_column'\] are not in the table schema"):
         tables.append({**row("x"), "no_such_column": 1}, [])

@@ -6,8 +6,8 @@ from e2ettt.demo import load_documents
 from e2ettt.tokenizer import TokenizerError, build_byte_tables, load_tokenizer
 
 
-def test_byte_tables_count_the_utf8_bytes_of_real_text(tiny_demo):
-    sp = load_tokenizer(tiny_demo.tokenizer)
+def test_byte_tables_count_the_utf8_bytes_of_real_text(tiny_inputs):
+    sp = load_tokenizer(tiny_inputs.tokenizer)
     tables = build_byte_tables(sp)
     docs = load_documents(30)
     for _, text in docs[:12]:
@@ -18,8 +18,8 @@ def test_byte_tables_count_the_utf8_bytes_of_real_text(tiny_demo):
         assert decoded == text  # identity normalization: bytes describe the real text
 
 
-def test_byte_table_rules(tiny_demo):
-    sp = load_tokenizer(tiny_demo.tokenizer)
+def test_byte_table_rules(tiny_inputs):
+    sp = load_tokenizer(tiny_inputs.tokenizer)
     t = build_byte_tables(sp, vocab_size=1030)
     assert t.base_bytes.size == 1030 and t.is_boundary[1024:].all()
     for i in (0, 1, 2, 3):  # pad/bos/eos/unk

@@ -29,12 +29,12 @@ def tokens():
     return torch.randint(4, 64, (601,), generator=torch.Generator().manual_seed(1))
 
 
-CFG = TTTConfig(chunk_tokens=100, context=32, stride=16, lr=0.05, micro_batch=3, diverge_nats=100.0)
+CFG = TTTConfig(chunk_tokens=100, context=32, stride=16, inner_lr=0.05, micro_batch=3, diverge_nats=100.0)
 
 
 @pytest.mark.parametrize("fuse", [True, False])
 def test_lr_zero_reproduces_static_eval_chunk_by_chunk(random_gpt, tokens, tables, fuse):
-    cfg = TTTConfig(**{**CFG.__dict__, "lr": 0.0, "fuse_score": fuse})
+    cfg = TTTConfig(**{**CFG.__dict__, "inner_lr": 0.0, "fuse_score": fuse})
     static = static_curve(random_gpt, tokens, chunk_spans(600, 100), 32, 16, tables, 3)
     result = run_ttt(copy.deepcopy(random_gpt), tokens, tables, cfg, static)
     assert [c.ttt_bpb for c in result.chunks] == [s.bpb for s in static]
@@ -75,11 +75,11 @@ def test_world_size_one_and_two_agree_and_ranks_hold_identical_weights(random_gp
 
 def test_uneven_shares_and_a_diverging_lr_end_cleanly_on_two_ranks(random_gpt, tokens, tables):
     # one window per chunk: rank 1 has nothing to score or train on, and must still keep step
-    calm = TTTConfig(chunk_tokens=50, context=64, stride=64, lr=0.0, micro_batch=2, diverge_nats=100.0)
+    calm = TTTConfig(chunk_tokens=50, context=64, stride=64, inner_lr=0.0, micro_batch=2, diverge_nats=100.0)
     base = run_local(ttt_rank, (copy.deepcopy(random_gpt), tokens, tables, calm), 2)
     assert not base["diverged"] and base["checksums"][0] == base["checksums"][1]
     worst = max(base["chunks"]) * math.log(2) * 3  # nats per token, generously above the static loss
-    wild = TTTConfig(chunk_tokens=50, context=64, stride=64, lr=1e4, grad_clip=0.0, momentum=0.0, micro_batch=2,
+    wild = TTTConfig(chunk_tokens=50, context=64, stride=64, inner_lr=1e4, grad_clip=0.0, momentum=0.0, micro_batch=2,
                      diverge_nats=worst)
     out = run_local(ttt_rank, (copy.deepcopy(random_gpt), tokens, tables, wild), 2)
     assert out["diverged"] and out["diverged_chunk"] >= 1
@@ -90,7 +90,7 @@ def test_uneven_shares_and_a_diverging_lr_end_cleanly_on_two_ranks(random_gpt, t
 def test_subsets_adapt_only_what_they_name(random_gpt, tokens, tables, spec):
     before = {k: v.clone() for k, v in random_gpt.state_dict().items()}
     model = copy.deepcopy(random_gpt)
-    run_ttt(model, tokens, tables, TTTConfig(**{**CFG.__dict__, "params": spec, "lr": 0.5}))
+    run_ttt(model, tokens, tables, TTTConfig(**{**CFG.__dict__, "params": spec, "inner_lr": 0.5}))
     after = model.state_dict()
     if spec == "norms":
         changed = {k for k in before if not torch.equal(before[k], after[k])}

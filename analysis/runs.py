@@ -9,9 +9,9 @@ import pandas as pd
 
 from e2ettt.tables import newest_curves, newest_rows, read_parts
 
-TRIAL_REQUIRED = ["trial_id", "regime", "inner_lr", "chunk_tokens", "seed", "pre_quant_bpb", "post_quant_bpb",
+TRIAL_REQUIRED = ["row_id", "regime", "inner_lr", "chunk_tokens", "seed", "pre_quant_bpb", "post_quant_bpb",
                   "post_ttt_bpb", "damage", "recovery", "recovery_frac", "first_chunk_delta", "diverged", "status"]
-CURVE_REQUIRED = ["trial_id", "chunk", "tokens_seen", "ttt_bpb", "static_bpb", "running_ttt_bpb"]
+CURVE_REQUIRED = ["row_id", "chunk", "tokens_seen", "ttt_bpb", "static_bpb", "running_ttt_bpb"]
 # Settings a table row may carry; tables written before rows carried control and setting keys are matched on
 # every one of these that is present (and, for the control, the seed).
 DISPLAY_SETTINGS = ["inner_lr", "chunk_tokens", "epochs", "optimizer", "params", "context", "stride", "max_tokens",

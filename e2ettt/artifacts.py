@@ -1,0 +1,216 @@
+"""What every trial of a regime shares: its quantized weights and its static curves, made once as Ray tasks.
+
+`quantize_regime` quantizes the source model under a regime (GPTQ
+calibrating on the train split) and returns the report and the dequantized
+weights as a dict of numpy arrays: a value, handed to trials as a Ray
+object and fetched once per node. `static_scores` scores those weights
+without TTT over each row's segment, chunk by chunk, with the exact
+windows, batching, device and dtype the TTT loop uses at one rank, plus
+the parameter-golf `eval_val` number of the same tokens. `prepare` runs
+both as Ray tasks on the trials' kind of device (a GPU each on a GPU
+sweep), each static task as soon as its regime's weights exist, and keeps
+copies in the sweep's `Store` under keys that hash everything they depend
+on, so a resumed sweep reuses them. Nothing here reads a disk another node
+wrote.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from e2ettt import data
+from e2ettt.config import config_hash
+from e2ettt.evaluate import DeviceTables, Score, as_tensor, chunk_spans, eval_val, static_curve
+from e2ettt.quant.apply import quantize_model, require_targets
+from e2ettt.quant.regimes import QuantConfig, parse_regime
+from e2ettt.source import Inputs, load_source_model, load_split, load_tables, set_threads, source_dtypes
+from e2ettt.storage import Store
+from e2ettt.ttt import DTYPES, TTTConfig
+
+State = dict  # parameter name -> np.ndarray (float32), what the model evaluates and TTT starts from
+
+
+@dataclass(frozen=True)
+class Windowing:
+    """Everything a static curve depends on besides the weights and the device."""
+
+    chunk_tokens: int
+    context: int
+    stride: int
+    micro_batch: int
+    dtype: str
+    max_tokens: int
+    segment_start: int
+
+    @classmethod
+    def of(cls, cfg: TTTConfig, segment_start: int) -> Windowing:
+        return cls(cfg.chunk_tokens, cfg.context, cfg.stride or cfg.context, cfg.micro_batch, cfg.dtype, cfg.max_tokens,
+                   segment_start)
+
+
+def weights_key(fingerprint: str, regime: str, qcfg: QuantConfig, device: str) -> str:
+    """Key of a regime's weights: inputs, regime, quant settings and the kind of device GPTQ ran on."""
+    return f"{regime}-" + config_hash({"inputs": fingerprint, "regime": regime, "quant": dataclasses.asdict(qcfg),
+                                       "device": device}, 16)
+
+
+def static_key(weights: str, windowing: Windowing, device: str) -> str:
+    return f"{weights}/static-" + config_hash({**dataclasses.asdict(windowing), "device": device}, 16)
+
+
+def quantize_regime(inputs: Inputs, regime: str, qcfg: QuantConfig, device: str = "cpu",
+                    threads: int = 0) -> tuple[dict, State]:
+    """Quantize the source model on `device`; return (report, dequantized weights)."""
+    set_threads(threads)
+    spec = parse_regime(regime)
+    model = load_source_model(inputs).to(device)
+    calib = None
+    if spec.needs_calibration:
+        calib = torch.as_tensor(load_split(inputs, "train", qcfg.calib_tokens + 1)).to(device)
+    qmodel, report = quantize_model(model, spec, qcfg, calib, source_dtypes(inputs))
+    summary = {**{f.name: getattr(report, f.name) for f in dataclasses.fields(report) if f.name != "artifact"},
+               "artifact_bytes": report.artifact_bytes, "device": device}
+    return summary, {k: v.detach().float().cpu().numpy() for k, v in qmodel.state_dict().items()}
+
+
+def check_regimes(inputs: Inputs, regimes: list[str], qcfg: QuantConfig) -> None:
+    """Fail now, in the driver, if the model cannot take a regime (nothing to quantize, no train split for GPTQ)."""
+    specs = [parse_regime(r) for r in regimes]
+    if not any(s.method in ("rtn", "gptq") for s in specs):
+        return
+    require_targets(load_source_model(inputs), qcfg, next(s.name for s in specs if s.method in ("rtn", "gptq")))
+    if any(s.needs_calibration for s in specs):
+        data.find_shards(inputs.data, "train")  # GPTQ calibrates on the train split: its shards must exist
+
+
+def load_regime_model(inputs: Inputs, state: State, device: torch.device | str = "cpu") -> torch.nn.Module:
+    model = load_source_model(inputs)
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    return model.to(device).eval()
+
+
+def static_scores(inputs: Inputs, state: State, windowings: list[Windowing], device: str = "cpu",
+                  threads: int = 0) -> list[dict]:
+    """Per-chunk static scores of one regime's weights over each windowing's segment."""
+    set_threads(threads)
+    model = load_regime_model(inputs, state, device)
+    tables = DeviceTables.from_tables(load_tables(inputs), device)
+    val = load_split(inputs, "val")
+    out = []
+    for w in windowings:
+        t0 = time.perf_counter()
+        tokens = as_tensor(data.segment(val, w.segment_start, w.max_tokens), device)
+        spans = chunk_spans(tokens.numel() - 1, w.chunk_tokens)
+        dtype = DTYPES[w.dtype]
+        with torch.no_grad():
+            curve = static_curve(model, tokens, spans, w.context, w.stride, tables, w.micro_batch, dtype)
+            ev = eval_val(model, tokens, w.context, tables, w.micro_batch, dtype)
+        out.append({"windowing": dataclasses.asdict(w), "device": device,
+                    "chunks": [[s.nll, s.bytes, s.tokens] for s in curve], "eval_val": [ev.nll, ev.bytes, ev.tokens],
+                    "seconds": time.perf_counter() - t0})
+    return out
+
+
+def static_objects(inputs: Inputs, state: State, windowings: list[Windowing], device: str = "cpu", threads: int = 0):
+    """`static_scores` as a Ray task's returns: one object per windowing."""
+    out = static_scores(inputs, state, windowings, device, threads)
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def scores(static: dict) -> list[Score]:
+    return [Score(*c) for c in static["chunks"]]
+
+
+def total(static: dict) -> Score:
+    out = Score(0.0, 0.0, 0)
+    for s in scores(static):
+        out = out + s
+    return out
+
+
+# Copies in a Store: weights as a torch state dict (read back with weights_only=True), the rest as JSON.
+
+def save_regime(store: Store, key: str, report: dict, state: State) -> None:
+    buf = io.BytesIO()
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, buf)
+    store.write_bytes(f"{key}/weights.pt", buf.getvalue())
+    store.write_bytes(f"{key}/report.json", json.dumps(report, indent=1, default=float).encode())
+
+
+def load_regime(store: Store, key: str) -> tuple[dict, State] | None:
+    report, weights = store.read_bytes(f"{key}/report.json"), store.read_bytes(f"{key}/weights.pt")
+    if report is None or weights is None:
+        return None
+    tensors = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+    return json.loads(report), {k: v.numpy() for k, v in tensors.items()}
+
+
+def save_static(store: Store, key: str, static: dict) -> None:
+    store.write_bytes(f"{key}.json", json.dumps(static, default=float).encode())
+
+
+def load_static(store: Store, key: str) -> dict | None:
+    blob = store.read_bytes(f"{key}.json")
+    return json.loads(blob) if blob is not None else None
+
+
+@dataclass(frozen=True)
+class Needs:
+    """The artifacts a sweep's trials read: weights key -> regime, static key -> (weights key, windowing)."""
+
+    weights: dict
+    static: dict
+
+
+def prepare(ray, needs: Needs, inputs: Inputs, qcfg: QuantConfig, device: str, threads: int, store: Store, prefix: str,
+            log=print) -> tuple[dict, dict]:
+    """Every artifact in `needs` as an object ref by key, and each regime's quantization report.
+
+    Copies in `store` under `prefix` are reused; the rest are made by Ray tasks on the trials' kind of
+    device, each static task starting as soon as its weights exist. One loop waits for all of them."""
+    opts = {"num_cpus": threads, "num_gpus": 1 if device == "cuda" else 0}
+    quantize = ray.remote(**opts)(quantize_regime).options(num_returns=2)
+    score = ray.remote(**opts)(static_objects)
+    t0 = time.perf_counter()
+    refs, reports, pending = {}, {}, {}  # pending: ref -> (kind, key)
+    for wkey, regime in needs.weights.items():
+        cached = load_regime(store, f"{prefix}/{wkey}")
+        if cached is not None:
+            reports[regime], refs[wkey] = cached[0], ray.put(cached[1])
+            log(f"  {regime:>20}: quantized weights reused from {store.url(f'{prefix}/{wkey}')}")
+        else:
+            report_ref, refs[wkey] = quantize.remote(inputs, regime, qcfg, device, threads)
+            pending[report_ref] = ("weights", wkey)
+    todo: dict[str, dict] = {}  # weights key -> static key -> windowing
+    for skey, (wkey, windowing) in needs.static.items():
+        cached = load_static(store, f"{prefix}/{skey}")
+        if cached is not None:
+            refs[skey] = ray.put(cached)
+        else:
+            todo.setdefault(wkey, {})[skey] = windowing
+    for wkey, jobs in todo.items():
+        out = score.options(num_returns=len(jobs)).remote(inputs, refs[wkey], list(jobs.values()), device, threads)
+        for skey, ref in zip(jobs, out if len(jobs) > 1 else [out]):
+            refs[skey] = ref
+            pending[ref] = ("static", skey)
+    computed = sum(kind == "static" for kind, _ in pending.values())
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        kind, key = pending.pop(done[0])
+        if kind == "weights":
+            regime = needs.weights[key]
+            reports[regime] = rep = ray.get(done[0])
+            save_regime(store, f"{prefix}/{key}", rep, ray.get(refs[key]))
+            log(f"  {regime:>20}: {rep['quantized_params']:>10,} params quantized, {rep['artifact_bytes']:>10,} bytes "
+                f"(lzma), {rep['seconds']:.1f} s on {rep['device']}")
+        else:
+            save_static(store, f"{prefix}/{key}", ray.get(done[0]))
+    log(f"  {len(needs.weights)} regimes ready, {computed} static curves computed "
+        f"({len(needs.static) - computed} reused) in {time.perf_counter() - t0:.0f} s")
+    return refs, reports

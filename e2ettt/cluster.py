@@ -1,0 +1,153 @@
+"""Where a sweep runs: a local Ray or a cluster, how many trials it holds at once, and what is up now.
+
+`start_ray` starts a local Ray of this machine's cores (even if an earlier
+`ray start` left an address behind) or joins the cluster at `address`.
+`concurrency` is the one answer to "how many trials at once": the
+`--max-concurrent` flag, else what the cluster holds at its largest (the
+autoscaler config the head was started with, not the nodes up now, so
+that pending trials make the autoscaler add nodes), else what is up now.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from e2ettt.config import ConfigError
+from e2ettt.sweep import SweepConfig
+
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the autoscaler config on the head
+
+
+def start_ray(cfg: SweepConfig, log=print):
+    """A local Ray of this machine's cores, or the cluster at `cfg.address`."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # a report waits for the previous one to be polled
+    quiet = {"include_dashboard": cfg.dashboard, "log_to_driver": cfg.verbose, "configure_logging": True,
+             "logging_level": "INFO" if cfg.verbose else "ERROR"}
+    if cfg.dashboard:
+        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # Train runs and their workers in the dashboard
+    if cfg.address:
+        quiet.pop("include_dashboard")  # a cluster's dashboard is the head's
+        context = ray.init(address=cfg.address, **quiet)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        context = ray.init(address="local", num_cpus=max(local_cpus(cfg), cfg.workers * cfg.cpus_per_worker),
+                           num_gpus=None if cfg.gpus_per_trial else 0, resources={"trial_driver": 64}, **quiet)
+    if cfg.dashboard:
+        log(f"  dashboard: http://{context.dashboard_url} (Train runs; e2ettt_* metrics in its Metrics view with "
+            "Prometheus/Grafana set up as Ray's docs describe)")
+    return ray
+
+
+def local_cpus(cfg: SweepConfig) -> int:
+    return cfg.local_cpus or os.cpu_count() or 1
+
+
+def trial_demand(cfg: SweepConfig) -> dict[str, float]:
+    """Resources one trial's workers take (its driver takes a `trial_driver` slot besides)."""
+    demand = {"CPU": cfg.ranks * cfg.cpus_per_worker}
+    if cfg.gpus_per_trial:
+        demand["GPU"] = cfg.gpus_per_trial
+    return demand
+
+
+def read_cluster_config(cfg: SweepConfig) -> tuple[dict | None, str]:
+    """The autoscaler config to size the sweep from (`--cluster-config`, or the head's when joining), if any."""
+    given = cfg.cluster_config or (BOOTSTRAP_CONFIG if cfg.address else "")
+    if not given:
+        return None, ""
+    path = Path(given).expanduser()
+    if not path.is_file():
+        if cfg.cluster_config:
+            raise ConfigError(f"--cluster-config {cfg.cluster_config}: file does not exist")
+        return None, ""
+    try:
+        return yaml.safe_load(path.read_text()), str(path)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--cluster-config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
+def capacity_from_config(config: dict, demand: dict[str, float], strict: bool) -> tuple[int, int, int]:
+    """(trials that fit at the cluster's largest, worker nodes at most, trial_driver slots).
+
+    Node counts: the head once, each worker type up to its max_workers, all
+    worker types together up to the top-level max_workers (filled with the
+    types that fit most trials first). With `strict` (GPU trials, STRICT_PACK)
+    a trial must fit on one node; otherwise its workers may spread.
+    """
+    types = config.get("available_node_types", {})
+    head = config.get("head_node_type")
+    budget = int(config.get("max_workers", sum(t.get("max_workers", 0) for n, t in types.items() if n != head)))
+
+    def fits(res: dict) -> int:
+        return min((int(res.get(r, 0) // need) for r, need in demand.items()), default=0)
+
+    counts = {head: 1} if head in types else {}
+    for name in sorted((n for n in types if n != head), key=lambda n: -fits(types[n].get("resources", {}))):
+        counts[name] = min(int(types[name].get("max_workers", 0)), budget)
+        budget -= counts[name]
+    if strict:
+        trials = sum(n * fits(types[t].get("resources", {})) for t, n in counts.items())
+    else:
+        total = {r: sum(n * types[t].get("resources", {}).get(r, 0) for t, n in counts.items()) for r in demand}
+        trials = fits(total)
+    drivers = int(sum(n * types[t].get("resources", {}).get("trial_driver", 0) for t, n in counts.items()))
+    return trials, sum(n for t, n in counts.items() if t != head), drivers
+
+
+def concurrency(cfg: SweepConfig, resources_now: dict | None = None, log=None) -> int | None:
+    """Trials in flight: --max-concurrent, else what the autoscaler config holds at its largest, else what
+    `resources_now` (the cluster's resources; None before Ray starts) holds; None if nothing tells."""
+    demand = trial_demand(cfg)
+    config, path = read_cluster_config(cfg)
+    if config is not None:
+        trials, nodes, drivers = capacity_from_config(config, demand, strict=bool(cfg.gpus_per_trial))
+        if trials == 0:
+            raise ConfigError(f"{path}: no node type can hold a trial needing {demand} "
+                              f"({cfg.ranks} ranks × {cfg.cpus_per_worker} CPU{', 1 GPU' if cfg.gpus_per_trial else ''} each)")
+        if drivers == 0:
+            raise ConfigError(f"{path}: no node declares the 'trial_driver' resource that trial drivers run in "
+                              "(give the head node resources: {\"trial_driver\": N})")
+        n = cfg.max_concurrent or min(trials, drivers)
+        if log:
+            log(f"  cluster: up to {nodes} worker nodes ({path}) hold {trials} trial(s) at once; running {n} at a time")
+        return n
+    if cfg.max_concurrent:
+        return cfg.max_concurrent
+    if resources_now is None:
+        return None if cfg.address else max(1, int(local_cpus(cfg) // demand["CPU"]))
+    up = max(1, min((int(resources_now.get(r, 0) // need) for r, need in demand.items()), default=1))
+    if cfg.address and log:
+        log(f"  cluster: no autoscaler config found ({BOOTSTRAP_CONFIG} or --cluster-config); sizing from the "
+            f"resources up now: {up} trial(s) at once (--max-concurrent to change)")
+    return up
+
+
+def standing(ray, cfg: SweepConfig) -> str:
+    """Nodes up and what they offer, for progress lines."""
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    key = "GPU" if cfg.gpus_per_trial else "CPU"
+    units = sum(n["Resources"].get(key, 0) for n in alive)
+    return f"cluster: {len(alive)} node(s) up with {units:g} {key} ({trial_demand(cfg)[key]:g} {key} per trial)"
+
+
+def live_metrics():
+    """Per-trial running numbers as Ray metrics (Prometheus, shown in the dashboard's Metrics view)."""
+    from ray.util.metrics import Gauge
+
+    tags = ("setting", "regime", "seed")
+    gauges = {name: Gauge(f"e2ettt_{name}", description=text, tag_keys=tags) for name, text in (
+        ("running_ttt_bpb", "running bpb of score-first TTT"), ("running_static_bpb", "running bpb without TTT"),
+        ("running_recovery", "running static - TTT bpb (negative: TTT hurts)"), ("tokens_seen", "tokens scored"))}
+
+    def update(result: dict) -> None:
+        labels = {"setting": result["setting_key"], "regime": result["regime"], "seed": str(result["seed"])}
+        for name, gauge in gauges.items():
+            if name in result:
+                gauge.set(float(result[name]), tags=labels)
+
+    return update
