@@ -37,7 +37,7 @@ def ray(*args: str, env: dict | None = None) -> None:
 
 def in_flight(trials: pd.DataFrame) -> int:
     """Most trials whose [start, end] on their nodes overlap at one instant."""
-    spans = trials.groupby("setting_key").agg(start=("started_at", "min"), end=("ended_at", "max"))
+    spans = trials.groupby("trial_key").agg(start=("started_at", "min"), end=("ended_at", "max"))
     events = sorted([(s, 1) for s in spans["start"]] + [(e, -1) for e in spans["end"]])
     best = now = 0
     for _, step in events:
@@ -50,7 +50,7 @@ def sweep(name: str, port: int, config: Path, out: Path) -> tuple[pd.DataFrame, 
     t0 = time.perf_counter()
     subprocess.run([sys.executable, str(REPO / "sweeps" / "healing_grid.py"), "--smoke", "--regimes", "fp,int3,int4,int2",
                     "--seeds", "0,1", "--name", name, "--out", str(out), "--address", f"127.0.0.1:{port}",
-                    "--cluster-config", str(config)], check=True, cwd=REPO)
+                    "--cluster-config", str(config), "--settings-per-trial", "1"], check=True, cwd=REPO)
     return pd.read_parquet(out / name / "trials.parquet"), time.perf_counter() - t0
 
 
@@ -78,7 +78,7 @@ def main() -> None:
     rows = []
     runs = (("cold: nodes added by the autoscaler", cold, cold_wall), ("warm: nodes already up", warm, warm_wall))
     for label, trials, wall in runs:
-        per_trial = trials.groupby("setting_key")["startup_seconds"].min()  # the first seed's row carries the start-up
+        per_trial = trials.groupby("trial_key")["startup_seconds"].min()
         rows.append({"run": label, "trials": len(per_trial), "capacity (trials at once)": args.nodes,
                      "most in flight": in_flight(trials), "worker nodes used": trials["node_id"].nunique(),
                      "start-up s/trial (median)": float(per_trial.median()), "start-up s/trial (max)": float(per_trial.max()),

@@ -1,79 +1,105 @@
-"""Sweep overhead and memory: the default grid's wall time against its trials' TTT time.
+"""Where a sweep's wall time goes: TTT against the fixed cost of starting trials, with one setting per trial and packed.
 
-Runs `python sweeps/healing_grid.py --name <fresh>` (the demo must be cached
-for a clean figure) while sampling the resident memory of the whole process
-tree (driver, raylet, Ray workers) every 0.5 s. Reports wall time, the sum of
-TTT seconds, the overhead (wall − TTT sum, as a share of wall), per-trial
-start-up (trial wall − TTT seconds), and peak memory per worker and overall.
+Runs the same grid twice under fresh names (the demo must be cached for a
+clean figure): `--set settings_per_trial=1` (each setting its own trial, as
+the sweep ran before trials held several settings) and the default
+packing. For each run it reports the sweep's own closing line (rows, wall,
+seconds inside TTT, the fixed share (wall − TTT) / wall), and the median
+over trials of each part of a trial's start-up:
 
-    python benchmarks/sweep_overhead.py [extra healing_grid flags]
+- before the trial's driver runs: Tune scheduling the trial (`startup_seconds`
+  minus everything below);
+- from the rows' timestamps: Tune starting the trial to its driver starting
+  the Ray Train run; that to rank 0's process starting (the controller, its
+  helper actors, the placement group, the worker processes); that to rank 0
+  entering the trial (imports, process group, Train context); with Ray
+  Train's own timings from its controller's log ("[Worker Group
+  Initialization]" lines: placement group, worker actors created, train
+  context initialized) beside them;
+- on rank 0: artifact fetch and model build (the first row's
+  `load_seconds`), and the set-up of every later row.
+
+    python benchmarks/sweep_overhead.py [healing_grid flags]     # default: the grid of issue 22
 """
 from __future__ import annotations
 
+import glob
+import json
+import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, record
 
-
-def tree_rss(proc: psutil.Process) -> int:
-    total = 0
-    for p in [proc] + proc.children(recursive=True):
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
+GRID = ["--regimes", "fp,int3", "--lrs", "0.01,0.03,0.1", "--chunks", "512", "--seeds", "0,1,2"]
+CLOSING = re.compile(r"(\d+) of (\d+) rows written in (\d+) s wall \((\d+) s of it inside TTT\)")
+PARTS = {"placement group": r"Placement group ready in ([\d.]+)s", "worker actors": r"worker actors created in ([\d.]+)s",
+         "train context": r"Train context initialized on workers in ([\d.]+)s",
+         "worker group total": r"Worker group startup completed in ([\d.]+)s total"}
 
 
-def ray_rss() -> int:
-    """Ray's daemons run outside the driver's tree (setsid): add every ray:: and raylet process."""
-    total = 0
-    for p in psutil.process_iter(["name", "cmdline"]):
-        try:
-            cmd = " ".join(p.info["cmdline"] or [])
-            if "ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd or "ray/_private" in cmd:
-                total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
+def controller_parts(since: float) -> dict[str, float]:
+    """Medians of Ray Train's own start-up timings, from the controller logs of runs started after `since`."""
+    found: dict[str, list[float]] = {k: [] for k in PARTS}
+    for path in glob.glob("/tmp/ray/session_*/logs/train/ray-train-sys-controller-*.log"):
+        if os.path.getmtime(path) < since:
+            continue
+        for line in Path(path).read_text().splitlines():
+            message = json.loads(line).get("message", "") if line.startswith("{") else line
+            for part, pattern in PARTS.items():
+                if m := re.search(pattern, message):
+                    found[part].append(float(m.group(1)))
+    return {part: float(pd.Series(v).median()) if v else float("nan") for part, v in found.items()}
+
+
+def sweep(name: str, extra: list[str]) -> dict:
+    t0 = time.time()
+    cmd = [sys.executable, str(REPO / "sweeps" / "healing_grid.py"), "--name", name, "--out", str(REPO / "runs"),
+           *(sys.argv[1:] or GRID), *extra]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"sweep failed ({out.returncode}):\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
+    rows_done, rows_todo, wall, ttt = (int(v) for v in CLOSING.search(out.stdout).groups())
+    rows = pd.read_parquet(REPO / "runs" / name / "trials.parquet")
+    ran = rows[rows["tokens_scored"] > 0].sort_values("ended_at")
+    first = ran.groupby("trial_key").head(1)  # a trial's first row carries its start-up and model build
+    later = ran.drop(first.index)
+    parts = controller_parts(t0)
+
+    def median(a: str, b: str) -> float:
+        return float((first[b] - first[a]).median())
+
+    return {"trials": rows["trial_key"].nunique(), "rows": rows_done, "wall s": wall, "TTT s": ttt,
+            "fixed share": (wall - ttt) / wall,
+            "start-up s/trial": float(first["startup_seconds"].median()),
+            "  Tune starts the trial's fit s": median("trial_started_at", "fit_started_at"),
+            "  fit to rank 0's process s": median("fit_started_at", "worker_spawned_at"),
+            "  rank 0's process to the trial s": median("worker_spawned_at", "started_at"),
+            "  (Ray: placement group s)": parts["placement group"], "  (Ray: worker actors s)": parts["worker actors"],
+            "  (Ray: train context s)": parts["train context"],
+            "fetch + model build s (first row)": float(first["load_seconds"].median()),
+            "row set-up s (later rows)": float(later["load_seconds"].median()) if len(later) else float("nan"),
+            "TTT s/row": float(ran["ttt_seconds"].median()),
+            "trial s (median)": float(rows.groupby("trial_key")["trial_seconds"].max().median()),
+            "run": f"runs/{name}"}
 
 
 def main() -> None:
-    name = f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
-    cmd = [sys.executable, str(REPO / "sweeps" / "healing_grid.py"), "--name", name, "--out", str(REPO / "runs")] + sys.argv[1:]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO)
-    handle = psutil.Process(proc.pid)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            peak = max(peak, tree_rss(handle) + ray_rss())
-        except psutil.Error:
-            pass
-        time.sleep(0.5)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"sweep failed with exit code {proc.returncode}")
-    trials = pd.read_parquet(REPO / "runs" / name / "trials.parquet")
-    ttt = trials["ttt_seconds"].sum()
-    startup = trials.groupby("setting_key")["startup_seconds"].min().dropna()  # the first seed's row carries it
-    rows = [{"trials": trials["setting_key"].nunique(), "rows": len(trials),
-             "wall s": wall, "sum TTT s": ttt, "overhead s": wall - ttt,
-             "overhead share": (wall - ttt) / wall, "start-up s/trial (median)": float(startup.median()),
-             "peak RSS/worker MB (max)": float(trials["peak_rss_mb"].max()),
-             "peak RSS whole sweep GB": peak / 2**30}]
-    record("Sweep overhead and memory (default grid, demo cached)", rows, [
-        "overhead = wall time of the whole command (Ray start, quantization, static curves, worker-group start-up, "
-        "artifact loading, table writes) minus the sum of the trials' TTT seconds",
-        "start-up s/trial = from the trial driver's start until rank 0 runs the trial (placement, worker-group start-up)",
-        f"run: runs/{name}",
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    runs = [("one setting per trial", sweep(f"bench-one-{stamp}", ["--set", "settings_per_trial=1"])),
+            ("packed (default)", sweep(f"bench-packed-{stamp}", []))]
+    table = [{"part": k, **{label: v[k] for label, v in runs}} for k in runs[0][1]]
+    record(f"Sweep overhead: `{' '.join(sys.argv[1:] or GRID)}` (demo cached)", table, [
+        "wall and TTT s: the sweep's own closing line; fixed share = (wall - TTT) / wall",
+        "start-up s/trial: from Tune starting the trial to rank 0 entering it (median over trials), split by the "
+        "rows' timestamps; the (Ray: ...) lines are Ray Train's own timings from its controller log, which overlap them",
+        "trial s: from Tune starting the trial to its last row",
     ])
 
 

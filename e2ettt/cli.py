@@ -89,7 +89,7 @@ def cmd_ttt(args, cfg: CLIConfig) -> int:
     from e2ettt.launch import run_local
     from e2ettt.source import fingerprint, load_split, resolve
     from e2ettt.storage import Store
-    from e2ettt.sweep import make_trial, segments
+    from e2ettt.sweep import make_trial, plan_settings, segments
     from e2ettt.worker import run_trial_on_rank
 
     parse_regime(args.regime)
@@ -98,8 +98,8 @@ def cmd_ttt(args, cfg: CLIConfig) -> int:
     val = load_split(inputs, "val")
     starts = segments(val, ttt.max_tokens, [ttt.seed], [ttt.chunk_tokens])  # bad seed, cap or chunk: one line
     fp = fingerprint(inputs)
-    trial = make_trial(inputs, fp, args.regime, [dataclasses.replace(ttt, seed=0)], starts, cfg.quant, "cpu", args.workers,
-                       args.threads)
+    settings = plan_settings(fp, args.regime, [dataclasses.replace(ttt, seed=0)], starts, cfg.quant, "cpu", args.workers)
+    trial = make_trial(settings, inputs, args.workers, args.threads)
     (setting, row), = trial.rows
     store = Store(args.work_dir or tempfile.mkdtemp(prefix="e2ettt-"))
     values = {}

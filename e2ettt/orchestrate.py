@@ -50,14 +50,15 @@ def run(cfg: SweepConfig, log=print, code_dir: str | os.PathLike = ".") -> Outco
     if inputs.demo:
         log(f"demo model: {inputs.demo['parameters']:,} parameters, validation bpb {inputs.demo['val_bpb']:.4f} "
             f"(eval_val over all {inputs.demo['val_tokens']:,} validation tokens); cache {Path(inputs.checkpoint).parent}")
-    sweep = open_sweep(cfg, inputs, code_dir)
+    sweep = open_sweep(cfg, inputs, code_dir, cluster.concurrency(cfg) or 1)
     log(f"  inputs checked ({sweep.fingerprint}): {sweep.stream_targets:,} validation targets, {sweep.row_targets:,} "
         f"per row; {time.perf_counter() - t_start:.0f} s")
     done = len(sweep.all_rows) - len(sweep.todo)
     log(f"healing_grid: {len(sweep.all_rows) // len(cfg.grid.seeds)} settings × {len(cfg.grid.seeds)} seed(s) = "
         f"{len(sweep.all_rows)} rows ({done} already in {sweep.run_dir / 'trials.parquet'}"
-        f"{f', {sweep.pulled} parts taken from {sweep.store.uri}' if sweep.pulled else ''}); {len(sweep.trials)} trial(s) "
-        f"to run on {cfg.ranks} {cfg.device.upper()} ranks each, {cfg.ttt.max_tokens or 'all'} validation tokens per row")
+        f"{f', {sweep.pulled} parts taken from {sweep.store.uri}' if sweep.pulled else ''}); {len(sweep.settings)} "
+        f"setting(s) to run in {len(sweep.trials)} trial(s) of {cfg.ranks} {cfg.device.upper()} ranks, "
+        f"{cfg.ttt.max_tokens or 'all'} validation tokens per row")
     outcome = Outcome(sweep.run_dir, sweep.all_rows, sweep.todo)
     if cfg.dry_run:
         for line in dry_run_plan(sweep):
@@ -71,6 +72,8 @@ def run(cfg: SweepConfig, log=print, code_dir: str | os.PathLike = ".") -> Outco
     reports: dict = {}
     try:
         slots = cluster.concurrency(cfg, ray.cluster_resources(), log)
+        if cluster.concurrency(cfg) is None:  # joined a cluster of unknown size: pack for what is up now
+            sweep = sweep.packed(slots)
         if sweep.trials:
             refs, reports = artifacts.prepare(ray, sweep.needs, inputs, cfg.quant, cfg.device, cfg.cpus_per_worker,
                                               sweep.store, f"{cfg.name}/artifacts", log)
@@ -102,7 +105,7 @@ def run_trials(ray, sweep: Sweep, refs: dict, reports: dict, slots: int, outcome
     resources = {"cpus_per_worker": cfg.cpus_per_worker, "gpus_per_worker": 1 if cfg.gpus_per_trial else 0,
                  "max_worker_failures": cfg.max_worker_failures, "start_timeout": cfg.worker_start_timeout,
                  "storage_path": sweep.store.url(f"{cfg.name}/ray/train")}
-    recorder = make_recorder(sweep, reports, slots, log, cluster.live_metrics() if cfg.dashboard else None)
+    recorder = make_recorder(sweep, reports, slots, log, board, cluster.live_metrics() if cfg.dashboard else None)
     trainable = tune.with_parameters(run_trial, specs={t.key: t for t in sweep.trials}, artifacts=refs, board=board,
                                      resources=resources)
     tuner = tune.Tuner(
@@ -124,7 +127,7 @@ def run_trials(ray, sweep: Sweep, refs: dict, reports: dict, slots: int, outcome
 
 
 def dry_run_plan(sweep: Sweep) -> list[str]:
-    """What the sweep would run and cost, from measured rates in this run's rows where they exist."""
+    """What the sweep would run and cost, from measured rates and start-ups in this run's rows where they exist."""
     cfg = sweep.cfg
     matrix_params = sum(p.numel() for p in load_source_model(sweep.inputs).parameters() if p.ndim >= 2)
     done = sweep.tables.trials
@@ -138,16 +141,15 @@ def dry_run_plan(sweep: Sweep) -> list[str]:
         same = done[(done["epochs"] == ttt.epochs) & (done["dtype"] == ttt.dtype) & (done["params"] == ttt.params)]
         return float(same["tokens_per_second"].median()) if len(same) else None
 
-    costs = [budget.trial_cost(f"{t.regime} lr={s.ttt.inner_lr:g} chunk={s.ttt.chunk_tokens}", len(s.rows) * sweep.row_targets,
-                               cfg.ranks, cfg.device, cfg.ttt.dtype, matrix_params, s.ttt.epochs, s.ttt.fuse_score,
-                               measured(s.ttt))
-             for t in sweep.trials for s in t.settings]
-    lines = [f"dry run: nothing started. {len(sweep.trials)} trials to run ({len(sweep.todo)} rows), "
-             f"{cfg.ranks} {cfg.device.upper()} ranks each, {sweep.row_targets:,} tokens per row, "
+    startups = done.groupby("trial_key")["startup_seconds"].min().dropna() if not done.empty else []
+    costs = [budget.setting_cost(s.label, len(s.rows) * sweep.row_targets, cfg.ranks, cfg.device, cfg.ttt.dtype,
+                                 matrix_params, s.ttt.epochs, s.ttt.fuse_score, measured(s.ttt)) for s in sweep.settings]
+    lines = [f"dry run: nothing started. {len(sweep.settings)} settings to run ({len(sweep.todo)} rows) in "
+             f"{len(sweep.trials)} trial(s) of {cfg.ranks} {cfg.device.upper()} ranks, {sweep.row_targets:,} tokens per row, "
              f"model {matrix_params:,} matrix parameters"]
     for c in costs[:12]:
-        lines.append(f"    {c.label:<34} {c.tokens:>12,} tokens  ~{c.seconds:>8.0f} s ({c.source})")
+        lines.append(f"    {c.label:<34} {c.tokens:>12,} tokens  ~{c.seconds:>8.0f} s of TTT ({c.source})")
     if len(costs) > 12:
         lines.append(f"    ... and {len(costs) - 12} more")
-    return lines + budget.plan_lines(costs, cfg.ranks, cfg.device, cluster.concurrency(cfg), cfg.gpus_per_node,
-                                     cfg.usd_per_node_hour)
+    return lines + budget.plan_lines(costs, len(sweep.trials), float(startups.median()) if len(startups) else None,
+                                     cfg.ranks, cfg.device, cluster.concurrency(cfg), cfg.gpus_per_node, cfg.usd_per_node_hour)

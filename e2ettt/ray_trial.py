@@ -45,8 +45,11 @@ class TrialReporter(Progress):
 
         self.rank = ray.train.get_context().get_world_rank()
         self.report, self.get, self.board = ray.train.report, ray.get, board
-        self.regime, self.every_s, self.max_chunks = spec.regime, spec.report_seconds, max_chunks
+        self.every_s, self.max_chunks = spec.report_seconds, max_chunks
         self.attempt = uuid.uuid4().hex
+        # rows an earlier attempt of this trial (a worker group that died) got into the table: not run again
+        ids = [r.row_id for _, r in spec.rows]
+        self.written = set(self.get(board.written.remote(ids))) if self.rank == 0 and board is not None else set()
         self.verdicts: dict[str, str] = {}  # setting key -> why the board ended it
         self.tokens_before: dict[str, int] = {}  # setting key -> tokens of its finished rows
         self.last = time.monotonic()
@@ -62,7 +65,7 @@ class TrialReporter(Progress):
 
     def _progress(self, diverged: bool = False) -> SettingProgress:
         m = self.metrics
-        return SettingProgress(self.setting_key, self.regime, m["seed"], m["tokens_seen"], m["seed_fraction"],
+        return SettingProgress(self.setting_key, m["regime"], m["seed"], m["tokens_seen"], m["seed_fraction"],
                             m.get("running_recovery", math.nan), diverged)
 
     def signal(self) -> float:
@@ -78,7 +81,7 @@ class TrialReporter(Progress):
         self.setting_key, self.row_id = setting.setting_key, row.row_id
         self.static, self.static_sums = static["chunks"], [0.0, 0.0]
         self.seed_tokens = sum(c[2] for c in self.static)
-        self.metrics = {"setting_key": setting.setting_key, "regime": self.regime, "seed": row.seed,
+        self.metrics = {"setting_key": setting.setting_key, "regime": setting.regime, "seed": row.seed,
                         "pre_quant_bpb": total(fp_static).bpb, "post_quant_bpb": total(static).bpb,
                         "tokens_seen": self.tokens_before.get(setting.setting_key, 0), "seed_fraction": 0.0}
 
@@ -95,8 +98,10 @@ class TrialReporter(Progress):
             self._ask_board(self._progress())
         return rec.signal >= 2
 
-    def stop_vote(self, setting: SettingSpec) -> float:
-        return 1.0 if self.rank == 0 and setting.setting_key in self.verdicts else 0.0
+    def row_vote(self, setting: SettingSpec, row: RowSpec) -> float:
+        if self.rank != 0:
+            return 0.0
+        return 2.0 if row.row_id in self.written else 1.0 if setting.setting_key in self.verdicts else 0.0
 
     def stop_reason(self, setting: SettingSpec) -> str:
         return self.verdicts.get(setting.setting_key, "stopped by the sweep's stop board")
@@ -105,7 +110,7 @@ class TrialReporter(Progress):
         ran = self.metrics.get("seed") == row.seed and self.setting_key == setting.setting_key
         if not ran:  # a row the board ended before it started
             self.setting_key = setting.setting_key
-            self.metrics = {"setting_key": setting.setting_key, "regime": self.regime, "seed": row.seed,
+            self.metrics = {"setting_key": setting.setting_key, "regime": setting.regime, "seed": row.seed,
                             "tokens_seen": self.tokens_before.get(setting.setting_key, 0), "seed_fraction": 0.0}
         self._send(Report(row.row_id, self.attempt, tuple(self.pending), measured))
         if ran:
@@ -119,14 +124,26 @@ class TrialReporter(Progress):
         self.last = time.monotonic()
 
 
+def process_started_at() -> float:
+    """Unix time this process started (Linux: /proc), NaN elsewhere."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        boot = next(float(ln.split()[1]) for ln in open("/proc/stat") if ln.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return math.nan
+
+
 def train_loop(config: dict) -> int:
     """What each Train worker runs. Imports stay inside: a trial's worker processes are new."""
     import ray
     import ray.train.torch
 
     spec: TrialSpec = config["spec"]
+    where = {"node_id": ray.get_runtime_context().get_node_id(), "fit_started_at": config["fit_started_at"],
+             "worker_spawned_at": process_started_at()}
     out = run_trial_on_rank(spec, config["artifacts"], ray.train.torch.get_device(), fetch=ray.get,
-                            progress=TrialReporter(spec, config["board"]), node_id=ray.get_runtime_context().get_node_id())
+                            progress=TrialReporter(spec, config["board"]), where=where)
     return len(out or [])  # rows went out as reports
 
 
@@ -152,14 +169,16 @@ def run_trial(config: dict, specs: dict | None = None, artifacts: dict | None = 
     # (nodes booting on an autoscaling cluster), after which the trial ends as an error instead of waiting forever.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(res["start_timeout"])
     use_gpu = res["gpus_per_worker"] > 0
-    per_worker = {"CPU": res["cpus_per_worker"], **({"GPU": res["gpus_per_worker"]} if use_gpu else {}),
-                  **faults.for_regime(spec.regime).get("resources", {})}
-    needed = {spec.weights} | {k for _, r in spec.rows for k in (r.static, r.fp_static)}
-    t0 = time.perf_counter()
+    per_worker = {"CPU": res["cpus_per_worker"], **({"GPU": res["gpus_per_worker"]} if use_gpu else {})}
+    for regime in spec.regimes:
+        per_worker.update(faults.for_regime(regime).get("resources", {}))
+    needed = {s.weights for s in spec.settings} | {k for _, r in spec.rows for k in (r.static, r.fp_static)}
+    fit_started_at = time.time()
     try:
         trainer = TorchTrainer(
             train_loop_per_worker=train_loop,
-            train_loop_config={"spec": spec, "artifacts": {k: artifacts[k] for k in needed}, "board": board},
+            train_loop_config={"spec": spec, "artifacts": {k: artifacts[k] for k in needed}, "board": board,
+                               "fit_started_at": fit_started_at},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=spec.world_size, use_gpu=use_gpu, resources_per_worker=per_worker,
                                          placement_strategy="STRICT_PACK" if use_gpu else "PACK"),
@@ -171,11 +190,11 @@ def run_trial(config: dict, specs: dict | None = None, artifacts: dict | None = 
         result = trainer.fit()
         if result.return_value is None:
             raise RuntimeError("rank 0 returned no result")
-        end = {"trial_seconds": time.perf_counter() - t0, "error": "", "traceback": ""}
+        end = {"error": "", "traceback": ""}
     except Exception as exc:  # a failed trial is a row per unfinished seed, with its error, not a lost trial
         message = one_line(exc)
         if "worker group startup timed out" in f"{exc}\n{traceback.format_exc()}".lower():
             message = (f"workers did not start within {res['start_timeout']:g} s: no node could give {spec.world_size} "
                        f"worker(s) × {per_worker} (nodes that never came up, or resources no node type has)")
-        end = {"trial_seconds": time.perf_counter() - t0, "error": message, "traceback": traceback.format_exc()[-4000:]}
+        end = {"error": message, "traceback": traceback.format_exc()[-4000:]}
     ray.tune.report({"kind": "end", **end})

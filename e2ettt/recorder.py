@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -24,15 +25,15 @@ from e2ettt.rows import Assembler, setting_columns
 from e2ettt.sweep import Sweep, TrialSpec
 
 
-def make_recorder(sweep: Sweep, reports: dict, concurrency: int, log, live=None):
-    """The Tune callback of `sweep` (`reports`: each regime's quantization report; `live`: a metrics sink)."""
+def make_recorder(sweep: Sweep, reports: dict, concurrency: int, log, board=None, live=None):
+    """The Tune callback of `sweep` (`reports`: each regime's quantization report; `board`: the stop board, told of
+    every row written, so that a worker group that restarts does not run it again; `live`: a metrics sink)."""
     from ray.tune import Callback
 
     specs = {t.key: t for t in sweep.trials}
-    columns = {r.row_id: setting_columns(sweep, t, s, r, reports.get(t.regime, {}).get("artifact_bytes"))
+    columns = {r.row_id: setting_columns(sweep, t, s, r, reports.get(s.regime, {}).get("artifact_bytes"))
                for t in sweep.trials for s, r in t.rows}
-    labels = {r.row_id: (f"{t.regime} lr={s.ttt.inner_lr:g} chunk={s.ttt.chunk_tokens}", r.seed)
-              for t in sweep.trials for s, r in t.rows}
+    labels = {r.row_id: (s.label, r.seed) for t in sweep.trials for s, r in t.rows}
 
     class Recorder(Callback):
         def __init__(self):
@@ -48,6 +49,8 @@ def make_recorder(sweep: Sweep, reports: dict, concurrency: int, log, live=None)
 
         def _append(self, row: dict, curve: list[dict]) -> None:
             sweep.tables.append(row, curve)
+            if board is not None:
+                board.row_written.remote(row["row_id"])
             if row["status"] in ("ok", "diverged"):
                 self.nodes.setdefault(row["node_id"], {k: row.get(k) for k in ("hostname", "device", "device_name")})
             self.rows += 1
@@ -63,9 +66,15 @@ def make_recorder(sweep: Sweep, reports: dict, concurrency: int, log, live=None)
             else:
                 log(f"{head}  ERROR {row['error']}")
 
-        def _errors(self, trial, message: str, traceback: str = "", trial_seconds: float | None = None) -> None:
+        def _times(self, trial, m=None) -> dict:
+            """When Tune started the trial, and (with a row's measured columns) its start-up and the row's end."""
+            start = self.started.get(trial.trial_id, math.nan)
+            return {"trial_started_at": start, "startup_seconds": m.started_at - start if m else math.nan,
+                    "trial_seconds": (m.ended_at if m and not math.isnan(m.ended_at) else time.time()) - start}
+
+        def _errors(self, trial, message: str, traceback: str = "") -> None:
             for _, r in self._spec(trial).rows:
-                row = self.assembler.error(r.row_id, message, traceback, trial_seconds=trial_seconds)
+                row = self.assembler.error(r.row_id, message, traceback, **self._times(trial))
                 if row is not None:
                     self._append(row, [])
 
@@ -75,17 +84,14 @@ def make_recorder(sweep: Sweep, reports: dict, concurrency: int, log, live=None)
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if result.get("kind") == "report":
                 report = result.pop("report")  # Tune keeps the last result: not the curve points
-                m = report.measured
-                startup = m.started_at - self.started[trial.trial_id] if m and trial.trial_id in self.started else None
-                done = self.assembler.add(report, startup_seconds=startup)
+                done = self.assembler.add(report, **self._times(trial, report.measured))
                 if done is not None:
                     self._append(*done)
                 if live is not None and "seed" in result:
                     live(result)
             elif result.get("kind") == "end":
                 self.walls.append(time.time() - self.started.get(trial.trial_id, time.time()))
-                self._errors(trial, result["error"] or "the trial ended without a row for this seed", result["traceback"],
-                             result["trial_seconds"])
+                self._errors(trial, result["error"] or "the trial ended without a row for this seed", result["traceback"])
 
         def on_trial_error(self, iteration, trials, trial, **info):
             err = getattr(trial, "error_msg", None) or "trial process failed"
@@ -133,7 +139,7 @@ def write_manifest(sweep: Sweep, reports: dict, nodes: dict, run: dict) -> None:
         configs = dict(old.get("configs", {}))
         for t in sweep.trials:
             for s, r in t.rows:
-                configs[r.row_id] = {"regime": t.regime, "ttt": dataclasses.asdict(dataclasses.replace(s.ttt, seed=r.seed)),
+                configs[r.row_id] = {"regime": s.regime, "ttt": dataclasses.asdict(dataclasses.replace(s.ttt, seed=r.seed)),
                                      "segment_start": r.segment_start, "quant": dataclasses.asdict(sweep.cfg.quant),
                                      "device": sweep.cfg.device, "ranks": t.world_size, "inputs": sweep.fingerprint}
         manifest = {"config": dataclasses.asdict(sweep.cfg),

@@ -78,8 +78,10 @@ class Measured:
     device_name: str = ""
     hostname: str = ""
     node_id: str = ""
-    started_at: float = math.nan  # unix seconds: the trial's start on rank 0
-    ended_at: float = math.nan  # ... this row's end
+    fit_started_at: float = math.nan  # unix seconds: the trial's driver started its Ray Train run
+    worker_spawned_at: float = math.nan  # ... rank 0's process started
+    started_at: float = math.nan  # ... rank 0 entered the trial
+    ended_at: float = math.nan  # ... this row ended
     peak_rss_mb: float = math.nan
 
 
@@ -112,9 +114,9 @@ class Report:
 
 def setting_columns(sweep: Sweep, trial: TrialSpec, setting: SettingSpec, row: RowSpec, artifact_bytes: int | None) -> dict:
     """Every column of a row that is known when the sweep is planned."""
-    spec = parse_regime(trial.regime)
+    spec = parse_regime(setting.regime)
     return {"row_id": row.row_id, "setting_key": setting.setting_key, "control_key": row.control_key,
-            "trial_key": trial.key, "regime": trial.regime, "bits": spec.bits,
+            "trial_key": trial.key, "regime": setting.regime, "bits": spec.bits,
             "method": spec.method + ("+hadamard" if spec.rotate else ""),
             **dataclasses.asdict(dataclasses.replace(setting.ttt, seed=row.seed)),
             **{f"quant_{k}": v for k, v in dataclasses.asdict(sweep.cfg.quant).items()},
@@ -131,7 +133,8 @@ def build(columns: dict, measured: Measured, **driver) -> dict:
     if clash:
         raise RowError(f"row {columns.get('row_id')}: columns {clash} come from two places")
     row = {**columns, **numbers, **driver, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    row["projected_full_seconds"] = budget.projected_full_seconds(row["stream_tokens"], row["tokens_per_second"])
+    row["projected_full_seconds"] = budget.projected_full_seconds(row["stream_tokens"], row["tokens_per_second"],
+                                                                  row.get("startup_seconds", math.nan))
     return row
 
 

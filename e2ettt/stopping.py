@@ -1,5 +1,8 @@
 """Early stopping: one rule, optional successive halving, and one board that holds every verdict.
 
+The board also holds which rows the driver has written, so that a worker
+group that restarts after a lost worker or node does not run them again.
+
 A running trial's rank 0 posts each setting's progress to the `StopBoard`
 at every report and at the end of every seed, and gets the verdict back in
 the same call; the trial's ranks then end that setting together at the
@@ -118,6 +121,7 @@ class StopBoard:
         self.protected = set(protected)
         self.rungs = Rungs(rule.first_rung, rule.last_rung, rule.eta) if rule.asha else None
         self.verdicts: dict[str, str] = {}
+        self.rows: set[str] = set()  # rows the driver has written
 
     def post(self, p: SettingProgress) -> str:
         """Take a setting's progress; return why it must end ("" to go on)."""
@@ -134,6 +138,13 @@ class StopBoard:
 
     def verdict(self, setting_key: str) -> str:
         return self.verdicts.get(setting_key, "")
+
+    def row_written(self, row_id: str) -> None:
+        self.rows.add(row_id)
+
+    def written(self, row_ids: list[str]) -> list[str]:
+        """Which of `row_ids` are in the table (a worker group that restarts does not run them again)."""
+        return [r for r in row_ids if r in self.rows]
 
 
 def board_args(sweep: Sweep) -> tuple[StopRule, set[str]]:

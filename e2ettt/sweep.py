@@ -1,12 +1,13 @@
 """A sweep's settings, its plan and the `Sweep` it yields, all decided before Ray starts.
 
 `SweepConfig` holds every setting of a sweep (flags, grid files and `--set`
-change it through `config.override`). `plan` turns it into trials: a trial
-(one Tune trial, one Ray Train worker group) evaluates one regime at one
-or more settings (inner lr, chunk size, epochs, optimizer, adapted
-parameters), each at every seed in turn; a row is one setting at one seed.
-The plan computes, once, everything a row needs and everything that
-refers to it:
+change it through `config.override`). `plan` turns it into settings: a
+setting is a regime at one inner lr, chunk size, epochs, optimizer and
+adapted-parameter choice, and a row is a setting at one seed. `pack` puts
+the settings into trials: a trial (one Tune trial, one Ray Train worker
+group) runs its settings one after the other, each at every seed in turn,
+so that they share one start-up. The plan computes, once, everything a row
+needs and everything that refers to it:
 
 - `row_id`: inputs fingerprint, device, ranks, regime, quant and TTT
   settings, seed and segment; a resumed sweep skips rows already written;
@@ -99,6 +100,7 @@ class SweepConfig:
     dry_run: bool = False  # print the plan (trials, tokens, projected time, GPU-hours, cost) and exit before Ray starts
     usd_per_node_hour: float = 0.0  # on-demand price of a GPU node, for the plan's cost line; 0 = not shown
     gpus_per_node: int = 8  # GPUs of the cluster's node type (p5.48xlarge: 8), for node-hours
+    settings_per_trial: int = 0  # settings one trial runs in turn (one start-up for all); 0 = as many as keep every slot busy
 
     def validate(self) -> None:
         checks = [
@@ -115,6 +117,7 @@ class SweepConfig:
             (self.stop_threshold >= 0, f"stop_threshold must be >= 0 bpb, got {self.stop_threshold}"),
             (0 <= self.stop_min_fraction <= 1, f"stop_min_fraction must be in [0, 1], got {self.stop_min_fraction}"),
             (self.scheduler in ("fifo", "asha"), f"scheduler must be fifo or asha, got {self.scheduler!r}"),
+            (self.settings_per_trial >= 0, f"settings_per_trial must be >= 0, got {self.settings_per_trial}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -149,19 +152,25 @@ class RowSpec:
 
 @dataclass(frozen=True)
 class SettingSpec:
+    """One regime at one TTT setting, with a row per seed."""
+
     setting_key: str
+    regime: str
+    weights: str  # artifact key of the regime's weights
     ttt: TTTConfig  # seed 0; each row runs at its own seed
     rows: tuple[RowSpec, ...]
     protected: bool  # an fp control that regime rows are matched to: never stopped early
 
+    @property
+    def label(self) -> str:
+        return f"{self.regime} lr={self.ttt.inner_lr:g} chunk={self.ttt.chunk_tokens}"
+
 
 @dataclass(frozen=True)
 class TrialSpec:
-    """What one trial runs (a value: it reaches every rank as it is)."""
+    """What one trial runs, its settings one after the other (a value: it reaches every rank as it is)."""
 
     key: str  # names the trial's Train run
-    regime: str
-    weights: str  # artifact key of the regime's weights
     inputs: Inputs
     settings: tuple[SettingSpec, ...]
     world_size: int
@@ -170,9 +179,12 @@ class TrialSpec:
 
     @property
     def label(self) -> str:
-        lrs = ",".join(f"{s.ttt.inner_lr:g}" for s in self.settings)
-        chunks = ",".join(dict.fromkeys(str(s.ttt.chunk_tokens) for s in self.settings))
-        return f"{self.regime} lr={lrs} chunk={chunks}"
+        first = self.settings[0].label
+        return first if len(self.settings) == 1 else f"{first} and {len(self.settings) - 1} more setting(s)"
+
+    @property
+    def regimes(self) -> list[str]:
+        return list(dict.fromkeys(s.regime for s in self.settings))
 
     @property
     def rows(self) -> list[tuple[SettingSpec, RowSpec]]:
@@ -182,17 +194,16 @@ class TrialSpec:
         """The trial with the rows in `done` left out (None if nothing is left)."""
         settings = tuple(dataclasses.replace(s, rows=rows) for s in self.settings
                          if (rows := tuple(r for r in s.rows if r.row_id not in done)))
-        return dataclasses.replace(self, settings=settings) if settings else None
+        return make_trial(settings, self.inputs, self.world_size, self.threads, self.report_seconds) if settings else None
 
 
-def make_trial(inputs: Inputs, fingerprint: str, regime: str, settings: list[TTTConfig], starts: dict[int, int],
-               quant: QuantConfig, device: str, world_size: int, threads: int = 1, report_seconds: float = 2.0,
-               protected: bool = False) -> TrialSpec:
-    """The one constructor of a trial: every key of its settings and rows, and the artifacts they read."""
+def plan_settings(fingerprint: str, regime: str, ttts: list[TTTConfig], starts: dict[int, int], quant: QuantConfig,
+                  device: str, world_size: int, protected: bool = False) -> list[SettingSpec]:
+    """A regime's settings: every key of each setting and of its rows, and the artifacts they read."""
     base = {"inputs": fingerprint, "quant": dataclasses.asdict(quant), "device": device, "ranks": world_size}
     weights, fp_weights = (artifacts.weights_key(fingerprint, r, quant, device) for r in (regime, "fp"))
-    specs = []
-    for ttt in settings:
+    out = []
+    for ttt in ttts:
         d = dataclasses.asdict(ttt)
         rows = []
         for seed, start in starts.items():
@@ -204,9 +215,33 @@ def make_trial(inputs: Inputs, fingerprint: str, regime: str, settings: list[TTT
                 static=artifacts.static_key(weights, windowing, device),
                 fp_static=artifacts.static_key(fp_weights, windowing, device)))
         key = config_hash({**base, "regime": regime, "ttt": {**d, "seed": None}}, 16)
-        specs.append(SettingSpec(key, ttt, tuple(rows), protected))
-    key = specs[0].setting_key if len(specs) == 1 else config_hash([s.setting_key for s in specs], 16)
-    return TrialSpec(key, regime, weights, inputs, tuple(specs), world_size, threads, report_seconds)
+        out.append(SettingSpec(key, regime, weights, ttt, tuple(rows), protected))
+    return out
+
+
+def make_trial(settings: tuple[SettingSpec, ...] | list[SettingSpec], inputs: Inputs, world_size: int, threads: int = 1,
+               report_seconds: float = 2.0) -> TrialSpec:
+    """The one constructor of a trial: its settings, run in turn on one worker group, and the key that names it."""
+    key = settings[0].setting_key if len(settings) == 1 else config_hash([s.setting_key for s in settings], 16)
+    return TrialSpec(key, inputs, tuple(settings), world_size, threads, report_seconds)
+
+
+def pack(settings: list[SettingSpec], slots: int, per_trial: int = 0) -> list[list[SettingSpec]]:
+    """Settings grouped into trials, in order: `per_trial` each, or (0) as few trials as keep `slots` trials busy.
+
+    A trial pays a fixed cost to start (a Ray Train controller and worker processes that import torch, the
+    process group, the model); settings packed into one trial share it, and each still gets its own rows,
+    early-stopping verdicts and live reports."""
+    if not settings:
+        return []
+    n = -(-len(settings) // per_trial) if per_trial else min(len(settings), max(1, slots))
+    size, extra = divmod(len(settings), n)
+    out, at = [], 0
+    for i in range(n):
+        take = size + (i < extra)
+        out.append(settings[at : at + take])
+        at += take
+    return out
 
 
 def settings(cfg: SweepConfig) -> list[TTTConfig]:
@@ -235,34 +270,36 @@ def segments(val: np.ndarray, max_tokens: int, seeds, chunks) -> dict[int, int]:
     return starts
 
 
-def plan(cfg: SweepConfig, inputs: Inputs, fingerprint: str, starts: dict[int, int]) -> list[TrialSpec]:
-    """Every trial of the grid: one per regime and setting, running the grid's seeds in turn."""
+def plan(cfg: SweepConfig, fingerprint: str, starts: dict[int, int]) -> list[SettingSpec]:
+    """Every setting of the grid, regime by regime (fp first when it is there), each with the grid's seeds."""
     protected = "fp" in cfg.grid.regimes and len(cfg.grid.regimes) > 1  # each fp setting is a control
-    return [make_trial(inputs, fingerprint, regime, [ttt], starts, cfg.quant, cfg.device, cfg.ranks, cfg.cpus_per_worker,
-                       cfg.report_seconds, protected=protected and regime == "fp")
-            for regime in cfg.grid.regimes for ttt in settings(cfg)]
+    regimes = sorted(cfg.grid.regimes, key=lambda r: r != "fp")
+    return [s for regime in regimes for s in plan_settings(fingerprint, regime, settings(cfg), starts, cfg.quant,
+                                                           cfg.device, cfg.ranks, protected and regime == "fp")]
 
 
-def needs(trials: list[TrialSpec], fingerprint: str, cfg: SweepConfig) -> Needs:
-    """The artifacts `trials` read: each regime's weights (fp's too: its static curves) and each static curve."""
+def needs(settings: list[SettingSpec], fingerprint: str, cfg: SweepConfig) -> Needs:
+    """The artifacts `settings` read: each regime's weights (fp's too: its static curves) and each static curve."""
     weights, static = {}, {}
-    for t in trials:
-        fp = artifacts.weights_key(fingerprint, "fp", cfg.quant, cfg.device)
-        weights.update({t.weights: t.regime, fp: "fp"})
-        for s, r in t.rows:
+    fp = artifacts.weights_key(fingerprint, "fp", cfg.quant, cfg.device)
+    for s in settings:
+        weights.update({s.weights: s.regime, fp: "fp"})
+        for r in s.rows:
             windowing = Windowing.of(s.ttt, r.segment_start)
-            static.update({r.static: (t.weights, windowing), r.fp_static: (fp, windowing)})
+            static.update({r.static: (s.weights, windowing), r.fp_static: (fp, windowing)})
     return Needs(weights, static)
 
 
 @dataclass(frozen=True)
 class Sweep:
-    """A planned sweep: the trials left to run, where their rows go, and what they read."""
+    """A planned sweep: the settings left to run and the trials they are packed into, where their rows go, and
+    what they read."""
 
     cfg: SweepConfig
     inputs: Inputs
     fingerprint: str
-    trials: tuple[TrialSpec, ...]  # only the rows not yet in the table
+    settings: tuple[SettingSpec, ...]  # with only the rows not yet in the table
+    trials: tuple[TrialSpec, ...]  # the settings, packed
     all_rows: frozenset  # every row of the grid
     stream_targets: int  # target tokens of the whole validation stream
     row_targets: int  # target tokens of each row
@@ -276,24 +313,34 @@ class Sweep:
 
     @property
     def todo(self) -> list[str]:
-        return [r.row_id for t in self.trials for _, r in t.rows]
+        return [r.row_id for s in self.settings for r in s.rows]
+
+    def packed(self, slots: int) -> Sweep:
+        """The same sweep with its settings packed for `slots` trials at once (or `settings_per_trial` each)."""
+        cfg = self.cfg
+        trials = tuple(make_trial(group, self.inputs, cfg.ranks, cfg.cpus_per_worker, cfg.report_seconds)
+                       for group in pack(list(self.settings), slots, cfg.settings_per_trial))
+        return dataclasses.replace(self, trials=trials)
 
 
-def open_sweep(cfg: SweepConfig, inputs: Inputs, code_dir: str | Path = ".") -> Sweep:
-    """Check and plan `cfg` on `inputs`, and leave out the rows the run directory already holds."""
+def open_sweep(cfg: SweepConfig, inputs: Inputs, code_dir: str | Path = ".", slots: int = 1) -> Sweep:
+    """Check and plan `cfg` on `inputs`, leave out the rows the run directory already holds, and pack the
+    rest into trials for `slots` trials at once."""
     from e2ettt.tables import RunTables
 
     fp = fingerprint(inputs)
     val = load_split(inputs, "val")
     starts = preflight(cfg, inputs, val)
-    trials = plan(cfg, inputs, fp, starts)
+    planned = plan(cfg, fp, starts)
     run_dir = Path(cfg.out).expanduser().resolve() / cfg.name
     store = Store(cfg.storage or Path(cfg.out).expanduser())
     mirror = None if (store.local and Path(store.root) == run_dir.parent) else store
     tables = RunTables(run_dir, mirror, cfg.name)
     pulled = tables.pull()
     finished = tables.finished_ids(cfg.rerun_stopped)
-    todo = tuple(left for t in trials if (left := t.without(finished)) is not None)
-    return Sweep(cfg, inputs, fp, todo, frozenset(r.row_id for t in trials for _, r in t.rows), val.size - 1,
-                 data.segment(val, 0, cfg.ttt.max_tokens).size - 1, needs(list(todo), fp, cfg), run_dir, store, tables,
-                 pulled, git_sha(code_dir), versions())
+    todo = tuple(dataclasses.replace(s, rows=rows) for s in planned
+                 if (rows := tuple(r for r in s.rows if r.row_id not in finished)))
+    sweep = Sweep(cfg, inputs, fp, todo, (), frozenset(r.row_id for s in planned for r in s.rows), val.size - 1,
+                  data.segment(val, 0, cfg.ttt.max_tokens).size - 1, needs(list(todo), fp, cfg), run_dir, store, tables,
+                  pulled, git_sha(code_dir), versions())
+    return sweep.packed(slots)

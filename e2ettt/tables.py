@@ -65,8 +65,13 @@ TRIAL_SCHEMA = pa.schema([
     ("ttt_seconds", pa.float64()), ("tokens_per_second", pa.float64()), ("load_seconds", pa.float64()),
     ("stream_tokens", pa.int64()),  # target tokens of the whole validation stream
     ("projected_full_seconds", pa.float64()),  # TTT over the whole stream at this row's tokens/s, same hardware
-    ("trial_seconds", pa.float64()), ("startup_seconds", pa.float64()), ("peak_rss_mb", pa.float64()),
-    ("started_at", pa.float64()), ("ended_at", pa.float64()),  # unix seconds on rank 0: trial start, this row's end
+    ("startup_seconds", pa.float64()),  # Tune started the trial -> rank 0 entered it (the trial's fixed cost)
+    ("trial_seconds", pa.float64()),  # Tune started the trial -> this row ended
+    ("peak_rss_mb", pa.float64()),
+    # unix seconds: Tune started the trial (driver); its Ray Train run started; rank 0's process started; rank 0
+    # entered the trial; this row ended (rank 0's clock but the first)
+    ("trial_started_at", pa.float64()), ("fit_started_at", pa.float64()), ("worker_spawned_at", pa.float64()),
+    ("started_at", pa.float64()), ("ended_at", pa.float64()),
     ("diverged", pa.bool_()), ("diverged_chunk", pa.int64()),
     ("status", pa.string()), ("error", pa.string()), ("traceback", pa.string()),
     ("artifact_bytes", pa.int64()),

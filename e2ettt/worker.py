@@ -55,8 +55,9 @@ class Progress:
         """Return True to end the setting after this chunk (decided from `record.signal`, the same on every rank)."""
         return False
 
-    def stop_vote(self, setting: SettingSpec) -> float:
-        """This rank's vote, before each row, to end the setting there (summed over ranks: > 0 ends it)."""
+    def row_vote(self, setting: SettingSpec, row: RowSpec) -> float:
+        """This rank's vote before each row, summed over ranks: 0 run it, 1 the setting was stopped, 2 the row is
+        already done (a restarted worker group)."""
         return 0.0
 
     def stop_reason(self, setting: SettingSpec) -> str:
@@ -68,32 +69,40 @@ class Progress:
 
 def run_trial_on_rank(spec: TrialSpec, artifacts: Mapping, device: torch.device | str = "cpu",
                       fetch: Callable = lambda v: v, progress: Progress | None = None,
-                      node_id: str = "") -> list[tuple[RowSpec, Measured, list[CurvePoint]]] | None:
+                      where: dict | None = None) -> list[tuple[RowSpec, Measured, list[CurvePoint]]] | None:
+    """Every row of `spec` on this rank; on rank 0, each row's measured columns and curve. `where` adds to every
+    row's measured columns (the Ray node, the trial's start-up times)."""
     rank, world_size = world()
     if world_size != spec.world_size:
         raise RuntimeError(f"trial {spec.key} was planned for {spec.world_size} ranks but runs on {world_size}")
     progress = progress or Progress()
     set_threads(spec.threads)
     device = torch.device(device)
-    fault = faults.for_regime(spec.regime)
     started_at = time.time()
     t0 = time.perf_counter()
-    base = load_regime_model(spec.inputs, fetch(artifacts[spec.weights]), device)  # each row adapts its own copy
     tables = DeviceTables.from_tables(load_tables(spec.inputs), device)
     val = load_split(spec.inputs, "val")  # read once: every row takes its segment from it
     setup_seconds = time.perf_counter() - t0
-    where = {"device_name": device_name(device), "hostname": socket.gethostname(), "node_id": node_id,
-             "started_at": started_at}
+    where = {"device_name": device_name(device), "hostname": socket.gethostname(), "started_at": started_at,
+             **(where or {})}
     out = []
+    weights, base = None, None
     for setting in spec.settings:
+        fault = faults.for_regime(setting.regime)
         stopped = False
         for row in setting.rows:
-            stopped = stopped or all_reduce_sum_(torch.tensor([progress.stop_vote(setting)], device=device)).item() > 0
+            t1 = time.perf_counter()
+            vote = all_reduce_sum_(torch.tensor([progress.row_vote(setting, row)], device=device)).item()
+            if vote >= 2:  # written before a restarted worker group started again
+                continue
+            stopped = stopped or vote > 0
             if stopped:  # the sweep's stop board ended this setting: its remaining rows are not run
                 measured = Measured(status="stopped", error=progress.stop_reason(setting), **where) if rank == 0 else None
                 progress.row_done(setting, row, measured, [] if rank == 0 else None)
                 continue
-            t1 = time.perf_counter()
+            if weights != setting.weights:  # settings of one regime share its weights: loaded once
+                weights, base = setting.weights, None
+                base = load_regime_model(spec.inputs, fetch(artifacts[setting.weights]), device)  # each row adapts a copy
             cfg = dataclasses.replace(setting.ttt, seed=row.seed)
             static, fp_static = fetch(artifacts[row.static]), fetch(artifacts[row.fp_static])
             tokens = as_tensor(data.segment(val, row.segment_start, cfg.max_tokens), device)
@@ -102,7 +111,7 @@ def run_trial_on_rank(spec: TrialSpec, artifacts: Mapping, device: torch.device 
             setup_seconds = 0.0  # the trial's first row carries the trial's set-up
             progress.row_started(setting, row, static, fp_static)
 
-            def chunk_done(rec: ChunkRecord, setting=setting, row=row) -> bool:
+            def chunk_done(rec: ChunkRecord, setting=setting, row=row, fault=fault) -> bool:
                 faults.inject(fault, rank, rec.chunk)
                 return progress.chunk(setting, row, rec)
 

@@ -65,6 +65,8 @@ SCALAR_FLAGS = {
                        " (empty: ~/ray_bootstrap_config.yaml when joining)"),
     "start_timeout": ("start_timeout", "seconds a trial may wait for its workers (0: 120 locally, 1800 on a cluster)"),
     "max_worker_failures": ("max_worker_failures", "restarts of a trial's worker group after a killed worker or lost node"),
+    "settings_per_trial": ("settings_per_trial", "settings one trial runs in turn, sharing its start-up"
+                           " (0: as many as keep every trial slot busy; 1: a trial per setting)"),
     "scheduler": ("scheduler", "fifo, or asha: also cut settings by running recovery at rungs of tokens seen"),
     "stop_threshold": ("stop_threshold", "end a setting whose running recovery is below -this bpb (TTT hurting); 0 = never"),
     "local_cpus": ("local_cpus", "logical CPUs of the local Ray (0: the machine's cores)"),

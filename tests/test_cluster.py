@@ -227,7 +227,7 @@ def test_storage_uri_keeps_state_artifacts_and_tables_and_a_fresh_machine_resume
 @pytest.mark.slow
 def test_a_trial_whose_nodes_never_come_ends_as_an_error_and_the_others_finish(tmp_path, tiny_demo, capsys, monkeypatch):
     monkeypatch.setenv(faults.ENV, json.dumps({"int3": {"resources": {"no_such_node_type": 1}}}))
-    args = smoke_args(tiny_demo, tmp_path, "--name", "never", "--start-timeout", "8")
+    args = smoke_args(tiny_demo, tmp_path, "--name", "never", "--start-timeout", "8", "--set", "settings_per_trial=1")
     t0 = time.perf_counter()
     assert healing_grid.main(args) == 0
     rows = pd.read_parquet(tmp_path / "never" / "trials.parquet").set_index("regime")

@@ -7,19 +7,22 @@ import pytest
 from e2ettt.quant.regimes import QuantConfig
 from e2ettt.rows import Assembler, CurvePoint, Measured, Report, RowError, build, error_row, setting_columns
 from e2ettt.source import Inputs
-from e2ettt.sweep import Sweep, SweepConfig, make_trial
+from e2ettt.sweep import Sweep, SweepConfig, make_trial, plan_settings
 from e2ettt.tables import TRIAL_SCHEMA, to_arrow
 from e2ettt.ttt import TTTConfig
 
 INPUTS = Inputs("/ckpt.pt", "/data", "/tok.model", "", 1024)
 
 
-def planned(seeds=(0, 1)):
-    cfg = SweepConfig()
-    trial = make_trial(INPUTS, "fp123", "int3", [TTTConfig(inner_lr=0.03, chunk_tokens=256)], {s: 100 * s for s in seeds},
-                       QuantConfig(), "cpu", 2)
-    sweep = Sweep(cfg, INPUTS, "fp123", (trial,), frozenset(), 10_000, 1024, None, Path("."), None, None, 0, "abc",
-                  {"torch": "x"})
+def settings(regime="int3", starts=None):
+    return plan_settings("fp123", regime, [TTTConfig(inner_lr=0.03, chunk_tokens=256)], starts or {0: 0, 1: 100},
+                         QuantConfig(), "cpu", 2)
+
+
+def planned():
+    trial = make_trial(settings(), INPUTS, 2)
+    sweep = Sweep(SweepConfig(), INPUTS, "fp123", trial.settings, (trial,), frozenset(), 10_000, 1024, None, Path("."), None,
+                  None, 0, "abc", {"torch": "x"})
     columns = {r.row_id: setting_columns(sweep, trial, s, r, 1234) for s, r in trial.rows}
     return trial, columns
 
@@ -31,12 +34,12 @@ def point(k):
 def test_a_whole_row_fills_every_column_of_the_table():
     trial, columns = planned()
     (_, r), _ = trial.rows
-    row = build(columns[r.row_id], Measured("ok", tokens_per_second=1000.0), startup_seconds=3.0, trial_seconds=9.0,
-                traceback="")
+    row = build(columns[r.row_id], Measured("ok", tokens_per_second=1000.0), trial_started_at=1.0, startup_seconds=3.0,
+                trial_seconds=9.0, traceback="")
     assert set(TRIAL_SCHEMA.names) - set(row) == {"written_at"}  # the table writer stamps it
     to_arrow([row], TRIAL_SCHEMA)  # and every value fits its column's type
     assert row["seed"] == 0 and row["segment_start"] == 0 and row["inner_lr"] == 0.03 and row["trial_key"] == trial.key
-    assert row["projected_full_seconds"] == pytest.approx(10.0)  # 10,000 stream tokens at 1,000 tokens/s
+    assert row["projected_full_seconds"] == pytest.approx(13.0)  # 10,000 stream tokens at 1,000 tokens/s + start-up
 
 
 def test_a_column_from_two_places_is_refused_not_overwritten():
@@ -68,13 +71,12 @@ def test_a_row_gets_its_curve_and_a_restarted_worker_group_starts_it_anew():
 
 def test_rows_of_one_setting_differ_only_in_seed_and_segment_and_match_their_control():
     trial, columns = planned()
-    fp = make_trial(INPUTS, "fp123", "fp", [TTTConfig(inner_lr=0.03, chunk_tokens=256)], {0: 0, 1: 100}, QuantConfig(), "cpu", 2)
+    (fp,) = settings("fp")
     a, b = (columns[r.row_id] for _, r in trial.rows)
     assert a["setting_key"] == b["setting_key"] and a["row_id"] != b["row_id"] and a["control_key"] != b["control_key"]
-    assert [r.control_key for _, r in fp.rows] == [a["control_key"], b["control_key"]]
-    other = make_trial(INPUTS, "fp123", "int3", [TTTConfig(inner_lr=0.03, chunk_tokens=256)], {0: 0, 1: 200}, QuantConfig(),
-                       "cpu", 2)
-    assert other.rows[1][1].row_id != trial.rows[1][1].row_id  # another segment is another row
+    assert [r.control_key for r in fp.rows] == [a["control_key"], b["control_key"]]
+    (other,) = settings(starts={0: 0, 1: 200})
+    assert other.rows[1].row_id != trial.rows[1][1].row_id  # another segment is another row
 
 
 def test_an_error_row_carries_the_setting_and_no_numbers():

@@ -70,8 +70,9 @@ def test_a_dry_run_prints_the_plan_and_starts_nothing(tmp_path, tiny_inputs, cap
     assert healing_grid.main(args) == 0
     out = capsys.readouterr().out
     assert "= 12 rows (0 already in" in out
-    assert "dry run: nothing started. 6 trials to run (12 rows), 2 CPU ranks each, 1,024 tokens per row" in out
-    assert "6 trials, 12,288 TTT tokens" in out and "0 from measured rates, 6 from the FLOP model" in out
+    assert "dry run: nothing started. 6 settings to run (12 rows) in 1 trial(s) of 2 CPU ranks, 1,024 tokens per row" in out
+    assert "6 settings in 1 trial(s), 12,288 TTT tokens" in out and "0 settings from measured rates, 6 from the FLOP" in out
+    assert "+ 1 trial start-up(s) of 20 s (assumed, not measured on this device yet)" in out
     assert "wall time at 1 trial(s) at once" in out
     assert not ray.is_initialized() and not list((tmp_path / "plan" / "trials.parquet").glob("part-*"))
 
@@ -85,20 +86,20 @@ def test_an_fp_control_stays_protected_on_a_resumed_sweep_whose_regime_rows_are_
                                                                           "--seeds", "0,1")))
     inputs = resolve(cfg.source)
     first = open_sweep(cfg, inputs)
-    assert [t.regime for t in first.trials] == ["fp", "int3"]
-    for t in first.trials:
-        if t.regime == "int3":  # a first run finished every regime row, not the controls
-            for _, r in t.rows:
+    assert [s.regime for s in first.settings] == ["fp", "int3"]
+    for s in first.settings:
+        if s.regime == "int3":  # a first run finished every regime row, not the controls
+            for r in s.rows:
                 first.tables.append({"row_id": r.row_id, "regime": "int3", "seed": r.seed, "status": "ok"}, [])
     again = open_sweep(cfg, inputs)
-    assert [t.regime for t in again.trials] == ["fp"] and len(again.todo) == 2
+    assert [s.regime for s in again.settings] == ["fp"] and len(again.todo) == 2
     board = StopBoard(*board_args(again))
-    (setting,) = again.trials[0].settings
+    (setting,) = again.settings
     hurting = SettingProgress(setting.setting_key, "fp", 0, 900, 0.9, -0.5)
     assert board.post(hurting) == "" and board.post(dataclasses.replace(hurting, diverged=True)) == ""
     alone = healing_grid.build_config(healing_grid.parse_args(real_run_args(tiny_inputs, tmp_path / "alone", "--regimes", "fp")))
     fp_only = open_sweep(alone, inputs)  # no regime rows to match: fp is not a control, and may be stopped
-    assert StopBoard(*board_args(fp_only)).post(dataclasses.replace(hurting, setting_key=fp_only.trials[0].key)) != ""
+    assert StopBoard(*board_args(fp_only)).post(dataclasses.replace(hurting, setting_key=fp_only.settings[0].setting_key))
 
 
 @pytest.mark.slow
@@ -135,35 +136,42 @@ def test_smoke_grid_faults_and_resume(tmp_path, tiny_demo, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_hurting_cell_is_stopped_early_and_the_others_are_untouched(tmp_path, tiny_demo, capsys):
-    """lr 1.5 makes TTT hurt without diverging; the default stopper ends those cells once they are a quarter in."""
+def test_a_hurting_setting_is_stopped_early_and_the_others_in_its_trial_are_untouched(tmp_path, tiny_demo, capsys):
+    """lr 1.5 makes TTT hurt without diverging; the stop board ends that setting a quarter into its first seed, and
+    the trial goes on with its other settings."""
+    from e2ettt.cli import main as cli_main
+
     args = real_run_args(tiny_demo, tmp_path, "--smoke", "--regimes", "fp,int3", "--lrs", "0.03,1.5", "--chunks", "128",
-                         "--max-tokens", "2048", "--set", "report_seconds=0.001")
-    assert healing_grid.main(args + ["--name", "stopping"]) == 0
-    assert healing_grid.main(args + ["--name", "no-stopping", "--set", "stop_threshold=0"]) == 0
+                         "--max-tokens", "2048", "--set", "report_seconds=0.001", "--name", "stopping")
+    assert healing_grid.main(args) == 0
     out = capsys.readouterr().out
+    assert "4 setting(s) to run in 1 trial(s)" in out and "stopped at" in out
     run = tmp_path / "stopping"
     rows = pd.read_parquet(run / "trials.parquet").set_index(["regime", "inner_lr"]).sort_index()
-    free = pd.read_parquet(tmp_path / "no-stopping" / "trials.parquet").set_index(["regime", "inner_lr"]).sort_index()
     hurt = rows.loc[("int3", 1.5)]
-    assert free.loc[("int3", 1.5), "status"] == "ok" and free.loc[("int3", 1.5), "recovery"] < -0.02  # it does hurt
     assert hurt["status"] == "stopped" and "TTT hurting" in hurt["error"] and 0 < hurt["tokens_scored"] < 2048
+    assert rows.loc[("fp", 1.5), "status"] == "ok"  # hurting too, but the control of int3 at lr 1.5: never stopped
     curves = pd.read_parquet(run / "curves.parquet")
     partial = curves[curves["row_id"] == hurt["row_id"]].sort_values("chunk")
     assert list(partial["chunk"]) == list(range(len(partial)))  # streamed chunks arrive in order, none missing
-    assert partial["tokens_seen"].iloc[-1] == hurt["tokens_scored"]  # the curve ends where the trial stopped
-    for key in [("fp", 0.03), ("int3", 0.03)]:  # the other cells and their control: the same numbers as without stopping
-        assert rows.loc[key, "status"] == "ok"
-        assert rows.loc[key, "post_ttt_bpb"] == free.loc[key, "post_ttt_bpb"]
-        full = curves[curves["row_id"] == rows.loc[key, "row_id"]]
+    assert partial["tokens_seen"].iloc[-1] == hurt["tokens_scored"]  # the curve ends where the setting stopped
+    for regime in ("fp", "int3"):
+        assert rows.loc[(regime, 0.03), "status"] == "ok"
+        full = curves[curves["row_id"] == rows.loc[(regime, 0.03), "row_id"]]
         assert sorted(full["chunk"]) == list(range(16))
-    assert "stopped at" in out
-    capsys.readouterr()
-    assert healing_grid.main(args + ["--name", "stopping"]) == 0  # a rerun does not rerun stopped cells ...
+    # int3 at lr 0.03 ran after its stopped neighbour in the same trial: the numbers of a run of its own, without Ray
+    assert cli_main(["ttt", "--checkpoint", str(tiny_demo.checkpoint), "--data", str(tiny_demo.data_dir), "--tokenizer",
+                     str(tiny_demo.tokenizer), "--regime", "int3", "--lr", "0.03", "--workers", "2", "--threads", "1",
+                     "--set", "quant.min_numel=1024", "--set", "ttt.max_tokens=2048", "--set", "ttt.chunk_tokens=128",
+                     "--set", "ttt.context=128"]) == 0
+    alone = float(capsys.readouterr().out.split("post-TTT ")[1].split()[0])
+    assert rows.loc[("int3", 0.03), "post_ttt_bpb"] == pytest.approx(alone, abs=5e-5)  # printed to 4 decimals
+    assert healing_grid.main(args) == 0  # a rerun does not rerun stopped settings ...
     assert "= 4 rows (4 already in" in capsys.readouterr().out
-    assert healing_grid.main(args + ["--name", "stopping", "--set", "rerun_stopped=true", "--set", "stop_threshold=0"]) == 0
+    assert healing_grid.main(args + ["--set", "rerun_stopped=true", "--set", "stop_threshold=0"]) == 0
     again = pd.read_parquet(run / "trials.parquet").set_index(["regime", "inner_lr"])
-    assert again.loc[("int3", 1.5), "status"] == "ok"  # ... unless asked to
+    assert again.loc[("int3", 1.5), "status"] == "ok" and again.loc[("int3", 1.5), "recovery"] < -0.02  # ... unless asked
+    assert again.loc[("int3", 0.03), "finished_at"] == rows.loc[("int3", 0.03), "finished_at"]  # and only those
 
 
 @pytest.mark.slow

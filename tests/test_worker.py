@@ -1,0 +1,50 @@
+"""A trial on its ranks without Ray: several settings in one trial give each the numbers of a trial of its own."""
+import pytest
+
+from e2ettt import artifacts
+from e2ettt.launch import run_local
+from e2ettt.quant.regimes import QuantConfig
+from e2ettt.source import SourceConfig, fingerprint, load_split, resolve
+from e2ettt.sweep import make_trial, plan_settings, segments
+from e2ettt.ttt import TTTConfig
+from e2ettt.worker import run_trial_on_rank
+
+
+@pytest.fixture(scope="module")
+def planned(tiny_demo):
+    inputs = resolve(SourceConfig(checkpoint=str(tiny_demo.checkpoint), data=str(tiny_demo.data_dir),
+                                  tokenizer=str(tiny_demo.tokenizer)))
+    fp = fingerprint(inputs)
+    starts = segments(load_split(inputs, "val"), 1024, [0, 1], [256])
+    ttts = [TTTConfig(inner_lr=lr, chunk_tokens=256, context=128, max_tokens=1024) for lr in (0.01, 0.1)]
+    quant = QuantConfig(min_numel=1024)
+    settings = [s for regime in ("fp", "int3") for s in plan_settings(fp, regime, ttts, starts, quant, "cpu", 2)]
+    values = {}  # the artifacts, made as the sweep's Ray tasks make them
+    for s in settings:
+        if s.weights not in values:
+            values[s.weights] = artifacts.quantize_regime(inputs, s.regime, quant)[1]
+    for s in settings:
+        for r in s.rows:
+            for key, weights in ((r.static, s.weights), (r.fp_static, settings[0].weights)):
+                windowing = artifacts.Windowing.of(s.ttt, r.segment_start)
+                values[key] = artifacts.static_scores(inputs, values[weights], [windowing])[0]
+    return inputs, settings, values
+
+
+def test_settings_packed_in_one_trial_give_the_numbers_of_trials_of_their_own(planned):
+    inputs, settings, values = planned
+    packed = {row.row_id: m for row, m, _ in run_local(run_trial_on_rank, (make_trial(settings, inputs, 2), values), 2)}
+    assert len(packed) == 8 and all(m.status == "ok" for m in packed.values())
+    # the second setting runs after another of its regime, the last after a change of regime
+    for setting in (settings[1], settings[3]):
+        alone = run_local(run_trial_on_rank, (make_trial([setting], inputs, 2), values), 2)
+        for row, m, _ in alone:
+            for col in ("pre_quant_bpb", "post_quant_bpb", "post_ttt_bpb", "first_chunk_delta", "tokens_scored"):
+                assert getattr(packed[row.row_id], col) == pytest.approx(getattr(m, col), abs=1e-9), col
+    assert len({m.post_ttt_bpb for m in packed.values()}) == 8  # the settings really differ
+
+
+def test_a_trial_refuses_to_run_on_another_number_of_ranks_than_planned(planned):
+    inputs, settings, values = planned
+    with pytest.raises(RuntimeError, match="planned for 2 ranks but runs on 1"):
+        run_trial_on_rank(make_trial(settings[:1], inputs, 2), values)
