@@ -2,17 +2,28 @@
 
 Nothing here recomputes a metric the sweep stored; it aggregates them.
 - A regime row's control is the fp row with the same `control_key` (every
-  setting and the seed, all but the regime); a row without one is said to
-  lack it and is left out of healing fractions.
-- Seeds are replicates of one setting (`setting_key`): spread over seeds is
-  mean, sample std and a 95% Student-t interval (mean ± t(0.975, n−1)·std/√n)
-  over the distinct seeds whose rows finished `ok`. Rows that diverged, were
-  stopped or failed are excluded from means and mark their setting.
-- The best setting of a regime is chosen on some seeds and reported on the
-  others when there are at least 4 (selection seeds: the lower half); with
-  fewer, on the same seeds, and the table says so. A setting whose TTT hurts
-  (recovery ≤ 0), whose healing fraction is outside [−1, 2], or with a seed
-  that did not finish, is never chosen.
+  setting, seed and segment, all but the regime): its curve is the static
+  reference of tokens-to-heal.
+- Seeds are replicates of one setting (`setting_key`). A mean over seeds
+  has a 95% Student-t interval (mean ± t(0.975, n−1)·s/√n, scipy.stats)
+  over the distinct seeds whose rows finished `ok`. Fractions of the damage
+  (recovery fraction, healing) are ratios of means over those seeds, with a
+  delta-method interval, not means of per-seed ratios (one small damage
+  would dominate). Rows that diverged, were stopped or failed are excluded
+  from means; the setting lists which seeds were lost and why.
+- Healing is 1 − mean(post-TTT − post-TTT of fp) / mean(damage), where fp
+  is the unquantized model at its own best TTT setting on the same
+  windows and segment (or without TTT where no setting helps it): the part
+  of the damage TTT repairs beyond what it gains on a model with nothing
+  to repair. Against fp at the regime's own setting, a setting where TTT
+  hurts fp would count the damage TTT does to fp as healing.
+- The best setting of a regime is the eligible one with the largest mean
+  recovery (post-quant − post-TTT, both over the same windows, so that a
+  chunking that scores with more context gains nothing from it) on some
+  seeds, reported on the others when there are at least 4 (selection seeds:
+  the lower half); with fewer, on the same seeds, and the table says so. A
+  setting whose TTT hurts (recovery ≤ 0), whose healing is outside
+  [−1, 2], or with a seed that did not finish, is never chosen.
 """
 from __future__ import annotations
 
@@ -20,18 +31,17 @@ import math
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from analysis.runs import DISPLAY_SETTINGS
 
-# two-sided 95% Student-t quantiles t(0.975, df), df = 1..30; the normal 1.96 beyond
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 HEALING_RANGE = (-1.0, 2.0)  # outside it a healing fraction is an artefact of tiny damage, not a finding
 MIN_SEEDS = 3
 
 
 def t975(df: int) -> float:
-    return T975[df - 1] if 1 <= df <= len(T975) else 1.96
+    """Two-sided 95% Student-t quantile t(0.975, df)."""
+    return float(stats.t.ppf(0.975, df)) if df >= 1 else math.nan
 
 
 def spread(values: pd.Series, prefix: str) -> dict:
@@ -41,6 +51,24 @@ def spread(values: pd.Series, prefix: str) -> dict:
     std = float(v.std(ddof=1)) if n > 1 else math.nan
     half = t975(n - 1) * std / math.sqrt(n) if n > 1 else math.nan
     return {f"{prefix}_mean": mean, f"{prefix}_std": std, f"{prefix}_ci_low": mean - half, f"{prefix}_ci_high": mean + half}
+
+
+def ratio(x: pd.Series, y: pd.Series, prefix: str, complement: bool = False) -> dict:
+    """mean(x) / mean(y) over paired values (1 − that with `complement`), with a delta-method 95% interval
+    (t quantile, n − 1)."""
+    pair = pd.DataFrame({"x": x, "y": y}).dropna()
+    n = len(pair)
+    if n == 0 or pair["y"].mean() == 0:
+        return {f"{prefix}_mean": math.nan, f"{prefix}_ci_low": math.nan, f"{prefix}_ci_high": math.nan}
+    mx, my = pair["x"].mean(), pair["y"].mean()
+    r = mx / my
+    half = math.nan
+    if n > 1:
+        cov = np.cov(pair["x"], pair["y"], ddof=1)
+        var = (cov[0, 0] - 2 * r * cov[0, 1] + r * r * cov[1, 1]) / (n * my * my)
+        half = t975(n - 1) * math.sqrt(max(var, 0.0))
+    mean = 1 - r if complement else r
+    return {f"{prefix}_mean": mean, f"{prefix}_ci_low": mean - half, f"{prefix}_ci_high": mean + half}
 
 
 def ok(trials: pd.DataFrame) -> pd.DataFrame:
@@ -53,11 +81,35 @@ def settings_shown(trials: pd.DataFrame) -> list[str]:
     return always + [c for c in DISPLAY_SETTINGS if c in trials and c not in always and trials[c].nunique(dropna=False) > 1]
 
 
+def fp_reference(trials: pd.DataFrame) -> pd.DataFrame:
+    """The unquantized model's best TTT on each window group and seed: (window key, seed) -> its post-TTT bpb.
+
+    A window group is every setting but what TTT does (inner lr, optimizer, epochs, adapted parameters, ...):
+    the same inputs, segment, chunking, context and ranks. fp's best setting in it is the one with the largest
+    mean recovery on the selection seeds; when none helps, no TTT (the static bpb) is the reference."""
+    fp = ok(trials)[ok(trials)["regime"] == "fp"]
+    if fp.empty:
+        return pd.DataFrame(columns=["window_key", "seed", "fp_post_ttt_bpb"])
+    select = seed_split(trials)[0]
+    rows = []
+    for wkey, g in fp.groupby("window_key", sort=False):
+        on = g[g["seed"].isin(select)].groupby("setting_key")["recovery"].agg(["mean", "count"])
+        on = on[on["count"] == on["count"].max()]
+        best = on["mean"].idxmax() if len(on) else None
+        for seed, s in g.groupby("seed"):
+            chosen = s[s["setting_key"] == best]
+            if best is None or on.loc[best, "mean"] <= 0:
+                post = float(s["pre_quant_bpb"].iloc[0])  # no TTT: fp's own static bpb
+            else:
+                post = float(chosen["post_ttt_bpb"].iloc[0]) if len(chosen) else math.nan
+            rows.append({"window_key": wkey, "seed": seed, "fp_post_ttt_bpb": post})
+    return pd.DataFrame(rows)
+
+
 def with_healing(trials: pd.DataFrame) -> pd.DataFrame:
-    """Adds fp_post_ttt_bpb, has_control and healing_frac = 1 − (post_ttt − post_ttt(fp control)) / damage."""
-    fp = ok(trials)[ok(trials)["regime"] == "fp"][["control_key", "post_ttt_bpb"]]
-    fp = fp.drop_duplicates("control_key").rename(columns={"post_ttt_bpb": "fp_post_ttt_bpb"})
-    out = trials.merge(fp, on="control_key", how="left")
+    """Adds fp_post_ttt_bpb (fp at its own best setting on the same windows and seed: `fp_reference`), has_control
+    and healing_frac = 1 − (post_ttt − fp_post_ttt_bpb) / damage per row."""
+    out = trials.merge(fp_reference(trials), on=["window_key", "seed"], how="left")
     out["has_control"] = out["fp_post_ttt_bpb"].notna() | (out["regime"] == "fp")
     valid = (out["regime"] != "fp") & (out["damage"] > 0) & (out["status"] == "ok") & out["fp_post_ttt_bpb"].notna()
     out["healing_frac"] = (1 - (out["post_ttt_bpb"] - out["fp_post_ttt_bpb"]) / out["damage"]).where(valid)
@@ -69,8 +121,19 @@ def _identical(g: pd.DataFrame) -> bool:
     return done["seed"].nunique() > 1 and done[["post_quant_bpb", "post_ttt_bpb"]].round(12).drop_duplicates().shape[0] == 1
 
 
+def lost_seeds(g: pd.DataFrame) -> str:
+    """Which seeds of a setting did not finish, and why: "3 diverged (chunk 5); 4, 5 stopped"."""
+    bad = g[g["status"] != "ok"].sort_values("seed")
+    parts = []
+    for status, rows in bad.groupby("status", sort=False):
+        seeds = ", ".join(str(int(s)) for s in rows["seed"])
+        why = f" (chunk {int(rows['diverged_chunk'].iloc[0])})" if status == "diverged" and "diverged_chunk" in rows else ""
+        parts.append(f"{seeds} {status}{why if len(rows) == 1 else ''}")
+    return "; ".join(parts)
+
+
 def by_setting(trials: pd.DataFrame, seeds: list | None = None) -> pd.DataFrame:
-    """One row per regime × setting: spread over seeds of recovery and healing, cost, and what is wrong with it."""
+    """One row per regime × setting: damage, recovery and healing over seeds, cost, and what is wrong with it."""
     df = with_healing(trials)
     if seeds is not None:
         df = df[df["seed"].isin(seeds)]
@@ -78,14 +141,20 @@ def by_setting(trials: pd.DataFrame, seeds: list | None = None) -> pd.DataFrame:
     rows = []
     for key, g in df.groupby("setting_key", sort=False):
         done = g[g["status"] == "ok"]
+        paired = done[done["fp_post_ttt_bpb"].notna()]
         row = {"setting_key": key, "regime": g["regime"].iloc[0], **{c: g[c].iloc[0] for c in shown},
+               "family": g["family"].iloc[0] if "family" in g else family_of(g["regime"].iloc[0]),
                "n_seeds": int(done["seed"].nunique()), "seeds_run": int(g["seed"].nunique()),
                "not_ok": ", ".join(f"{s} {n}" for s, n in g.loc[g["status"] != "ok", "status"].value_counts().items()),
-               "damage": float(g["damage"].mean()), "post_ttt_bpb": float(done["post_ttt_bpb"].mean()) if len(done) else math.nan}
+               "lost_seeds": lost_seeds(g),
+               "post_ttt_bpb": float(done["post_ttt_bpb"].mean()) if len(done) else math.nan}
+        row.update(spread(g.loc[g["damage"].notna() & g["seed"].isin(done["seed"]), "damage"], "damage"))
         row.update(spread(done["recovery"], "recovery"))
-        row.update(spread(done["recovery_frac"], "recovery_frac"))
-        row.update(spread(done["healing_frac"], "healing_frac"))
-        row["fp_gain"] = float((done["fp_post_ttt_bpb"] - done["pre_quant_bpb"]).mul(-1).mean()) if len(done) else math.nan
+        row.update(ratio(done["recovery"], done["damage"], "recovery_frac"))
+        row["fp_gain"] = float((paired["pre_quant_bpb"] - paired["fp_post_ttt_bpb"]).mean()) if len(paired) else math.nan
+        row.update(ratio(paired["post_ttt_bpb"] - paired["fp_post_ttt_bpb"], paired["damage"], "healing_frac", complement=True)
+                   if row["regime"] != "fp" and len(paired) else
+                   {"healing_frac_mean": math.nan, "healing_frac_ci_low": math.nan, "healing_frac_ci_high": math.nan})
         for col in ("ttt_seconds", "tokens_per_second", "projected_full_seconds"):
             row[col] = float(done[col].mean()) if col in done and len(done) else math.nan
         row["no_control"] = row["regime"] != "fp" and not bool(done["has_control"].all()) if len(done) else False
@@ -97,6 +166,19 @@ def by_setting(trials: pd.DataFrame, seeds: list | None = None) -> pd.DataFrame:
                                and not row["identical_seeds"])
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def family_of(regime: str) -> str:
+    """The damage family of a regime, for tables written before rows carried it (the sweep's own rule, restated)."""
+    if regime == "fp":
+        return "control"
+    if regime == "pg-int8":
+        return "pg-int8"
+    if regime.startswith("noise-"):
+        return "unstructured"
+    if "-mismatch" in regime or "-unrotated" in regime:
+        return "structured"
+    return ("hadamard-" if regime.startswith("hadamard-") else "") + ("gptq" if "gptq-" in regime else "rtn")
 
 
 def seed_split(trials: pd.DataFrame) -> tuple[list, list]:
@@ -112,9 +194,9 @@ def _seed_text(seeds: list) -> str:
 
 
 def best_setting(trials: pd.DataFrame) -> pd.DataFrame:
-    """Per regime: the best eligible setting (lowest mean post-TTT bpb) on the selection seeds, with its numbers
-    on the reported seeds. `runner_up_gap` is how much worse (post-TTT bpb) the next eligible setting was on the
-    selection seeds: near 0, the choice hardly matters."""
+    """Per regime: the best eligible setting (largest mean recovery) on the selection seeds, with its numbers on
+    the reported seeds. `runner_up_gap` is how much less the next eligible setting recovered on the selection
+    seeds: near 0, the choice hardly matters."""
     select, report = seed_split(trials)
     chosen_on = (f"chosen on seeds {_seed_text(select)}, reported on seeds {_seed_text(report)}" if select != report else
                  f"chosen and reported on the same seeds {_seed_text(select)} (fewer than 4 seeds: the interval is optimistic)")
@@ -122,7 +204,7 @@ def best_setting(trials: pd.DataFrame) -> pd.DataFrame:
     shown = settings_shown(trials)
     rows = []
     for regime, g in sel.groupby("regime", sort=False):
-        good = g[g["eligible"]].sort_values("post_ttt_bpb")
+        good = g[g["eligible"]].sort_values("recovery_mean", ascending=False)
         row = {"regime": regime, "settings_tried": len(g), "settings_eligible": len(good), "chosen_on": chosen_on}
         if good.empty:
             row["note"] = "no setting where TTT helps without a failed seed"
@@ -133,7 +215,9 @@ def best_setting(trials: pd.DataFrame) -> pd.DataFrame:
         row.update({c: best[c] for c in shown})
         row.update({k: r[k] for k in r.index if k not in shown and k not in ("regime", "eligible")})
         row["setting_key"] = best["setting_key"]
-        row["runner_up_gap"] = float(good.iloc[1]["post_ttt_bpb"] - best["post_ttt_bpb"]) if len(good) > 1 else math.nan
+        row["runner_up_gap"] = float(best["recovery_mean"] - good.iloc[1]["recovery_mean"]) if len(good) > 1 else math.nan
+        lrs = sorted(g["inner_lr"].unique())
+        row["lr_at_edge"] = bool(len(lrs) > 1 and best["inner_lr"] in (lrs[0], lrs[-1]))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -209,6 +293,10 @@ def sanity_flags(trials: pd.DataFrame, tol: float = 1e-5) -> pd.DataFrame:
                        ("no_control", "no fp row with the same settings: left out of healing fractions")):
         for _, s in settings[settings[flag]].iterrows():
             flags.append({"what": f"{s['regime']} lr={s['inner_lr']:g} chunk={s['chunk_tokens']}", "flag": flag, "detail": text})
+    best = best_setting(trials)
+    for _, b in best[best.get("lr_at_edge", pd.Series(False, index=best.index)).fillna(False).astype(bool)].iterrows():
+        flags.append({"what": f"{b['regime']} lr={b['inner_lr']:g}", "flag": "lr_at_edge",
+                      "detail": "the best inner lr is the smallest or largest tried: the optimum may lie beyond the grid"})
     few = settings[settings["n_seeds"] < MIN_SEEDS]
     if len(few):
         flags.append({"what": f"{len(few)} of {len(settings)} settings", "flag": "few_seeds",

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis import metrics  # noqa: E402
+from analysis import families, metrics  # noqa: E402
 
 plt.rcParams["svg.fonttype"] = "none"  # text stays text in SVGs: searchable, smaller
 
@@ -33,40 +33,54 @@ def _bars(df: pd.DataFrame, prefix: str):
 
 
 def recovery_vs_damage(trials: pd.DataFrame, out: Path, run: str) -> Path | None:
-    """Left: the absolute gain in bpb, with fp's own TTT gain at the same settings. Right: the fractions."""
-    best = metrics.best_setting(trials)
-    best = best[(best["regime"] != "fp") & best.get("recovery_mean", pd.Series(dtype=float)).notna()] if len(best) else best
-    if best.empty or "recovery_mean" not in best:
+    """Each damaged regime at its best setting, coloured by damage family, on a log damage axis. Left: the absolute
+    recovery in bpb (with fp's own TTT gain at the same settings, and PR #1341's reported gains as bands). Right:
+    recovery and healing as fractions of the damage. Public results of other models are labelled stars."""
+    best = families.points(trials)
+    if best.empty:
         return None
-    dmg = metrics.damage_by_regime(trials).set_index("regime")["damage_mean"]
-    best = best.assign(damage_x=best["regime"].map(dmg)).sort_values("damage_x")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    bars = _bars(best, "recovery")
-    left.errorbar(best["damage_x"], best["recovery_mean"], yerr=bars, fmt="o", capsize=3, label="recovery (static − TTT bpb)")
-    left.scatter(best["damage_x"], best["fp_gain"], marker="_", s=300, color="k", label="fp's own TTT gain, same settings")
-    xs = np.geomspace(best["damage_x"].min() * 0.8, best["damage_x"].max() * 1.25, 50)
-    left.plot(xs, xs, ls=":", color="grey", lw=1, label="recovery = damage (all repaired)")
-    left.set_ylabel("bits per byte")
-    right.errorbar(best["damage_x"], best["recovery_frac_mean"], yerr=_bars(best, "recovery_frac"), fmt="o", capsize=3,
-                   label="recovery fraction")
-    right.errorbar(best["damage_x"], best["healing_frac_mean"], yerr=_bars(best, "healing_frac"), fmt="x", capsize=3,
-                   color="C3", label="healing fraction (beyond fp's gain)")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
+    colours = {f: f"C{i}" for i, f in enumerate(families.FAMILY_ORDER)}
+    for fam, g in best.groupby("family", sort=False):
+        c = colours.get(fam, "C9")
+        left.errorbar(g["damage_mean"], g["recovery_mean"], yerr=_bars(g, "recovery"), xerr=_bars(g, "damage"), fmt="o",
+                      color=c, capsize=3, label=fam)
+        right.errorbar(g["damage_mean"], g["recovery_frac_mean"], yerr=_bars(g, "recovery_frac"), fmt="o", color=c,
+                       capsize=3, label=f"{fam}: recovered")
+        right.errorbar(g["damage_mean"], g["healing_frac_mean"], yerr=_bars(g, "healing_frac"), fmt="x", color=c,
+                       capsize=3, alpha=0.7, label=f"{fam}: healed beyond fp's gain")
+    left.scatter(best["damage_mean"], best["fp_gain"], marker="_", s=200, color="k", label="fp's own gain at its best setting")
+    for ref in families.EXTERNAL:
+        for ax, y in ((left, ref["recovery"]), (right, ref["recovery"] / ref["damage"])):
+            ax.scatter([ref["damage"]], [y], marker="*", s=160, color="k", zorder=5)
+            ax.annotate(ref["label"], (ref["damage"], y), fontsize=7, xytext=(-6, 8), textcoords="offset points", ha="right")
+    for i, band in enumerate(families.EXTERNAL_GAINS):
+        left.axhspan(band["low"] - 0.0005, band["high"] + 0.0005, color=f"C{7 + i}", alpha=0.25, label=band["label"])
+    lo = min(best["damage_mean"].min(), *(r["damage"] for r in families.EXTERNAL)) * 0.7
+    hi = max(best["damage_mean"].max(), *(r["damage"] for r in families.EXTERNAL)) * 1.4
+    xs = np.geomspace(lo, hi, 50)
+    left.plot(xs, xs, ls=":", color="grey", lw=1, label="recovery = damage")
+    left.set_yscale("symlog", linthresh=0.01)
+    left.set_ylabel("recovery: post-quant − post-TTT bpb (symlog)")
     right.axhline(1.0, color="grey", lw=0.8, ls="--")
     right.axhline(0.0, color="grey", lw=0.8)
     right.set_ylabel("fraction of the damage")
     for ax in (left, right):
         ax.set_xscale("log")
+        ax.set_xlim(lo, hi)
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.set_xlabel("damage: post-quant − pre-quant bpb (log)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
         for _, r in best.iterrows():
             y = r["recovery_mean"] if ax is left else r["recovery_frac_mean"]
-            ax.annotate(r["regime"], (r["damage_x"], y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+            ax.annotate(r["regime"], (r["damage_mean"], y), fontsize=6, xytext=(4, -9), textcoords="offset points")
+    left.legend(fontsize=6, loc="upper left")
+    right.legend(fontsize=6, loc="best")
     n = int(best["n_seeds"].min())
-    caption = f"bars: 95% CI over {n}+ seeds" if bars is not None else "one seed per point: no error bars"
-    fig.suptitle(f"{run}: each regime at its best setting ({caption})", fontsize=10)
+    caption = f"bars: 95% intervals over {n}+ seeds" if _bars(best, "recovery") is not None else "one seed: no error bars"
+    fig.suptitle(f"{run}: each damaged regime at its best setting, by damage family ({caption}); stars: other models, "
+                 "their own numbers", fontsize=9)
     return _save(fig, out, "recovery_vs_damage")
 
 
@@ -115,7 +129,7 @@ def healing_heatmaps(trials: pd.DataFrame, out: Path, run: str) -> Path | None:
     if rec.empty:
         return None
     best = metrics.best_setting(trials).set_index("regime")
-    regimes = list(dict.fromkeys(rec.sort_values("damage")["regime"]))
+    regimes = list(dict.fromkeys(rec.sort_values("damage_mean")["regime"]))
     fig, axes = plt.subplots(1, len(regimes), figsize=(3.6 * len(regimes) + 1.2, 3.4), squeeze=False)
     cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="#d9d9d9")
     im = None

@@ -11,25 +11,32 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import metrics, plots
+from analysis import families, metrics, plots
 from analysis.runs import Run
 
 GOLF_CAP_BYTES = 16_000_000
 EVAL_BUDGET_SECONDS = 600
 COLUMNS = {
-    "damage": "post-quant − pre-quant bpb (static, same windows as the TTT scores), mean over segments",
+    "family": "kind of damage: structured (a wrong decode of rotated weights), unstructured (noise), or the quantizer",
+    "damage": "post-quant − pre-quant bpb (static, same windows as the TTT scores), mean ± 95% t-interval over the "
+              "same seeds as the other columns of the row",
     "artifact bytes": f"packed, lzma-compressed quantized model (parameter-golf's cap: {GOLF_CAP_BYTES:,} bytes, code included)",
     "lr, chunk": "the chosen setting's inner learning rate and chunk size (tokens)",
     "n": "seeds the numbers are taken over (distinct validation segments)",
     "post-TTT": "bpb of score-first TTT over the same positions",
-    "recovery": "post-quant − post-TTT bpb, mean ± 95% t-interval half-width over seeds",
-    "fp gain": "the same for the unquantized model at the same settings: plain adaptation, no damage to repair",
-    "healing": "1 − (post-TTT − post-TTT of fp at the same settings and seed) / damage: recovery beyond plain adaptation",
+    "recovery": "post-quant − post-TTT bpb, mean ± 95% t-interval half-width over seeds; the best setting is the one "
+                "with the largest mean recovery on the selection seeds",
+    "recovered": "mean recovery / mean damage (a ratio of means, delta-method 95% interval)",
+    "fp gain": "what TTT gains on the unquantized model at its own best setting on the same windows (0: no setting "
+               "helps it): plain adaptation, no damage to repair",
+    "healing": "1 − mean(post-TTT − post-TTT of fp at its best setting, same seeds) / mean(damage): the part of the "
+               "damage repaired beyond plain adaptation (ratio of means, delta-method 95% interval)",
     "TTT s": "seconds of TTT per seed's segment, on the trial's ranks",
     "tokens/s": "TTT tokens per second on the trial's ranks (scoring and adapting)",
     "full stream s": "projected seconds of the same TTT over the whole validation stream at that rate, same hardware "
                      f"(parameter-golf allows {EVAL_BUDGET_SECONDS} s on 8×H100)",
-    "gap to next": "how much worse (post-TTT bpb) the next eligible setting was: near 0, the choice matters little",
+    "gap to next": "how much less the next eligible setting recovered (bpb): near 0, the choice matters little",
+    "lost seeds": "seeds of the setting that did not finish, and why",
 }
 
 
@@ -56,21 +63,28 @@ def seconds(v) -> str:
 
 
 def key_table(trials: pd.DataFrame) -> pd.DataFrame:
-    """Per regime (sorted by damage) at its chosen setting: damage, size, recovery and healing with intervals, cost."""
+    """Per regime (sorted by damage) at its chosen setting: damage, size, recovery and healing with intervals, cost;
+    every number of a row over the same reported seeds."""
     best = metrics.best_setting(trials).set_index("regime")
     rows = []
     for _, d in metrics.damage_by_regime(trials).iterrows():
         b = best.loc[d["regime"]] if d["regime"] in best.index else pd.Series(dtype=object)
         chosen = "setting_key" in b and isinstance(b.get("setting_key"), str)
+        fp = d["regime"] == "fp"
         rows.append({
-            "regime": d["regime"], "damage": with_ci(d["damage_mean"], d["damage_ci_low"], d["damage_ci_high"]),
+            "regime": d["regime"], "family": b.get("family", metrics.family_of(d["regime"])) if chosen else
+            metrics.family_of(d["regime"]),
+            "damage": with_ci(b["damage_mean"], b["damage_ci_low"], b["damage_ci_high"]) if chosen else
+            with_ci(d["damage_mean"], d["damage_ci_low"], d["damage_ci_high"]),
             "artifact bytes": count(d["artifact_bytes"]),
             "lr": f"{b['inner_lr']:g}" if chosen else "—", "chunk": f"{int(b['chunk_tokens'])}" if chosen else "—",
             "n": int(b["n_seeds"]) if chosen else 0, "post-TTT": bpb(b.get("post_ttt_bpb")) if chosen else "—",
             "recovery": with_ci(b.get("recovery_mean"), b.get("recovery_ci_low"), b.get("recovery_ci_high")) if chosen else "—",
-            "fp gain": bpb(b.get("fp_gain")) if chosen and d["regime"] != "fp" else "—",
+            "recovered": with_ci(b.get("recovery_frac_mean"), b.get("recovery_frac_ci_low"), b.get("recovery_frac_ci_high"), 2)
+            if chosen and not fp else "—",
+            "fp gain": bpb(b.get("fp_gain")) if chosen and not fp else "—",
             "healing": with_ci(b.get("healing_frac_mean"), b.get("healing_frac_ci_low"), b.get("healing_frac_ci_high"), 2)
-            if chosen and d["regime"] != "fp" else "—",
+            if chosen and not fp else "—",
             "TTT s": seconds(b.get("ttt_seconds")) if chosen else "—",
             "tokens/s": count(b.get("tokens_per_second")) if chosen else "—",
             "full stream s": seconds(b.get("projected_full_seconds")) if chosen else "—",
@@ -101,7 +115,7 @@ def settings_table(trials: pd.DataFrame) -> pd.DataFrame:
                      "recovery": with_ci(s["recovery_mean"], s["recovery_ci_low"], s["recovery_ci_high"]),
                      "healing": with_ci(s["healing_frac_mean"], s["healing_frac_ci_low"], s["healing_frac_ci_high"], 2)
                      if s["regime"] != "fp" else "—",
-                     "TTT s": seconds(s["ttt_seconds"]), "not ok": s["not_ok"] or "", "flags": ", ".join(flags)})
+                     "TTT s": seconds(s["ttt_seconds"]), "lost seeds": s["lost_seeds"] or "", "flags": ", ".join(flags)})
     return pd.DataFrame(rows)
 
 
@@ -128,8 +142,24 @@ def caveats(run: Run) -> list[str]:
     bad = t["status"].value_counts().drop("ok", errors="ignore")
     if len(bad):
         notes.append("Rows that did not finish normally (" + ", ".join(f"{n} {s}" for s, n in bad.items())
-                     + ") are excluded from means; their settings are marked and never chosen as best.")
+                     + ") are excluded from means; their settings list the lost seeds and are never chosen as best.")
+    notes.append("Healing is measured against the unquantized model at its own best TTT setting on the same windows and "
+                 "segments (or without TTT where no setting helps it): a setting at which TTT hurts fp cannot pass the "
+                 "damage TTT does to fp off as healing.")
     return notes
+
+
+def flattening_notes(flat: pd.DataFrame) -> list[str]:
+    """Whether the segments were long enough for the large-damage curves to flatten."""
+    if flat.empty:
+        return []
+    climbing = flat[~flat["flattened"]]
+    if climbing.empty:
+        return [f"The healing curves of the {len(flat)} regime(s) with damage >= 0.5 bpb had flattened: each gained less "
+                "than 10% of its final running gain in the last quarter of its segment."]
+    names = ", ".join(f"{r['regime']} ({r['tail_share']:.0%})" for _, r in climbing.iterrows())
+    return [f"Still climbing at the end of the segment (share of the final gain made in its last quarter): {names}. "
+            "Longer segments (--max-tokens) would recover more; the recovered fractions above are lower bounds."]
 
 
 def _md(df: pd.DataFrame) -> str:
@@ -164,12 +194,14 @@ def write_report(run: Run) -> Path:
                                 "damage": [with_ci(*v) for v in
                                            damage[["damage_mean", "damage_ci_low", "damage_ci_high"]].to_numpy()],
                                 "segments": damage["n_segments"]})
-    heal = metrics.tokens_to_heal(run.trials, run.curves)
+    flat = families.flattened(run.trials, run.curves)
     sections = [
         ("Key table: each regime at its chosen setting", key_table(run.trials)),
-        ("Damage per regime", damage_view),
+        ("Damage per regime (every segment)", damage_view),
         ("Every setting (n: finished seeds / seeds run)", settings_table(run.trials)),
-        ("Tokens to heal (running bpb within 0.01 of the fp model's static bpb)", heal),
+        ("Tokens to heal by damage family (median over the chosen setting's seeds)",
+         families.tokens_to_heal_by_family(run.trials, run.curves)),
+        ("Did the healing curves flatten? (regimes with damage >= 0.5 bpb)", flat),
         ("Sanity flags", metrics.sanity_flags(run.trials)),
     ]
     meta = run.manifest
@@ -183,6 +215,9 @@ def write_report(run: Run) -> Path:
     lines.append("")
     for png in pngs:
         lines += [f"![{png.stem}](figures/{png.name})", ""]
+    lines += ["## What this run says about size and structure of the damage", ""]
+    lines += [f"{text}\n" for text in families.findings(run.trials)]
+    lines += [f"{text}\n" for text in flattening_notes(flat)]
     for title, df in sections:
         lines += [f"## {title}", "", _md(df)]
         if title.startswith("Key table"):
@@ -190,6 +225,7 @@ def write_report(run: Run) -> Path:
     (run.dir / "report.md").write_text("\n".join(lines))
     body = [f"<h1>e2ettt report: {html.escape(run.name)}</h1>"]
     body += [f"<blockquote>{html.escape(n)}</blockquote>" for n in caveats(run)]
+    body += [f"<p>{html.escape(t)}</p>" for t in families.findings(run.trials) + flattening_notes(flat)]
     body += [f'<img src="figures/{p.name}" style="max-width:100%">' for p in pngs]
     for title, df in sections:
         body += [f"<h2>{html.escape(title)}</h2>", df.to_html(index=False, na_rep="—")]

@@ -16,7 +16,12 @@ CURVE_REQUIRED = ["row_id", "chunk", "tokens_seen", "ttt_bpb", "static_bpb", "ru
 # every one of these that is present (and, for the control, the seed).
 DISPLAY_SETTINGS = ["inner_lr", "chunk_tokens", "epochs", "optimizer", "params", "context", "stride", "max_tokens",
                     "momentum", "weight_decay", "schedule", "grad_clip", "step_windows", "dtype", "device", "world_size"]
-MATCH_SETTINGS = DISPLAY_SETTINGS + ["micro_batch", "fuse_score", "diverge_nats", "input_fingerprint"]
+MATCH_SETTINGS = DISPLAY_SETTINGS + ["micro_batch", "fuse_score", "diverge_bpb", "input_fingerprint"]
+# What TTT does, as opposed to what is scored and how (the windows): the fp reference of a regime row is fp's best
+# choice of these, on the same windows, segment and inputs.
+TTT_SETTINGS = ["inner_lr", "schedule", "momentum", "weight_decay", "epochs", "step_windows", "optimizer", "params",
+                "grad_clip", "fuse_score", "diverge_bpb", "diverge_nats", "checksum_every"]
+WINDOW_SETTINGS = [c for c in MATCH_SETTINGS if c not in TTT_SETTINGS]  # with the seed: the same segment
 
 
 class RunError(ValueError):
@@ -65,7 +70,8 @@ def load_run(run_dir: str | Path) -> Run:
 
 
 def with_keys(trials: pd.DataFrame) -> pd.DataFrame:
-    """Rows from tables that predate `control_key`/`setting_key` get them from every setting column present."""
+    """Rows from tables that predate `control_key`/`setting_key` get them from every setting column present; every
+    row gets `window_key` (its setting columns but those of what TTT does: `WINDOW_SETTINGS`)."""
     trials = trials.copy()
     for col, default in (("epochs", 1), ("optimizer", "sgd"), ("params", "all")):
         if col not in trials:
@@ -78,4 +84,6 @@ def with_keys(trials: pd.DataFrame) -> pd.DataFrame:
     if "setting_key" not in trials or trials["setting_key"].isna().any():
         derived = trials["regime"].astype(str) + "|" + settings
         trials["setting_key"] = trials["setting_key"].fillna(derived) if "setting_key" in trials else derived
+    window = [c for c in WINDOW_SETTINGS if c in trials]  # the fp reference's group: all but what TTT does
+    trials["window_key"] = trials[window].astype(str).agg("|".join, axis=1) if window else ""
     return trials

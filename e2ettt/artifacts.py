@@ -47,11 +47,12 @@ class Windowing:
     dtype: str
     max_tokens: int
     segment_start: int
+    prefix: int  # tokens before the segment that serve as context, never scored
 
     @classmethod
     def of(cls, cfg: TTTConfig, segment_start: int) -> Windowing:
         return cls(cfg.chunk_tokens, cfg.context, cfg.stride or cfg.context, cfg.micro_batch, cfg.dtype, cfg.max_tokens,
-                   segment_start)
+                   segment_start, min(cfg.context, segment_start))
 
 
 def weights_key(fingerprint: str, regime: str, qcfg: QuantConfig, device: str) -> str:
@@ -72,11 +73,17 @@ def quantize_regime(inputs: Inputs, regime: str, qcfg: QuantConfig, device: str 
     model = load_source_model(inputs).to(device)
     calib = None
     if spec.needs_calibration:
-        calib = torch.as_tensor(load_split(inputs, "train", qcfg.calib_tokens + 1)).to(device)
+        calib = torch.as_tensor(calibration_tokens(inputs, qcfg)).to(device)
     qmodel, report = quantize_model(model, spec, qcfg, calib, source_dtypes(inputs))
     summary = {**{f.name: getattr(report, f.name) for f in dataclasses.fields(report) if f.name != "artifact"},
                "artifact_bytes": report.artifact_bytes, "device": device}
     return summary, {k: v.detach().float().cpu().numpy() for k, v in qmodel.state_dict().items()}
+
+
+def calibration_tokens(inputs: Inputs, qcfg: QuantConfig) -> np.ndarray:
+    """GPTQ's calibration sequences, drawn from across the train split (never validation)."""
+    return data.spread_sequences(inputs.data, "train", qcfg.calib_tokens // qcfg.calib_seq_len, qcfg.calib_seq_len,
+                                 inputs.vocab_size)
 
 
 def check_regimes(inputs: Inputs, regimes: list[str], qcfg: QuantConfig) -> None:
@@ -105,12 +112,12 @@ def static_scores(inputs: Inputs, state: State, windowings: list[Windowing], dev
     out = []
     for w in windowings:
         t0 = time.perf_counter()
-        tokens = as_tensor(data.segment(val, w.segment_start, w.max_tokens), device)
-        spans = chunk_spans(tokens.numel() - 1, w.chunk_tokens)
+        tokens = as_tensor(data.segment(val, w.segment_start, w.max_tokens, w.prefix), device)
+        spans = chunk_spans(tokens.numel() - 1 - w.prefix, w.chunk_tokens, first=w.prefix + 1)
         dtype = DTYPES[w.dtype]
         with torch.no_grad():
             curve = static_curve(model, tokens, spans, w.context, w.stride, tables, w.micro_batch, dtype)
-            ev = eval_val(model, tokens, w.context, tables, w.micro_batch, dtype)
+            ev = eval_val(model, tokens[w.prefix :], w.context, tables, w.micro_batch, dtype)
         out.append({"windowing": dataclasses.asdict(w), "device": device,
                     "chunks": [[s.nll, s.bytes, s.tokens] for s in curve], "eval_val": [ev.nll, ev.bytes, ev.tokens],
                     "seconds": time.perf_counter() - t0})

@@ -60,6 +60,7 @@ def cmd_demo(args, cfg: CLIConfig) -> int:
 def cmd_quantize(args, cfg: CLIConfig) -> int:
     import torch
 
+    from e2ettt.artifacts import calibration_tokens
     from e2ettt.data import eval_segment
     from e2ettt.evaluate import DeviceTables, as_tensor, eval_val
     from e2ettt.quant.apply import quantize_model
@@ -71,7 +72,7 @@ def cmd_quantize(args, cfg: CLIConfig) -> int:
     dtypes = source_dtypes(inputs)
     tokens = as_tensor(eval_segment(load_split(inputs, "val"), cfg.ttt.max_tokens, cfg.ttt.seed))
     tables = DeviceTables.from_tables(load_tables(inputs))
-    calib = torch.as_tensor(load_split(inputs, "train", cfg.quant.calib_tokens + 1))
+    calib = torch.as_tensor(calibration_tokens(inputs, cfg.quant))
     base = eval_val(model, tokens, cfg.ttt.context, tables, cfg.ttt.micro_batch).bpb
     print(f"{'regime':>20} {'bpb':>8} {'damage':>8} {'quantized':>10} {'zlib B':>10} {'lzma B':>10} {'seconds':>8}")
     for regime in regimes:

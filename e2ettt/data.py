@@ -98,6 +98,34 @@ def load_tokens(data_dir: str | os.PathLike, split: str, vocab_size: int | None 
     return np.concatenate(parts)
 
 
+def spread_sequences(data_dir: str | os.PathLike, split: str, count: int, seq_len: int,
+                     vocab_size: int | None = None) -> np.ndarray:
+    """`count` sequences of `seq_len` tokens at evenly spaced offsets across a whole split (every shard memory-mapped,
+    only the sequences read), concatenated; fewer when the split is shorter."""
+    shards = [read_shard(p) for p in find_shards(data_dir, split)]
+    sizes = np.array([s.size for s in shards])
+    ends = np.cumsum(sizes)
+    total = int(ends[-1]) if len(ends) else 0
+    count = min(count, total // seq_len)
+    if count == 0:
+        raise ShardError(f"{data_dir}: the {split} split holds {total} tokens, fewer than one sequence of {seq_len}")
+    offsets = np.linspace(0, total - seq_len, count).round().astype(int).tolist()
+    parts = []
+    for at in offsets:
+        i = int(np.searchsorted(ends, at, side="right"))
+        local = at - (int(ends[i - 1]) if i else 0)
+        piece = np.asarray(shards[i][local : local + seq_len], dtype=np.int64)
+        while piece.size < seq_len:  # a sequence that runs into the next shard
+            i += 1
+            piece = np.concatenate([piece, np.asarray(shards[i][: seq_len - piece.size], dtype=np.int64)])
+        parts.append(piece)
+    out = np.concatenate(parts)
+    if vocab_size is not None and int(out.max()) >= vocab_size:
+        raise ShardError(f"{data_dir}: {split} token id {int(out.max())} is outside the tokenizer's vocabulary of "
+                         f"{vocab_size} (shards made with another tokenizer?)")
+    return out
+
+
 def truncate_for_eval(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     """parameter-golf's `load_validation_tokens` cut: ((N-1)//T)*T + 1 tokens."""
     usable = ((tokens.size - 1) // seq_len) * seq_len
@@ -107,21 +135,19 @@ def truncate_for_eval(tokens: np.ndarray, seq_len: int) -> np.ndarray:
 
 
 def segment_starts(tokens: np.ndarray, max_tokens: int) -> list[int]:
-    """Non-overlapping segments of `max_tokens` targets (+1 input token), in the order seeds take them.
+    """Non-overlapping segments of `max_tokens` targets, in the order seeds take them.
 
-    The first starts at token 0 (seed 0: the start of the stream, as
-    parameter-golf evaluates it). The others start at document boundaries
-    (BOS) and never overlap an earlier one; seeds 1, 2, ... take them in a
-    fixed shuffled order, so that a few seeds sample text from across the
-    stream rather than from its first documents.
+    The stream's targets are cut into consecutive slots of `max_tokens`;
+    seed 0 takes the first (the start of the stream, as parameter-golf
+    evaluates it), seeds 1, 2, ... the others in a fixed shuffled order, so
+    that a few seeds sample text from across the stream, inside documents as
+    well as at their openings. A segment's first input token is its start;
+    the tokens before it may serve as context (`segment`'s prefix), never as
+    scored targets.
     """
-    span = max_tokens + 1
-    starts = [0]
-    for p in np.flatnonzero(tokens[: tokens.size - span + 1] == BOS_ID):
-        if p >= starts[-1] + span:
-            starts.append(int(p))
-    rest = np.random.default_rng(0).permutation(len(starts) - 1) + 1
-    return [0] + [starts[i] for i in rest]
+    slots = (tokens.size - 1) // max_tokens
+    rest = np.random.default_rng(0).permutation(max(0, slots - 1)) + 1
+    return [0] + [int(i) * max_tokens for i in rest]
 
 
 def segment_start(tokens: np.ndarray, max_tokens: int, seed: int = 0) -> int:
@@ -141,8 +167,8 @@ def segment_start(tokens: np.ndarray, max_tokens: int, seed: int = 0) -> int:
     starts = segment_starts(tokens, max_tokens)
     if seed >= len(starts):
         raise ValueError(f"ttt.seed={seed}: the validation stream holds {len(starts)} non-overlapping segments of "
-                         f"{max_tokens:,} tokens starting at a document (BOS id {BOS_ID}), so seeds 0..{len(starts) - 1} "
-                         "are available; lower ttt.max_tokens or use fewer seeds")
+                         f"{max_tokens:,} tokens, so seeds 0..{len(starts) - 1} are available; lower ttt.max_tokens or "
+                         "use fewer seeds")
     return starts[seed]
 
 
@@ -151,9 +177,12 @@ def covers_stream(tokens: np.ndarray, max_tokens: int) -> bool:
     return max_tokens <= 0 or max_tokens + 1 >= tokens.size
 
 
-def segment(tokens: np.ndarray, start: int, max_tokens: int) -> np.ndarray:
-    """The stream a row evaluates: `max_tokens` targets (+1 input token) from `start`, or all of it."""
-    return tokens if covers_stream(tokens, max_tokens) else tokens[start : start + max_tokens + 1]
+def segment(tokens: np.ndarray, start: int, max_tokens: int, prefix: int = 0) -> np.ndarray:
+    """The stream a row evaluates: `max_tokens` targets (+1 input token) from `start`, or all of it, after the
+    `prefix` tokens before `start` (context only)."""
+    if covers_stream(tokens, max_tokens):
+        return tokens
+    return tokens[start - prefix : start + max_tokens + 1]
 
 
 def eval_segment(tokens: np.ndarray, max_tokens: int, seed: int = 0) -> np.ndarray:

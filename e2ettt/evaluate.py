@@ -83,15 +83,16 @@ def plan_windows(first: int, end: int, context: int, stride: int | None = None) 
     return windows
 
 
-def chunk_spans(num_targets: int, chunk_tokens: int) -> list[tuple[int, int]]:
-    """Target spans [a, b) of `chunk_tokens` each over targets 1..num_targets."""
+def chunk_spans(num_targets: int, chunk_tokens: int, first: int = 1) -> list[tuple[int, int]]:
+    """Target spans [a, b) of `chunk_tokens` each over the `num_targets` targets from position `first`."""
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     if chunk_tokens > num_targets:
         raise ValueError(
             f"chunk_tokens={chunk_tokens} is larger than the {num_targets} target tokens of the validation stream"
         )
-    return [(a, min(a + chunk_tokens, num_targets + 1)) for a in range(1, num_targets + 1, chunk_tokens)]
+    end = first + num_targets
+    return [(a, min(a + chunk_tokens, end)) for a in range(first, end, chunk_tokens)]
 
 
 def micro_batches(windows: Sequence[Window], size: int) -> Iterator[list[Window]]:

@@ -148,7 +148,7 @@ def dry_run_plan(sweep: Sweep) -> list[str]:
              f"{len(sweep.trials)} trial(s) of {cfg.ranks} {cfg.device.upper()} ranks, {sweep.row_targets:,} tokens per row, "
              f"model {matrix_params:,} matrix parameters"]
     for c in costs[:12]:
-        lines.append(f"    {c.label:<34} {c.tokens:>12,} tokens  ~{c.seconds:>8.0f} s of TTT ({c.source})")
+        lines.append(f"    {c.label:<44} {c.tokens:>10,} tokens  ~{c.seconds:>7.0f} s of TTT ({c.source})")
     if len(costs) > 12:
         lines.append(f"    ... and {len(costs) - 12} more")
     return lines + budget.plan_lines(costs, len(sweep.trials), float(startups.median()) if len(startups) else None,

@@ -55,7 +55,7 @@ def make_recorder(sweep: Sweep, reports: dict, concurrency: int, log, board=None
                 self.nodes.setdefault(row["node_id"], {k: row.get(k) for k in ("hostname", "device", "device_name")})
             self.rows += 1
             label, seed = labels[row["row_id"]]
-            head = f"[{self.rows}/{len(columns)}] {label:<34} seed={seed}"
+            head = f"[{self.rows}/{len(columns)}] {label:<44} seed={seed}"
             if row["status"] == "ok":
                 log(f"{head}  post-quant {row['post_quant_bpb']:.4f} -> post-TTT {row['post_ttt_bpb']:.4f} bpb "
                     f"(recovery {row['recovery']:+.4f}), {row['ttt_seconds']:.1f} s TTT")

@@ -117,7 +117,8 @@ def setting_columns(sweep: Sweep, trial: TrialSpec, setting: SettingSpec, row: R
     spec = parse_regime(setting.regime)
     return {"row_id": row.row_id, "setting_key": setting.setting_key, "control_key": row.control_key,
             "trial_key": trial.key, "regime": setting.regime, "bits": spec.bits,
-            "method": spec.method + ("+hadamard" if spec.rotate else ""),
+            "method": spec.method + ("+hadamard" if spec.rotate else ""), "family": spec.family,
+            "strength": spec.strength,
             **dataclasses.asdict(dataclasses.replace(setting.ttt, seed=row.seed)),
             **{f"quant_{k}": v for k, v in dataclasses.asdict(sweep.cfg.quant).items()},
             "segment_start": row.segment_start, "world_size": trial.world_size, "device": sweep.cfg.device,

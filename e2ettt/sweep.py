@@ -48,9 +48,11 @@ if TYPE_CHECKING:  # the tables (pandas, pyarrow) are the driver's: trial worker
 
 @dataclass(frozen=True)
 class Grid:
-    regimes: tuple = ("fp", "gptq-int3", "int3", "int2")  # fp is the control; damage spans ~0.01 to ~0.4 bpb
-    inner_lrs: tuple = (1e-4, 0.03, 3.0)  # too small to matter .. helps .. diverges
-    chunks: tuple = (512, 2048)  # chunk_tokens; >= 2 windows of context each, so both ranks have work
+    # fp is the control; GPTQ and RTN int3 (~0.01-0.03 bpb of damage on the demo); a broken model of the SpinQuant
+    # failure class (rotated weights decoded with another rotation, ~+2.3 bpb) and noise of about the same damage
+    regimes: tuple = ("fp", "gptq-int3", "int3", "hadamard-int6-mismatch", "noise-1.85")
+    inner_lrs: tuple = (0.01, 0.03, 0.1, 0.3, 1.0)  # the best lr grows with the damage (0.01 for fp, 0.3 broken)
+    chunks: tuple = (512,)  # chunk_tokens; >= 2 windows of context each, so both ranks have work
     seeds: tuple = (0, 1, 2, 3, 4, 5)  # validation segments (under a cap), run in turn in one trial; best: chosen on 0-2
     epochs: tuple = (1,)
     optimizers: tuple = ("sgd",)
@@ -145,6 +147,7 @@ class RowSpec:
     row_id: str
     seed: int
     segment_start: int  # first validation token of the segment
+    prefix: int  # tokens before it that serve as context, never scored
     control_key: str
     static: str  # artifact key: the regime's static curve over this row's windows
     fp_static: str  # ... and the unquantized model's
@@ -211,7 +214,7 @@ def plan_settings(fingerprint: str, regime: str, ttts: list[TTTConfig], starts: 
             windowing = Windowing.of(ttt, start)
             rows.append(RowSpec(
                 row_id=config_hash({**base, "regime": regime, **at}, 16), seed=seed, segment_start=start,
-                control_key=config_hash({**base, **at}, 16),
+                prefix=windowing.prefix, control_key=config_hash({**base, **at}, 16),
                 static=artifacts.static_key(weights, windowing, device),
                 fp_static=artifacts.static_key(fp_weights, windowing, device)))
         key = config_hash({**base, "regime": regime, "ttt": {**d, "seed": None}}, 16)

@@ -35,11 +35,12 @@ TTT_COLUMNS = [
     ("inner_lr", pa.float64()), ("schedule", pa.string()), ("momentum", pa.float64()),
     ("weight_decay", pa.float64()), ("epochs", pa.int64()), ("step_windows", pa.int64()),
     ("micro_batch", pa.int64()), ("grad_clip", pa.float64()), ("params", pa.string()), ("max_tokens", pa.int64()),
-    ("seed", pa.int64()), ("dtype", pa.string()), ("fuse_score", pa.bool_()), ("diverge_nats", pa.float64()),
+    ("seed", pa.int64()), ("dtype", pa.string()), ("fuse_score", pa.bool_()), ("diverge_bpb", pa.float64()),
     ("checksum_every", pa.int64()),
 ]
 QUANT_COLUMNS = [
-    ("quant_min_numel", pa.int64()), ("quant_embed_bits", pa.int64()), ("quant_clip_q", pa.float64()),
+    ("quant_min_numel", pa.int64()), ("quant_embed_bits", pa.int64()), ("quant_grid", pa.string()),
+    ("quant_clip_q", pa.float64()),
     ("quant_calib_tokens", pa.int64()), ("quant_calib_seq_len", pa.int64()), ("quant_gptq_block", pa.int64()),
     ("quant_gptq_damp", pa.float64()), ("quant_act_order", pa.bool_()), ("quant_rotation_seed", pa.int64()),
     ("quant_linear_types", pa.string()), ("quant_keep_float", pa.string()),
@@ -51,6 +52,8 @@ TRIAL_SCHEMA = pa.schema([
     ("control_key", pa.string()),  # everything but the regime: the fp row with this key is the control
     ("trial_key", pa.string()),  # the trial (one Ray Train run) that ran the row
     ("regime", pa.string()), ("bits", pa.int64()), ("method", pa.string()),
+    ("family", pa.string()),  # control, pg-int8, rtn, gptq, hadamard-rtn, hadamard-gptq, structured, unstructured
+    ("strength", pa.float64()),  # the family's knob: the noise size, or the share of weights the regime treats
     *TTT_COLUMNS,
     ("segment_start", pa.int64()),  # first validation token of the row's segment
     *QUANT_COLUMNS,

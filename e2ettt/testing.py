@@ -9,9 +9,9 @@ from e2ettt.evaluate import DeviceTables
 from e2ettt.ttt import TTTConfig, run_ttt
 
 
-def ttt_rank(model, tokens, tables: DeviceTables, cfg: TTTConfig) -> dict:
+def ttt_rank(model, tokens, tables: DeviceTables, cfg: TTTConfig, static=None) -> dict:
     """Run TTT on this rank; return totals and every rank's weight checksum (gathered)."""
-    result = run_ttt(model, tokens, tables, cfg)
+    result = run_ttt(model, tokens, tables, cfg, static)
     mine = checksum(list(model.parameters()))
     rank, world_size = world()
     sums = [mine]

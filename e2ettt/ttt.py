@@ -69,7 +69,7 @@ class TTTConfig:
     seed: int = 0  # picks the stream segment under a cap, and LoRA init
     dtype: str = "fp32"  # fp32 | bf16 autocast
     fuse_score: bool = True  # score chunk k from its first epoch's forward (same θ_k, same windows); saves a forward
-    diverge_nats: float = 0.0  # mean chunk NLL above this = diverged; 0 = ln(vocab), worse than uniform
+    diverge_bpb: float = 1.0  # diverged: running TTT bpb above the running static bpb of the same chunks by this; 0 = never
     checksum_every: int = 1  # compare a weight checksum across ranks every N chunks; 0 = never
 
     def validate(self) -> None:
@@ -88,6 +88,7 @@ class TTTConfig:
             (self.max_tokens >= 0, f"ttt.max_tokens must be >= 0, got {self.max_tokens}"),
             (self.dtype in DTYPES, f"ttt.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}"),
             (self.checksum_every >= 0, f"ttt.checksum_every must be >= 0, got {self.checksum_every}"),
+            (self.diverge_bpb >= 0, f"ttt.diverge_bpb must be >= 0, got {self.diverge_bpb}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -199,12 +200,18 @@ def run_ttt(
     static: Sequence[Score] | None = None,
     on_chunk: Callable[[ChunkRecord], bool | None] | None = None,
     signal: Callable[[], float] | None = None,
+    prefix: int = 0,
 ) -> TTTResult:
-    """Score-first TTT of `model` (adapted in place) over all targets of `tokens`.
+    """Score-first TTT of `model` (adapted in place) over the targets of `tokens` after its first `prefix` tokens.
 
-    `tokens` is the stream to evaluate (apply any cap before calling);
-    `static`, if given, is the per-chunk static score of the same windows
-    with the starting weights, for the curves and first_chunk_delta. The
+    `tokens` is the stream to evaluate (apply any cap before calling); its
+    first `prefix` tokens are context only (earlier text of the stream,
+    never scored). `static`, if given, is the per-chunk static score of the
+    same windows with the starting weights, for the curves, first_chunk_delta
+    and divergence: a run diverges when a loss or gradient is not finite, or
+    when its running bpb exceeds the static running bpb of the same chunks by
+    more than `diverge_bpb` (TTT broke the model; a model that is bad before
+    any update is measured, never called diverged). The
     model stays in eval mode throughout (no dropout), so the scored function
     and the adapted one are the same. `signal()`, called once per chunk on
     every rank, is summed over ranks with the chunk's score and handed back
@@ -217,11 +224,11 @@ def run_ttt(
     rank, world_size = world()
     params = select_params(model, cfg.params, cfg.seed)
     opt = make_optimizer(cfg, params)
-    spans = chunk_spans(tokens.numel() - 1, cfg.chunk_tokens)
+    spans = chunk_spans(tokens.numel() - 1 - prefix, cfg.chunk_tokens, first=prefix + 1)
     if static is not None and len(static) != len(spans):
         raise ValueError(f"static curve has {len(static)} chunks, the stream has {len(spans)}")
-    limit = cfg.diverge_nats or math.log(tables.base_bytes.numel())
     result = TTTResult(world_size=world_size)
+    static_run = Score(0.0, 0.0, 0)
     model.eval()
     t0 = time.perf_counter()
     for k, (a, b) in enumerate(spans):
@@ -243,11 +250,13 @@ def run_ttt(
         score = Score(nll, nbytes, b - a)
         result.total = result.total + score
         static_bpb = static[k].bpb if static is not None else float("nan")
+        if static is not None:
+            static_run = static_run + static[k]
         if k == 0:
             result.first_chunk_delta = score.bpb - static_bpb
-        mean_nll = score.nll / score.tokens
         lr = 0.0 if last else lr_at(cfg, k, len(spans))
-        diverged = not math.isfinite(mean_nll) or mean_nll > limit
+        diverged = not math.isfinite(score.nll) or (
+            static is not None and cfg.diverge_bpb > 0 and result.total.bpb - static_run.bpb > cfg.diverge_bpb)
         if not diverged and not last:
             for group in opt.param_groups:
                 group["lr"] = lr

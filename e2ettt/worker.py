@@ -105,7 +105,7 @@ def run_trial_on_rank(spec: TrialSpec, artifacts: Mapping, device: torch.device 
                 base = load_regime_model(spec.inputs, fetch(artifacts[setting.weights]), device)  # each row adapts a copy
             cfg = dataclasses.replace(setting.ttt, seed=row.seed)
             static, fp_static = fetch(artifacts[row.static]), fetch(artifacts[row.fp_static])
-            tokens = as_tensor(data.segment(val, row.segment_start, cfg.max_tokens), device)
+            tokens = as_tensor(data.segment(val, row.segment_start, cfg.max_tokens, row.prefix), device)
             model = copy.deepcopy(base)
             load_seconds = time.perf_counter() - t1 + setup_seconds
             setup_seconds = 0.0  # the trial's first row carries the trial's set-up
@@ -115,7 +115,7 @@ def run_trial_on_rank(spec: TrialSpec, artifacts: Mapping, device: torch.device 
                 faults.inject(fault, rank, rec.chunk)
                 return progress.chunk(setting, row, rec)
 
-            result = run_ttt(model, tokens, tables, cfg, scores(static), chunk_done, progress.signal)
+            result = run_ttt(model, tokens, tables, cfg, scores(static), chunk_done, progress.signal, row.prefix)
             stopped = result.stopped
             measured = curve = None
             if rank == 0:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from analysis.report import trial_summary
@@ -31,6 +32,7 @@ from e2ettt.provenance import code_root
 from e2ettt.quant.regimes import RegimeError
 from e2ettt.sweep import SweepConfig
 
+HERE = Path(__file__).resolve().parent  # the grid presets (ladder.yaml, capacity.yaml) live beside this recipe
 SMOKE = {"grid.regimes": ("fp", "int3"), "grid.inner_lrs": (0.03,), "grid.chunks": (256,), "grid.seeds": (0,),
          "ttt.max_tokens": 2048, "name": "smoke"}
 
@@ -82,7 +84,8 @@ def _default(key: str) -> Any:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--grid", help="YAML or JSON file of settings (dotted keys or nested), applied before flags")
+    p.add_argument("--grid", help="YAML or JSON file of settings (dotted keys or nested), applied before flags; or a "
+                   f"preset in sweeps/: {', '.join(sorted(x.stem for x in HERE.glob('*.yaml')))}")
     p.add_argument("--smoke", action="store_true", help="minimal grid: fp + int3, lr 0.03, chunk 256, 2,048 tokens")
     p.add_argument("--dry-run", action="store_true", help="print the plan (trials, tokens, time, GPU-hours, cost) and exit")
     p.add_argument("--verbose", action="store_true", help="let Ray and Tune print their own status output (default: quiet)")
@@ -100,7 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace) -> SweepConfig:
     """Defaults, demo settings, smoke preset, grid file, flags, --set: later wins."""
-    updates: dict[str, Any] = settings_file(args.grid) if args.grid else {}
+    grid = HERE / f"{args.grid}.yaml" if args.grid and (HERE / f"{args.grid}.yaml").is_file() else args.grid
+    updates: dict[str, Any] = settings_file(grid) if grid else {}
     if args.smoke:
         updates = {**SMOKE, **updates}
     for switch in ("dry_run", "verbose", "dashboard", "rerun_stopped"):

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from scipy import stats
 
-from analysis import metrics, plots, report
+from analysis import families, metrics, plots, report
 from analysis.__main__ import main as analysis_main
 from analysis.runs import RunError, load_run, with_keys
 
@@ -37,18 +38,38 @@ def trials():
     return table(rows)
 
 
+T2 = stats.t.ppf(0.975, 2)  # 4.3027: the 95% Student-t quantile for 3 seeds
+
+
+def test_healing_is_measured_against_fp_at_its_own_best_setting_on_the_same_windows(trials):
+    """fp at lr 0.3 is hurt by TTT: at that setting, a regime would be credited with undoing the harm. The reference
+    is fp's best lr (0.01 here), and where no lr helps fp, fp without TTT."""
+    hurt_fp = [trial("fp", s, lr=0.3, post=1.70, ttt=1.80) for s in range(3)]
+    q = [trial("int3", s, lr=0.3, post=1.74, ttt=1.75) for s in range(3)]  # TTT made int3 worse too
+    t = pd.concat([trials, table(hurt_fp + q)], ignore_index=True)
+    h = metrics.by_setting(t).set_index(["regime", "inner_lr"])
+    assert h.loc[("int3", 0.3), "healing_frac_mean"] == pytest.approx(1 - (1.75 - 1.69 + 0.001) / 0.04)  # not 3.5
+    assert h.loc[("int3", 0.3), "fp_gain"] == pytest.approx(0.011)  # fp's best gain, not its loss at lr 0.3
+    only_hurt = table([trial("fp", s, lr=0.3, post=1.70, ttt=1.80) for s in range(3)] + q)
+    assert metrics.by_setting(only_hurt).set_index("regime").loc["int3", "healing_frac_mean"] == pytest.approx(
+        1 - (1.75 - 1.70) / 0.04)  # no lr helps fp: fp without TTT is the reference
+
+
 def test_recovery_spread_and_healing_fraction_against_the_control(trials):
     rec = metrics.by_setting(trials).set_index("regime")
     r = rec.loc["int3"]
     assert r["n_seeds"] == 3
     assert r["recovery_mean"] == pytest.approx(0.02)
     assert r["recovery_std"] == pytest.approx(0.01)
-    half = 4.303 * 0.01 / 3**0.5
+    half = T2 * 0.01 / 3**0.5
     assert (r["recovery_ci_low"], r["recovery_ci_high"]) == pytest.approx((0.02 - half, 0.02 + half))
-    assert r["recovery_frac_mean"] == pytest.approx(0.5)
-    # healing per seed: 1 - ((1.73 - .01 s) - (1.69 - .001 s)) / 0.04
-    expected = [1 - (0.04 - 0.009 * s) / 0.04 for s in range(3)]
-    assert r["healing_frac_mean"] == pytest.approx(sum(expected) / 3)
+    assert r["recovery_frac_mean"] == pytest.approx(0.5)  # mean recovery / mean damage
+    # healing, a ratio of means: 1 - mean((1.73 - .01 s) - (1.69 - .001 s)) / mean(0.04) = 1 - 0.031 / 0.04
+    assert r["healing_frac_mean"] == pytest.approx(1 - 0.031 / 0.04)
+    # the damage is the same on every seed: the interval is the t interval of the numerator over the damage
+    gaps = pd.Series([0.04 - 0.009 * s for s in range(3)])
+    hw = T2 * gaps.std() / 3**0.5 / 0.04
+    assert (r["healing_frac_ci_low"], r["healing_frac_ci_high"]) == pytest.approx((0.225 - hw, 0.225 + hw))
     assert r["fp_gain"] == pytest.approx(0.01 + 0.001)  # fp's own TTT gain at the same settings, mean over seeds
     assert pd.isna(rec.loc["fp", "healing_frac_mean"])
 
@@ -92,10 +113,10 @@ def test_the_best_setting_is_chosen_on_some_seeds_and_reported_on_the_others():
 
 
 def test_identical_seeds_and_a_missing_control_are_flagged(trials):
-    same = [trial("int4", s, lr=0.05, ttt=1.71) for s in range(3)]  # every seed the same numbers: not replicates
+    same = [trial("int4", s, lr=0.05, chunk=512, ttt=1.71) for s in range(3)]  # every seed the same: not replicates
     flags = metrics.sanity_flags(pd.concat([trials, table(same)], ignore_index=True))
-    assert set(flags.loc[flags["flag"] == "identical_seeds", "what"]) == {"int4 lr=0.05 chunk=256"}
-    assert set(flags.loc[flags["flag"] == "no_control", "what"]) == {"int4 lr=0.05 chunk=256"}
+    assert set(flags.loc[flags["flag"] == "identical_seeds", "what"]) == {"int4 lr=0.05 chunk=512"}
+    assert set(flags.loc[flags["flag"] == "no_control", "what"]) == {"int4 lr=0.05 chunk=512"}  # no fp on these windows
     assert metrics.with_healing(table(same))["healing_frac"].isna().all()
 
 
@@ -144,30 +165,32 @@ def test_report_and_its_key_table_read_back_with_the_right_numbers(tmp_path, tri
     key = md.split("## Key table")[1].split("## ")[0]
     int3 = next(line for line in key.splitlines() if line.startswith("| int3 |"))
     cells = [c.strip() for c in int3.strip("|").split("|")]
-    assert cells[:9] == ["int3", "0.0400 ± 0.0000", "1,000", "0.01", "256", "3", "1.7200",
-                         f"0.0200 ± {4.303 * 0.01 / 3**0.5:.4f}", "0.0110"]
-    assert cells[9] == f"0.23 ± {4.303 * 0.225 / 3**0.5:.2f}"  # healing 1 - (0.04 - 0.009 s)/0.04: 0, .225, .45
-    assert "**healing**:" in md and "**gap to next**:" in md  # every column defined
+    assert cells[:11] == ["int3", "rtn", "0.0400 ± 0.0000", "1,000", "0.01", "256", "3", "1.7200",
+                          f"0.0200 ± {T2 * 0.01 / 3**0.5:.4f}", f"0.50 ± {T2 * 0.01 / 3**0.5 / 0.04:.2f}", "0.0110"]
+    assert cells[11] == f"0.23 ± {T2 * 0.009 / 3**0.5 / 0.04:.2f}"  # healing: 1 - mean(0.04 - 0.009 s) / 0.04
+    assert "**healing**:" in md and "**gap to next**:" in md and "**recovered**:" in md  # every column defined
     assert "chosen and reported on the same seeds 0,1,2" in md
-    assert next(line for line in out.splitlines() if line.strip().startswith("int3")).split()[1:3] == ["0.0400", "±"]
+    assert "## What this run says about size and structure of the damage" in md
+    assert "no structured and unstructured regimes of matched damage" in md
+    assert next(line for line in out.splitlines() if line.strip().startswith("int3")).split()[1:4] == ["rtn", "0.0400", "±"]
     for stem in ("recovery_vs_damage", "healing_curves", "healing_heatmaps"):
         for ext in ("png", "svg"):
             assert (run / "figures" / f"{stem}.{ext}").stat().st_size > 1000
     assert "<table" in (run / "report.html").read_text()
     capsys.readouterr()
     assert analysis_main([str(run), "--markdown"]) == 0
-    assert capsys.readouterr().out.startswith("| regime | damage | artifact bytes |")
+    assert capsys.readouterr().out.startswith("| regime | family | damage | artifact bytes |")
 
 
 def test_error_bars_only_with_seeds_and_then_always(tmp_path, trials):
     plots.recovery_vs_damage(trials, tmp_path / "three", "r")
     svg = (tmp_path / "three" / "recovery_vs_damage.svg").read_text()
-    assert "bars: 95% CI over 3+ seeds" in svg
+    assert "bars: 95% intervals over 3+ seeds" in svg
     assert metrics.best_setting(trials)["recovery_ci_low"].notna().all()
     one = trials[trials["seed"] == 0]
     plots.recovery_vs_damage(one, tmp_path / "one", "r")
     svg = (tmp_path / "one" / "recovery_vs_damage.svg").read_text()
-    assert "no error bars" in svg and "95% CI" not in svg
+    assert "no error bars" in svg and "95% intervals" not in svg
     assert plots._bars(metrics.best_setting(one), "recovery") is None
 
 
@@ -224,3 +247,58 @@ def test_key_table_formats_numbers_for_the_field(trials):
     t = report.key_table(trials).set_index("regime")
     assert t.loc["int3", "artifact bytes"] == "1,000" and t.loc["int3", "post-TTT"] == "1.7200"
     assert t.loc["fp", "healing"] == "—"
+
+
+def ladder(structured_post_ttt: list[float], noise_post_ttt: list[float], damage: float = 1.0, gptq=None) -> pd.DataFrame:
+    """fp, one structured and one unstructured regime of the same damage (and GPTQ/RTN int3), three seeds each."""
+    rows = []
+    for s in range(3):
+        rows.append(trial("fp", s, post=1.70, ttt=1.69))
+        rows.append({**trial("hadamard-int6-mismatch", s, post=1.70 + damage, ttt=structured_post_ttt[s]),
+                     "family": "structured"})
+        rows.append({**trial("noise-1", s, post=1.70 + damage * 1.1, ttt=noise_post_ttt[s]), "family": "unstructured"})
+        if gptq:
+            rows.append({**trial("gptq-int3", s, post=1.72, ttt=gptq[0][s]), "family": "gptq"})
+            rows.append({**trial("int3", s, post=1.72 + 0.001 * s, ttt=gptq[1][s]), "family": "rtn"})
+    t = table(rows)
+    t["family"] = t["family"].fillna("control")
+    return t
+
+
+def test_the_report_says_structure_matters_only_when_the_intervals_say_so():
+    apart = families.findings(ladder([1.75, 1.76, 1.74], [2.50, 2.51, 2.49]))  # recovered 95% vs ~20%: far apart
+    assert apart[0].startswith("Size or structure: at every one of the 1 matched damage levels, structured damage")
+    assert "recovered more of its damage than unstructured noise" in apart[0]
+    close = families.findings(ladder([2.0, 2.3, 1.7], [2.1, 2.4, 1.8]))  # noisy seeds, similar fractions
+    assert "does the recovered fraction of structured and unstructured damage differ beyond the 95% intervals" in close[0]
+    far = families.findings(ladder([1.75, 1.76, 1.74], [2.50, 2.51, 2.49], damage=1.0).assign(
+        damage=lambda t: t["damage"].where(t["regime"] != "noise-1", 3.0)))
+    assert "no structured and unstructured regimes of matched damage" in far[0]  # 1.0 vs 3.0: not matched
+
+
+def test_gptq_against_rtn_at_matched_damage_with_its_interval():
+    worse = families.findings(ladder([1.75] * 3, [2.5] * 3, gptq=([1.716, 1.715, 1.717], [1.705, 1.706, 1.704])))
+    assert any("gptq-int3 (0.02 bpb) healed less than int3" in s for s in worse)
+
+
+def test_flattening_and_tokens_to_heal_per_family():
+    t = ladder([1.75, 1.76, 1.74], [2.50, 2.51, 2.49])
+    curves = []
+    for _, r in t.iterrows():  # running TTT bpb falls from post-quant to post-TTT over 8 chunks
+        for k in range(8):
+            frac = 1.0 if r["regime"] == "noise-1" else min(1.0, (k + 1) / 4)  # noise: all at once; structured: by chunk 4
+            running = r["post_quant_bpb"] - frac * (r["post_quant_bpb"] - r["post_ttt_bpb"])
+            curves.append({"row_id": r["row_id"], "chunk": k, "tokens_seen": 100 * (k + 1), "static_bpb": r["post_quant_bpb"],
+                           "ttt_bpb": running, "running_ttt_bpb": running, "bytes": 300.0})
+    curves = pd.DataFrame(curves)
+    flat = families.flattened(t, curves).set_index("regime")
+    assert bool(flat.loc["hadamard-int6-mismatch", "flattened"]) and flat.loc["hadamard-int6-mismatch", "tail_share"] == 0
+    heal = families.tokens_to_heal_by_family(t, curves).set_index("regime")
+    assert heal.loc["hadamard-int6-mismatch", "tokens to recover half"] == 300.0  # gain 0.71 of damage 1.0 at chunk 2
+    assert list(heal["family"]) == ["structured", "unstructured"]
+
+
+def test_the_figure_draws_other_models_as_labelled_references(tmp_path):
+    plots.recovery_vs_damage(ladder([1.75, 1.76, 1.74], [2.50, 2.51, 2.49]), tmp_path, "r")
+    svg = (tmp_path / "recovery_vs_damage.svg").read_text()
+    assert "PR #1837" in svg and "PR #1818" in svg and "PR #1341" in svg and "structured" in svg and "unstructured" in svg

@@ -33,6 +33,20 @@ def test_ttt_on_two_processes_prints_result_and_curve(tiny_demo, tmp_path, capsy
     assert len([ln for ln in out.splitlines() if ln.strip()[:1].isdigit()]) >= 4  # curve rows
 
 
+def test_a_model_broken_before_any_update_is_measured_and_its_row_is_ok(tiny_demo, tmp_path, capsys):
+    """Noise that leaves the model worse than a uniform guess before TTT starts; score-first TTT brings some back."""
+    code = main(["ttt", *files(tiny_demo), "--regime", "noise-5", "--lr", "0.1", "--workers", "1",
+                 "--work-dir", str(tmp_path), "--set", "quant.min_numel=1024", "--set", "ttt.max_tokens=2048",
+                 "--set", "ttt.chunk_tokens=256", "--set", "ttt.context=128"])
+    out = capsys.readouterr().out
+    assert code == 0 and "status ok" in out, out
+    post_quant, post_ttt = (float(out.split(k)[1].split()[0]) for k in ("post-quant ", "post-TTT "))
+    damage = float(out.split("damage ")[1].split(",")[0])
+    uniform = 10 / (tiny_demo.info["val_bytes"] / tiny_demo.info["val_tokens"])  # log2(1024) bits over bytes per token
+    assert post_quant > uniform and damage > 0.5  # broken: worse than a uniform guess
+    assert post_ttt < post_quant - 0.1  # measured, not called diverged, and TTT recovers part of it
+
+
 def test_mismatched_tokenizer_and_bad_regime_are_one_line_errors(tiny_inputs, tmp_path, capsys):
     sd = torch.load(tiny_inputs.checkpoint, weights_only=True)
     sd["tok_emb.weight"] = torch.zeros(2048, sd["tok_emb.weight"].shape[1])

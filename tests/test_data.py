@@ -45,20 +45,24 @@ def test_missing_shards_and_tokens_outside_vocab(tmp_path):
         data.load_tokens(tmp_path, "val", vocab_size=1024)
 
 
-def test_seeds_get_distinct_non_overlapping_segments_at_document_starts():
-    tokens = np.concatenate([[1] + [doc + 4] * 99 for doc in range(50)])  # 50 distinct documents of 100 tokens
-    seg0 = data.eval_segment(tokens, 300, 0)
-    assert seg0.size == 301 and data.segment_start(tokens, 300, 0) == 0  # seed 0: the start of the stream
+def test_seeds_get_distinct_non_overlapping_segments_spread_through_the_stream():
+    tokens = np.concatenate([[1] + [doc + 4] * 96 for doc in range(50)])  # 50 documents of 97 tokens: 4,849 targets
+    assert data.segment_start(tokens, 300, 0) == 0 and data.eval_segment(tokens, 300, 0).size == 301  # seed 0: the start
     starts = data.segment_starts(tokens, 300)
-    assert len(starts) == 12 and len(set(starts)) == 12  # 0, 400, ..., 4400: every segment of 301 tokens fits
-    spans = sorted((s, s + 301) for s in starts)
-    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no two seeds share a token
-    for seed, start in enumerate(starts):
-        seg = data.eval_segment(tokens, 300, seed)
-        assert seg.size == 301 and seg[0] == data.BOS_ID and np.array_equal(seg, tokens[start : start + 301])
-    assert starts[1:4] != [400, 800, 1200]  # seeds 1..3 sample across the stream, not its first documents
-    with pytest.raises(ValueError, match="ttt.seed=12: the validation stream holds 12 non-overlapping segments"):
-        data.segment_start(tokens, 300, 12)
+    assert sorted(starts) == [300 * i for i in range(16)]  # every slot of 300 targets, each a seed's
+    targets = [set(range(s + 1, s + 301)) for s in starts]
+    assert all(a.isdisjoint(b) for i, a in enumerate(targets) for b in targets[i + 1 :])  # no target scored twice
+    assert any(tokens[s] != data.BOS_ID for s in starts)  # segments start inside documents too
+    assert starts[1:4] != [300, 600, 900]  # seeds 1..3 sample across the stream, not its opening
+    with pytest.raises(ValueError, match="ttt.seed=16: the validation stream holds 16 non-overlapping segments"):
+        data.segment_start(tokens, 300, 16)
+
+
+def test_a_segment_may_carry_earlier_tokens_as_context():
+    tokens = np.arange(1000)
+    seg = data.segment(tokens, 600, 300, prefix=100)
+    assert seg[0] == 500 and seg[100] == 600 and seg[-1] == 900  # 100 tokens of context, then the segment's 301
+    assert data.segment(tokens, 0, 0, prefix=50) is tokens  # no cap: the whole stream, nothing before it
 
 
 def test_seeds_that_cannot_mean_other_text_are_refused():
@@ -68,11 +72,17 @@ def test_seeds_that_cannot_mean_other_text_are_refused():
         data.eval_segment(tokens, 0, 3)
     with pytest.raises(ValueError, match="without a token cap"):
         data.eval_segment(tokens, 10_000, 1)  # a cap that covers the stream is no cap
-    no_bos = tokens.copy()
-    no_bos[no_bos == data.BOS_ID] = 5
-    assert data.segment_start(no_bos, 300, 0) == 0
-    with pytest.raises(ValueError, match="holds 1 non-overlapping segments .* starting at a document"):
-        data.segment_start(no_bos, 300, 1)
+
+
+def test_calibration_sequences_come_from_across_the_split(tmp_path):
+    data.write_shard(tmp_path / "x_train_000000.bin", np.arange(1000) % 60000)
+    data.write_shard(tmp_path / "x_train_000001.bin", np.arange(1000, 3000) % 60000)
+    seqs = data.spread_sequences(tmp_path, "train", 4, 10).reshape(4, 10)
+    assert seqs[0, 0] == 0 and seqs[-1, -1] == 2999  # from the first token to the last, across both shards
+    assert (np.diff(seqs, axis=1) == 1).all()  # each a contiguous run of the stream (one crosses the shard boundary)
+    assert len(set(seqs[:, 0] // 1000)) == 3  # not all from the first shard
+    with pytest.raises(data.ShardError, match="fewer than one sequence of 5000"):
+        data.spread_sequences(tmp_path, "train", 1, 5000)
 
 
 def test_a_token_limit_reads_only_the_shards_it_needs(tmp_path):

@@ -30,21 +30,36 @@ def test_rtn_uses_all_2_to_the_b_levels_within_half_a_step_with_fp16_scales(bits
     torch.testing.assert_close(rtn(q.Q, 2**bits).Q, q.Q, rtol=0, atol=1e-6)
 
 
-def test_ternary_keeps_its_three_levels_under_its_own_name():
+def test_grids_symmetric_with_a_zero_as_parameter_golf_or_midrise_and_ternary():
     spec = parse_regime("ternary")
-    assert (spec.bits, spec.levels, spec.method) == (2, 3, "rtn")
+    assert (spec.bits, spec.levels(), spec.method) == (2, 3, "rtn")
     W = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
-    q = rtn(W, spec.levels)
+    q = rtn(W, spec.levels())
     assert set(q.codes.unique().tolist()) <= {0, 1, 2} and q.Q[0].unique().numel() == 3
-    assert parse_regime("hadamard-gptq-ternary").levels == 3 and parse_regime("int2").levels == 4
+    assert parse_regime("hadamard-gptq-ternary").levels("midrise") == 3
+    assert parse_regime("int6").levels("symmetric") == 63 and parse_regime("int6").levels("midrise") == 64
+    q6 = rtn(W, parse_regime("int6").levels())  # parameter-golf's int6: codes -31..31 around a zero level
+    assert ((q6.codes.float() - 31) * q6.scales[:, None] == q6.Q).all() and (q6.Q == 0).any()
+    assert torch.equal(q6.scales, (W.abs().amax(dim=1) / 31).half().float())
 
 
 def test_parse_regimes_and_unknown_regime():
     spec = parse_regime("hadamard-gptq-int3")
-    assert spec.__dict__ == {"name": "hadamard-gptq-int3", "method": "gptq", "bits": 3, "rotate": True, "levels": 8}
+    assert (spec.method, spec.bits, spec.rotate, spec.decode, spec.share, spec.family) == ("gptq", 3, True, "right", 1.0,
+                                                                                          "hadamard-gptq")
     assert parse_regime("int6").method == "rtn" and parse_regime("pg-int8").method == "pg"
-    for bad in ("int1", "int9", "gptq", "fp16", "hadamard-fp", "int4-gptq", "ternary-gptq"):
+    wrong = parse_regime("hadamard-gptq-int6-mismatch-0.25")
+    assert (wrong.decode, wrong.share, wrong.family, wrong.strength) == ("mismatch", 0.25, "structured", 0.25)
+    assert parse_regime("hadamard-int6-unrotated").decode == "unrotated"
+    noise = parse_regime("noise-0.3")
+    assert (noise.method, noise.noise, noise.family, noise.strength) == ("noise", 0.3, "unstructured", 0.3)
+    assert parse_regime("int3-0.5").share == 0.5 and parse_regime("int3-0.5").family == "rtn"
+    for bad in ("int1", "int9", "gptq", "fp16", "hadamard-fp", "int4-gptq", "ternary-gptq", "noise", "int3-mismatch2"):
         with pytest.raises(RegimeError, match=f"unknown quantization regime '{bad}'; valid forms: fp, pg-int8, intN"):
+            parse_regime(bad)
+    for bad, why in (("noise-11", "the noise size must be in \\(0, 10\\], got 11"), ("noise-0", "must be in \\(0, 10\\]"),
+                     ("int3-1.5", "the share must be in \\(0, 1\\], got 1.5"), ("int6-mismatch", "needs hadamard-")):
+        with pytest.raises(RegimeError, match=why):
             parse_regime(bad)
 
 
@@ -167,7 +182,8 @@ def test_packed_codes_take_bits_per_entry():
     assert torch.equal(unpack_codes(packed, 3, 1000), codes)
 
 
-@pytest.mark.parametrize("regime", ["int3", "gptq-int3", "hadamard-gptq-int4", "ternary"])
+@pytest.mark.parametrize("regime", ["int3", "gptq-int3", "hadamard-gptq-int4", "ternary", "int3-0.5", "noise-0.5",
+                                    "hadamard-int6-mismatch-0.25", "hadamard-gptq-int4-unrotated"])
 def test_the_evaluated_weights_are_what_the_stored_artifact_decodes_to(demo_parts, regime):
     """The model quantize_model returns holds exactly the weights that the saved artifact reads back to."""
     model, calib = demo_parts
@@ -300,8 +316,9 @@ def _reference_gptq_for_the_baseline_gpt(model, regime, cfg, calib):
 
     def quantize(name, H, bits):
         seed = cfg.rotation_seed * 1_000_003 + zlib.crc32(name.encode()) if regime.rotate else None
-        q = _quantize_weight(params[name].detach(), 2**bits, regime, cfg, H, seed)
-        params[name].data.copy_(decode_entry(entry(q.codes, q.scales, bits, 2**bits, seed)))
+        levels = 2**bits - 1  # the symmetric grid, written out
+        q = _quantize_weight(params[name].detach(), levels, regime, cfg, H, seed)
+        params[name].data.copy_(decode_entry(entry(q.codes, q.scales, bits, levels, seed)))
 
     quantize("tok_emb.weight", None, cfg.embed_bits)
     with torch.no_grad():
@@ -337,6 +354,31 @@ def test_the_architecture_blind_walk_gives_the_baseline_gpt_the_same_weights(dem
     for name, tensor in want.state_dict().items():
         if tensor.ndim == 2 and tensor.numel() > 1024:
             assert torch.equal(got.state_dict()[name], tensor), name
+
+
+def test_damage_families_treat_what_they_say(demo_parts):
+    """A wrong decode hits a share of the weights and only those; noise has the size it names; a share quantizes
+    only that share."""
+    from e2ettt.quant.artifact import decode_entry
+
+    model, calib = demo_parts
+    cfg = QuantConfig(min_numel=1024, calib_tokens=2048, calib_seq_len=128)
+    right, _ = quantize_model(model, parse_regime("hadamard-int6"), cfg)
+    wrong, report = quantize_model(model, parse_regime("hadamard-int6-mismatch-0.25"), cfg)
+    weights = [t["name"] for t in report.tensors]
+    differ = [n for n in weights if not torch.equal(right.state_dict()[n], wrong.state_dict()[n])]
+    assert len(differ) == round(0.25 * len(weights)) == len(report.selection["treated"])  # embedding among the candidates
+    for n in differ:  # decoded with the rotation of the next seed: the stored entry says so, and it is far off
+        e = report.artifact["quantized"][n]
+        assert torch.equal(decode_entry(e), wrong.state_dict()[n])
+        assert (wrong.state_dict()[n] - model.state_dict()[n]).norm() > 0.5 * model.state_dict()[n].norm()
+    noisy, _ = quantize_model(model, parse_regime("noise-0.5"), cfg)
+    W, N = model.state_dict()["blocks.0.mlp.fc.weight"], noisy.state_dict()["blocks.0.mlp.fc.weight"]
+    rel = ((N - W).square().mean(dim=1) / W.square().mean(dim=1)).sqrt()
+    assert rel.mean().item() == pytest.approx(0.5, rel=0.1)
+    half, rep = quantize_model(model, parse_regime("int3-0.5"), cfg)
+    quantized = [t for t in rep.tensors if t["bits"] == 3]
+    assert len(quantized) == round(0.5 * sum(1 for t in rep.tensors if t["name"] != "tok_emb.weight"))
 
 
 def test_a_model_with_nothing_to_quantize_is_refused_with_one_line():

@@ -56,8 +56,7 @@ def test_bad_grid_file_and_bad_data_fail_before_ray(tmp_path, tiny_inputs, capsy
     assert healing_grid.main(real_run_args(tiny_inputs, tmp_path, "--max-tokens", "0", "--seeds", "0,1")) == 2
     err = capsys.readouterr().err.strip()
     assert "ttt.seed=1 without a token cap" in err and len(err.splitlines()) == 1  # seeds that would be the same trial
-    assert healing_grid.main(real_run_args(tiny_inputs, tmp_path, "--seeds", "0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,"
-                                           "17,18,19,20,21,22,23,24,25,26,27,28,29,30")) == 2
+    assert healing_grid.main(real_run_args(tiny_inputs, tmp_path, "--seeds", ",".join(map(str, range(40))))) == 2
     assert "non-overlapping segments" in capsys.readouterr().err
     assert not ray.is_initialized()
 
@@ -172,6 +171,16 @@ def test_a_hurting_setting_is_stopped_early_and_the_others_in_its_trial_are_unto
     again = pd.read_parquet(run / "trials.parquet").set_index(["regime", "inner_lr"])
     assert again.loc[("int3", 1.5), "status"] == "ok" and again.loc[("int3", 1.5), "recovery"] < -0.02  # ... unless asked
     assert again.loc[("int3", 0.03), "finished_at"] == rows.loc[("int3", 0.03), "finished_at"]  # and only those
+
+
+@pytest.mark.slow
+def test_ttt_that_makes_the_demo_model_worse_ends_its_row_as_stopped_or_diverged(tmp_path, capsys):
+    """The embedded demo (built once, cached), lr 3 at chunk 2048: TTT breaks a good model."""
+    assert healing_grid.main(["--regimes", "fp", "--lrs", "3", "--chunks", "2048", "--seeds", "0", "--out", str(tmp_path),
+                              "--name", "lr3"]) == 0
+    (row,) = pd.read_parquet(tmp_path / "lr3" / "trials.parquet").to_dict("records")
+    assert row["status"] in ("stopped", "diverged"), row["status"]
+    assert row["pre_quant_bpb"] < 2.0 and row["first_chunk_delta"] == pytest.approx(0, abs=1e-6)  # a good model, measured
 
 
 @pytest.mark.slow

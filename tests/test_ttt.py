@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -29,7 +30,7 @@ def tokens():
     return torch.randint(4, 64, (601,), generator=torch.Generator().manual_seed(1))
 
 
-CFG = TTTConfig(chunk_tokens=100, context=32, stride=16, inner_lr=0.05, micro_batch=3, diverge_nats=100.0)
+CFG = TTTConfig(chunk_tokens=100, context=32, stride=16, inner_lr=0.05, micro_batch=3)
 
 
 @pytest.mark.parametrize("fuse", [True, False])
@@ -75,15 +76,68 @@ def test_world_size_one_and_two_agree_and_ranks_hold_identical_weights(random_gp
 
 def test_uneven_shares_and_a_diverging_lr_end_cleanly_on_two_ranks(random_gpt, tokens, tables):
     # one window per chunk: rank 1 has nothing to score or train on, and must still keep step
-    calm = TTTConfig(chunk_tokens=50, context=64, stride=64, inner_lr=0.0, micro_batch=2, diverge_nats=100.0)
-    base = run_local(ttt_rank, (copy.deepcopy(random_gpt), tokens, tables, calm), 2)
+    calm = TTTConfig(chunk_tokens=50, context=64, stride=64, inner_lr=0.0, micro_batch=2)
+    static = static_curve(random_gpt, tokens, chunk_spans(600, 50), 64, 64, tables, 2)
+    base = run_local(ttt_rank, (copy.deepcopy(random_gpt), tokens, tables, calm, static), 2)
     assert not base["diverged"] and base["checksums"][0] == base["checksums"][1]
-    worst = max(base["chunks"]) * math.log(2) * 3  # nats per token, generously above the static loss
-    wild = TTTConfig(chunk_tokens=50, context=64, stride=64, inner_lr=1e4, grad_clip=0.0, momentum=0.0, micro_batch=2,
-                     diverge_nats=worst)
-    out = run_local(ttt_rank, (copy.deepcopy(random_gpt), tokens, tables, wild), 2)
+    wild = TTTConfig(chunk_tokens=50, context=64, stride=64, inner_lr=1e4, grad_clip=0.0, momentum=0.0, micro_batch=2)
+    out = run_local(ttt_rank, (copy.deepcopy(random_gpt), tokens, tables, wild, static), 2)
     assert out["diverged"] and out["diverged_chunk"] >= 1
     assert len(out["chunks"]) == out["diverged_chunk"] + 1
+
+
+def worse_than_uniform(model):
+    """The same model with its logits scaled up: confidently wrong, worse than a uniform guess."""
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.tok_emb.weight.mul_(8.0)
+    return broken
+
+
+def test_a_model_bad_before_any_update_is_measured_not_called_diverged(random_gpt, tokens, tables):
+    broken = worse_than_uniform(random_gpt)
+    static = static_curve(broken, tokens, chunk_spans(600, 100), 32, 16, tables, 3)
+    uniform_nats = math.log(64)
+    assert sum(s.nll for s in static) / 600 > uniform_nats  # worse than a uniform guess before any update
+    for lr in (0.0, 0.05):
+        result = run_ttt(copy.deepcopy(broken), tokens, tables, TTTConfig(**{**CFG.__dict__, "inner_lr": lr}), static)
+        assert not result.diverged and len(result.chunks) == 6 and math.isfinite(result.bpb)
+    assert result.bpb <= sum(s.nll for s in static) / (math.log(2) * sum(s.bytes for s in static))  # no worse
+
+
+def fitted(model, tokens, steps=60):
+    """The model trained for a few steps on the stream: good on it, so that TTT has something to break."""
+    model = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    windows = tokens[: 600 // 33 * 33].view(-1, 33)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(windows[:, :-1]).flatten(0, 1), windows[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def running_gaps(result, static) -> list[float]:
+    """Running TTT bpb minus the running static bpb of the same chunks, chunk by chunk."""
+    out = []
+    for r in result.chunks:
+        s = static[: r.chunk + 1]
+        out.append(r.running_ttt_bpb - sum(x.nll for x in s) / (math.log(2) * sum(x.bytes for x in s)))
+    return out
+
+
+def test_ttt_that_breaks_a_model_is_diverged_once_it_is_worse_than_static_by_the_margin(random_gpt, tokens, tables):
+    good = fitted(random_gpt, tokens)
+    static = static_curve(good, tokens, chunk_spans(600, 100), 32, 16, tables, 3)
+    harsh = TTTConfig(**{**CFG.__dict__, "inner_lr": 30.0, "momentum": 0.0})
+    free = run_ttt(copy.deepcopy(good), tokens, tables, dataclasses.replace(harsh, diverge_bpb=0.0), static)
+    gaps = running_gaps(free, static)
+    assert not free.diverged and gaps[0] == 0.0 and max(gaps) > 0.5  # TTT really breaks it (no margin: runs on)
+    margin = max(gaps) / 2
+    result = run_ttt(copy.deepcopy(good), tokens, tables, dataclasses.replace(harsh, diverge_bpb=margin), static)
+    first_over = next(i for i, g in enumerate(gaps) if g > margin)
+    assert result.diverged and result.diverged_chunk == first_over and len(result.chunks) == first_over + 1
 
 
 @pytest.mark.parametrize("spec", ["norms", "lora:2"])

@@ -216,7 +216,8 @@ def quantize_model(model: nn.Module, regime: Regime, cfg: QuantConfig = QuantCon
     round trip restores each tensor to its original dtype, as parameter-golf's dequantizer does.
     """
     t0 = time.perf_counter()
-    report = QuantReport(regime.name, regime.method, regime.bits, regime.levels)
+    report = QuantReport(regime.name, regime.method, regime.bits,
+                         regime.levels(cfg.grid) if regime.method in ("rtn", "gptq") else 0)
     out = copy.deepcopy(model).float().eval()
     if regime.method == "fp":
         sizes = artifact.compressed_sizes({k: v.detach().cpu() for k, v in out.state_dict().items()})
@@ -245,30 +246,72 @@ def _pg_round_trip(out: nn.Module, report: QuantReport, dtypes: dict[str, torch.
     report.selection = {"rule": "parameter-golf int8_clean_per_row_v1: float tensors above 65,536 elements"}
 
 
+def treated_share(targets: dict[int, Target], share: float, seed: int, embeddings: bool = False) -> set[int]:
+    """The weights a regime with a share treats (linear weights; with `embeddings`, embedding tables too): all at
+    share 1, else a seeded choice of round(share · n)."""
+    keys = sorted((k for k, t in targets.items() if embeddings or not t.embeddings), key=lambda k: targets[k].name)
+    if share >= 1:
+        return set(keys)
+    order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed)).tolist()
+    return {keys[i] for i in order[: max(1, round(share * len(keys)))]}
+
+
+def _weight_seed(cfg: QuantConfig, name: str) -> int:
+    return cfg.rotation_seed * 1_000_003 + zlib.crc32(name.encode())
+
+
 def _quantize_packed(out: nn.Module, regime: Regime, cfg: QuantConfig, calib: Tensor | None,
                      report: QuantReport) -> None:
+    """RTN, GPTQ and noise regimes: every selected weight stored as packed codes (or, untreated or noised, in fp16)
+    and the model given exactly what the artifact decodes to."""
     targets = require_targets(out, cfg, regime.name)
+    treated = treated_share(targets, regime.share, cfg.rotation_seed,
+                            embeddings=regime.decode != "right" or regime.method == "noise")
     report.selection = {"linear_types": cfg.linear_types, "keep_float": cfg.keep_float, "min_numel": cfg.min_numel,
-                        "embed_bits": cfg.embed_bits}
+                        "embed_bits": cfg.embed_bits, "grid": cfg.grid, "share": regime.share,
+                        "treated": sorted(targets[k].name for k in treated)}
     packed: dict = {"format": artifact.FORMAT, "quantized": {}, "passthrough": {}}
+    wrong: dict[int, Tensor] = {}  # wrongly decoded weights: set after every layer has calibrated on the right ones
+
+    def keep(key: int, W: Tensor) -> None:  # stored in fp16, as parameter-golf stores floats
+        t = targets[key]
+        stored = W.detach().to(torch.float16).cpu()
+        original = t.param.detach().float()
+        error = float((stored.float().to(original.device) - original).norm() / original.norm().clamp_min(1e-12))
+        packed["passthrough"][t.name] = stored
+        t.param.data.copy_(stored.to(t.param.dtype))
+        report.tensors.append({"name": t.name, "uses": t.uses, "numel": W.numel(), "bits": 16, "rel_error": error})
 
     def quantize(key: int, H: Tensor | None) -> None:
         t = targets[key]
+        W = t.param.detach().clone()
+        if regime.method == "noise":
+            if key in treated:
+                g = torch.Generator().manual_seed(_weight_seed(cfg, t.name))
+                rms = W.float().square().mean(dim=1, keepdim=True).sqrt()
+                return keep(key, W + regime.noise * rms * torch.randn(W.shape, generator=g).to(W))
+            return keep(key, W)
+        if not t.embeddings and regime.decode == "right" and key not in treated:
+            return keep(key, W)  # a share of the weights: the rest stay float
         embedding = bool(t.embeddings)
         bits = cfg.embed_bits if embedding else regime.bits
-        levels = 2**bits if embedding else regime.levels
-        seed = cfg.rotation_seed * 1_000_003 + zlib.crc32(t.name.encode()) if regime.rotate else None
-        W = t.param.detach()
+        levels = (2**bits - (cfg.grid == "symmetric")) if embedding else regime.levels(cfg.grid)
+        seed = _weight_seed(cfg, t.name) if regime.rotate else None
         q = _quantize_weight(W, levels, regime, cfg, H, seed)
         e = artifact.entry(q.codes, q.scales, bits, levels, seed)
+        right = artifact.decode_entry(e).to(W.device)  # what a right decode gives, bit for bit
+        if key in treated and regime.decode != "right":
+            e["rotation_seed"] = seed + 1 if regime.decode == "mismatch" else -1  # stored: the decode that is evaluated
+            wrong[key] = artifact.decode_entry(e).to(W.device)
         packed["quantized"][t.name] = e
-        deq = artifact.decode_entry(e).to(W.device)  # what the artifact stores, bit for bit
+        evaluated = wrong.get(key, right)
         stats = {"name": t.name, "uses": t.uses, "shared": len(t.uses) > 1, "numel": W.numel(), "bits": bits,
-                 "levels": levels, "rel_error": float((deq - W).norm() / W.norm().clamp_min(1e-12))}
+                 "levels": levels, "decode": e["rotation_seed"] if key in wrong else "right",
+                 "rel_error": float((evaluated - W).norm() / W.norm().clamp_min(1e-12))}
         if H is not None:
-            stats["proxy_loss"] = proxy_loss(W, deq, H)
+            stats["proxy_loss"] = proxy_loss(W, right, H)
             stats["rtn_proxy_loss"] = proxy_loss(W, rtn(W, levels, cfg.clip_q).Q, H)
-        t.param.data.copy_(deq)
+        t.param.data.copy_(right)
         report.tensors.append(stats)
 
     if regime.method == "gptq":
@@ -285,19 +328,24 @@ def _quantize_packed(out: nn.Module, regime: Regime, cfg: QuantConfig, calib: Te
         if unused:
             report.notes.append(f"never called in the forward pass, so quantized by RTN: {unused}")
     for key, t in targets.items():
-        if t.name not in packed["quantized"]:
+        if t.name not in packed["quantized"] and t.name not in packed["passthrough"]:
             quantize(key, None)
+    for key, W in wrong.items():
+        targets[key].param.data.copy_(W)
+    if wrong:
+        report.notes.append(f"{len(wrong)} of {sum(1 for t in targets.values() if t.linears)} linear weights decoded "
+                            f"{'with another rotation' if regime.decode == 'mismatch' else 'without the inverse rotation'}")
     done = {id(t.param) for t in targets.values()}
     for name, tensor in out.state_dict(keep_vars=True).items():
-        if id(tensor) in done or name in packed["quantized"]:
-            continue  # a quantized weight, possibly under a second name (tied)
+        if id(tensor) in done or name in packed["quantized"] or name in packed["passthrough"]:
+            continue  # a treated weight, possibly under a second name (tied)
         stored = stored_passthrough(name, tensor.detach()).cpu()
         packed["passthrough"][name] = stored
         tensor.data.copy_(stored.to(tensor.dtype))
     shared = [f"{t.name} (used by {', '.join(t.uses)})" for t in targets.values() if len(t.uses) > 1]
     if shared:
         report.notes.append(f"shared weights quantized once, Hessian summed over every use: {shared}")
-    report.quantized_params = sum(t["numel"] for t in report.tensors)
+    report.quantized_params = sum(t["numel"] for t in report.tensors if t["bits"] < 16)
     sizes = artifact.compressed_sizes(packed)
     report.artifact_bytes_zlib, report.artifact_bytes_lzma = sizes["zlib"], sizes["lzma"]
     report.artifact = packed
