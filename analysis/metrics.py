@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.runs import DISPLAY_SETTINGS
+from analysis.runs import DISPLAY_SETTINGS, with_keys
 
 HEALING_RANGE = (-1.0, 2.0)  # outside it a healing fraction is an artefact of tiny damage, not a finding
 MIN_SEEDS = 3
@@ -108,7 +108,10 @@ def fp_reference(trials: pd.DataFrame) -> pd.DataFrame:
 
 def with_healing(trials: pd.DataFrame) -> pd.DataFrame:
     """Adds fp_post_ttt_bpb (fp at its own best setting on the same windows and seed: `fp_reference`), has_control
-    and healing_frac = 1 − (post_ttt − fp_post_ttt_bpb) / damage per row."""
+    and healing_frac = 1 − (post_ttt − fp_post_ttt_bpb) / damage per row. Rows straight from a table (not through
+    `load_run`) get their keys here."""
+    if "window_key" not in trials:
+        trials = with_keys(trials)
     out = trials.merge(fp_reference(trials), on=["window_key", "seed"], how="left")
     out["has_control"] = out["fp_post_ttt_bpb"].notna() | (out["regime"] == "fp")
     valid = (out["regime"] != "fp") & (out["damage"] > 0) & (out["status"] == "ok") & out["fp_post_ttt_bpb"].notna()

@@ -55,6 +55,16 @@ def test_healing_is_measured_against_fp_at_its_own_best_setting_on_the_same_wind
         1 - (1.75 - 1.70) / 0.04)  # no lr helps fp: fp without TTT is the reference
 
 
+def test_the_sweeps_closing_summary_reads_rows_straight_from_the_table():
+    """healing_grid prints the summary from trials.parquet without `load_run`: the keys are derived on the way."""
+    from analysis.report import trial_summary
+
+    raw = pd.DataFrame([trial("fp", s, post=1.70, ttt=1.69) for s in range(3)]
+                       + [trial("int3", s, post=1.74, ttt=1.72) for s in range(3)])
+    summary = trial_summary(raw).set_index("regime")
+    assert summary.loc["int3", "healing"].startswith("0.25")  # 1 − (1.72 − 1.69) / 0.04
+
+
 def test_recovery_spread_and_healing_fraction_against_the_control(trials):
     rec = metrics.by_setting(trials).set_index("regime")
     r = rec.loc["int3"]
