@@ -101,7 +101,9 @@ def findings(trials: pd.DataFrame) -> list[str]:
         signs = [_verdict(d, h) for d, h in zip(pairs["frac_diff"], pairs["frac_hw"])]
         if all(s > 0 for s in signs) or all(s < 0 for s in signs):
             word = "more" if signs[0] > 0 else "less"
-            verdict = (f"at every one of the {len(pairs)} matched damage levels, structured damage (a wrong decode of "
+            where = (f"at every one of the {len(pairs)} matched damage levels" if len(pairs) > 1
+                     else "at the one matched damage level")
+            verdict = (f"{where}, structured damage (a wrong decode of "
                        f"rotated weights) recovered {word} of its damage than unstructured noise of the same size, "
                        "beyond the 95% intervals: recoverability depends on how the model was damaged, not only on how much")
         elif not any(signs):
@@ -109,9 +111,13 @@ def findings(trials: pd.DataFrame) -> list[str]:
                        "unstructured damage differ beyond the 95% intervals: on this run, what can be recovered follows the "
                        "size of the damage, not its structure")
         else:
-            verdict = (f"the {len(pairs)} matched damage levels disagree (structured ahead at "
-                       f"{sum(s > 0 for s in signs)}, behind at {sum(s < 0 for s in signs)}, indistinguishable at "
-                       f"{sum(s == 0 for s in signs)}): structure matters at some sizes, not at all")
+            def at(sign: int) -> str:
+                sizes = [f"{d:.3g}" for d, s in zip(pairs["damage_first"], signs) if s == sign]
+                return f"at {', '.join(sizes)} bpb" if sizes else "at no size"
+
+            verdict = (f"structured damage (a wrong decode of rotated weights) recovered more of its damage than "
+                       f"unstructured noise of the same size {at(1)}, less {at(-1)}, and as much within the 95% "
+                       f"intervals {at(0)}: structure matters at some sizes of the damage only")
         out.append("Size or structure: " + verdict + ". " + "; ".join(_pair_text(r) for _, r in pairs.iterrows()) + ".")
         for fam in ("structured", "unstructured"):
             f = pts[pts["family"] == fam]

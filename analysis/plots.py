@@ -65,6 +65,10 @@ def recovery_vs_damage(trials: pd.DataFrame, out: Path, run: str) -> Path | None
     right.axhline(1.0, color="grey", lw=0.8, ls="--")
     right.axhline(0.0, color="grey", lw=0.8)
     right.set_ylabel("fraction of the damage")
+    low, high = right.get_ylim()
+    if low < -0.5 or high > 1.5:  # tiny damages have wide fraction intervals: keep the scale of the ones that say something
+        right.set_ylim(max(low, -0.5), min(high, 1.5))
+        right.text(0.01, 0.01, "intervals clipped at -0.5 and 1.5", transform=right.transAxes, fontsize=7, color="grey")
     for ax in (left, right):
         ax.set_xscale("log")
         ax.set_xlim(lo, hi)

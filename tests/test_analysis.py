@@ -277,13 +277,19 @@ def ladder(structured_post_ttt: list[float], noise_post_ttt: list[float], damage
 
 def test_the_report_says_structure_matters_only_when_the_intervals_say_so():
     apart = families.findings(ladder([1.75, 1.76, 1.74], [2.50, 2.51, 2.49]))  # recovered 95% vs ~20%: far apart
-    assert apart[0].startswith("Size or structure: at every one of the 1 matched damage levels, structured damage")
+    assert apart[0].startswith("Size or structure: at the one matched damage level, structured damage")
     assert "recovered more of its damage than unstructured noise" in apart[0]
     close = families.findings(ladder([2.0, 2.3, 1.7], [2.1, 2.4, 1.8]))  # noisy seeds, similar fractions
     assert "does the recovered fraction of structured and unstructured damage differ beyond the 95% intervals" in close[0]
     far = families.findings(ladder([1.75, 1.76, 1.74], [2.50, 2.51, 2.49], damage=1.0).assign(
         damage=lambda t: t["damage"].where(t["regime"] != "noise-1", 3.0)))
     assert "no structured and unstructured regimes of matched damage" in far[0]  # 1.0 vs 3.0: not matched
+    small = ladder([1.75, 1.76, 1.74], [2.50, 2.51, 2.49], damage=1.0)  # structured far ahead at 1 bpb ...
+    big = ladder([2.0, 2.3, 1.7], [2.1, 2.4, 1.8], damage=2.0).query("regime != 'fp'")  # ... alike at 2 bpb
+    big = big.assign(regime=big["regime"] + "-big", setting_key=big["setting_key"] + "-big")
+    mixed = families.findings(pd.concat([small, big], ignore_index=True))
+    assert "than unstructured noise of the same size at 1 bpb, less at no size, and as much within the 95% " \
+           "intervals at 2 bpb" in mixed[0], mixed[0]
 
 
 def test_gptq_against_rtn_at_matched_damage_with_its_interval():
