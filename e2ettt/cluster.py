@@ -6,10 +6,15 @@
 `--max-concurrent` flag, else what the cluster holds at its largest (the
 autoscaler config the head was started with, not the nodes up now, so
 that pending trials make the autoscaler add nodes), else what is up now.
+`refuse_unoffered` turns a GPU count no node can give into one line before
+Ray starts; `wait_for_workers` waits, printing where it stands, until the
+cluster can place one trial's workers, and ends the sweep with one line
+after the start timeout if it never can.
 """
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import yaml
@@ -25,14 +30,19 @@ def start_ray(cfg: SweepConfig, log=print):
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # a report waits for the previous one to be polled
+    # Read by each trial's Ray Train controller: a report waits for the previous one to be polled; with the
+    # dashboard, Train runs and their workers are shown in it.
+    train_env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+    if cfg.dashboard:
+        train_env["RAY_TRAIN_ENABLE_STATE_TRACKING"] = "1"
+    for key, value in train_env.items():
+        os.environ.setdefault(key, value)  # a local Ray's processes inherit the driver's environment ...
     quiet = {"include_dashboard": cfg.dashboard, "log_to_driver": cfg.verbose, "configure_logging": True,
              "logging_level": "INFO" if cfg.verbose else "ERROR"}
-    if cfg.dashboard:
-        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # Train runs and their workers in the dashboard
     if cfg.address:
         quiet.pop("include_dashboard")  # a cluster's dashboard is the head's
-        context = ray.init(address=cfg.address, **quiet)
+        # ... a cluster's were started by `ray start` on each node: the job's runtime environment carries it there
+        context = ray.init(address=cfg.address, runtime_env={"env_vars": {k: os.environ[k] for k in train_env}}, **quiet)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         context = ray.init(address="local", num_cpus=max(local_cpus(cfg), cfg.workers * cfg.cpus_per_worker),
@@ -125,6 +135,47 @@ def concurrency(cfg: SweepConfig, resources_now: dict | None = None, log=None) -
         log(f"  cluster: no autoscaler config found ({BOOTSTRAP_CONFIG} or --cluster-config); sizing from the "
             f"resources up now: {up} trial(s) at once (--max-concurrent to change)")
     return up
+
+
+def refuse_unoffered(cfg: SweepConfig) -> None:
+    """A local Ray offers this machine's GPUs only: more per trial than it has is one line, before Ray starts.
+    (On a cluster, `concurrency` checks the autoscaler config's node types; with none, `wait_for_workers` waits.)"""
+    if not cfg.gpus_per_trial or cfg.address:
+        return
+    import torch
+
+    have = torch.cuda.device_count()
+    if cfg.gpus_per_trial > have:
+        raise ConfigError(f"--gpus-per-trial {cfg.gpus_per_trial}: this machine has {have} GPU(s), and a local Ray "
+                          "offers only its own (join a cluster with GPU nodes: --address)")
+
+
+def wait_for_workers(ray, cfg: SweepConfig, log=print) -> None:
+    """Returns once the cluster can place one trial's workers (on an autoscaling cluster, the request brings a node
+    up). Prints where it stands every `progress_seconds`; after the start timeout, raises TimeoutError naming what
+    no node offered. The preparation tasks need a subset of the same resources, so they cannot wait silently."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.gpus_per_trial else {})}
+    pg = placement_group([per_worker] * cfg.ranks, strategy="STRICT_PACK" if cfg.gpus_per_trial else "PACK")
+    placed, limit, t0 = pg.ready(), cfg.worker_start_timeout, time.monotonic()
+    try:
+        while True:
+            waited = time.monotonic() - t0
+            ready, _ = ray.wait([placed], timeout=max(0.0, min(cfg.progress_seconds, limit - waited)))
+            if ready:
+                if waited >= cfg.progress_seconds:
+                    log(f"  nodes ready after {time.monotonic() - t0:.0f} s; {standing(ray, cfg)}")
+                return
+            waited = time.monotonic() - t0
+            need = f"{cfg.ranks} worker(s) × {per_worker}{' on one node' if cfg.gpus_per_trial else ''}"
+            if waited >= limit:
+                raise TimeoutError(f"no node offered {need} within --start-timeout {limit:g} s ({standing(ray, cfg)}): "
+                                   "nodes that never came up (quota, capacity, launch errors: `ray monitor cluster.yaml`) "
+                                   "or a resource no node type has")
+            log(f"  waiting for nodes: {waited:.0f} of {limit:g} s for {need}; {standing(ray, cfg)}")
+    finally:
+        remove_placement_group(pg)
 
 
 def standing(ray, cfg: SweepConfig) -> str:

@@ -5,8 +5,9 @@
 1. resolve the inputs, check every setting against them and plan the
    trials (`sweep.open_sweep`; bad input fails here, before Ray starts),
    leaving out rows the run directory already holds;
-2. start a local Ray, or join a cluster (`cluster.start_ray`), and size
-   the trials in flight from the cluster at its largest;
+2. start a local Ray, or join a cluster (`cluster.start_ray`), size the
+   trials in flight from the cluster at its largest, and wait (printing)
+   until it can place a trial's workers;
 3. quantize each regime once and compute each static curve once, as Ray
    tasks on the trials' kind of device (`artifacts.prepare`);
 4. run the Tune grid (`run_trials`): one `ray_trial.run_trial` per trial,
@@ -50,6 +51,7 @@ def run(cfg: SweepConfig, log=print, code_dir: str | os.PathLike = ".") -> Outco
     if inputs.demo:
         log(f"demo model: {inputs.demo['parameters']:,} parameters, validation bpb {inputs.demo['val_bpb']:.4f} "
             f"(eval_val over all {inputs.demo['val_tokens']:,} validation tokens); cache {Path(inputs.checkpoint).parent}")
+    cluster.refuse_unoffered(cfg)
     sweep = open_sweep(cfg, inputs, code_dir, cluster.concurrency(cfg) or 1)
     log(f"  inputs checked ({sweep.fingerprint}): {sweep.stream_targets:,} validation targets, {sweep.row_targets:,} "
         f"per row; {time.perf_counter() - t_start:.0f} s")
@@ -75,6 +77,7 @@ def run(cfg: SweepConfig, log=print, code_dir: str | os.PathLike = ".") -> Outco
         if cluster.concurrency(cfg) is None:  # joined a cluster of unknown size: pack for what is up now
             sweep = sweep.packed(slots)
         if sweep.trials:
+            cluster.wait_for_workers(ray, cfg, log)
             refs, reports = artifacts.prepare(ray, sweep.needs, inputs, cfg.quant, cfg.device, cfg.cpus_per_worker,
                                               sweep.store, f"{cfg.name}/artifacts", log)
             outcome.interrupted = run_trials(ray, sweep, refs, reports, slots, outcome, log)

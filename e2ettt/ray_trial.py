@@ -184,8 +184,10 @@ def run_trial(config: dict, specs: dict | None = None, artifacts: dict | None = 
                                          placement_strategy="STRICT_PACK" if use_gpu else "PACK"),
             run_config=RunConfig(name=f"train-{spec.key}", storage_path=res["storage_path"],
                                  callbacks=[TuneReportCallback()],  # worker reports reach Tune as they happen
+                                 # a worker lost while the group starts (a node preempted or gone) counts
+                                 # against the same limit as one lost mid-run
                                  failure_config=FailureConfig(max_failures=res["max_worker_failures"],
-                                                              controller_failure_limit=0)),
+                                                              controller_failure_limit=res["max_worker_failures"])),
         )
         result = trainer.fit()
         if result.return_value is None:
@@ -194,7 +196,9 @@ def run_trial(config: dict, specs: dict | None = None, artifacts: dict | None = 
     except Exception as exc:  # a failed trial is a row per unfinished seed, with its error, not a lost trial
         message = one_line(exc)
         if "worker group startup timed out" in f"{exc}\n{traceback.format_exc()}".lower():
-            message = (f"workers did not start within {res['start_timeout']:g} s: no node could give {spec.world_size} "
+            tries = res["max_worker_failures"] + 1
+            message = (f"workers did not start within {res['start_timeout']:g} s ({tries} attempt{'s' * (tries > 1)}): "
+                       f"no node could give {spec.world_size} "
                        f"worker(s) × {per_worker} (nodes that never came up, or resources no node type has)")
         end = {"error": message, "traceback": traceback.format_exc()[-4000:]}
     ray.tune.report({"kind": "end", **end})

@@ -3,15 +3,15 @@
 Either the embedded demo (nothing given) or a parameter-golf checkpoint with
 its shard directory and SentencePiece tokenizer; `model_fn`
 ("package.module:function") builds any other causal LM from the checkpoint
-path. `resolve` turns settings into absolute paths once, in the driver;
-workers only read them.
+path. `resolve` turns settings into absolute paths once, in the driver
+(`~` expanded); workers only read them.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,8 @@ class Inputs:
 
 def resolve(cfg: SourceConfig, log=print) -> Inputs:
     cfg.validate()
+    paths = ("checkpoint", "data", "tokenizer", "cache_dir")  # "~/golf/..." as a Ray job passes it: no shell expanded it
+    cfg = replace(cfg, **{k: str(Path(getattr(cfg, k)).expanduser()) for k in paths if getattr(cfg, k)})
     if not cfg.checkpoint:
         assets = build_demo(cfg.demo, cfg.cache_dir or default_cache_dir(), log=log)
         info = {k: assets.info[k] for k in ("key", "parameters", "val_bpb", "train_tokens", "val_tokens")}

@@ -25,7 +25,7 @@ class Store:
             if "://" in uri:
                 self.fs, self.root = pafs.FileSystem.from_uri(uri)
             else:
-                self.fs, self.root = pafs.LocalFileSystem(), str(Path(uri).resolve())
+                self.fs, self.root = pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
         except (OSError, ValueError) as exc:  # pyarrow: unknown scheme, bad bucket name, no credentials
             raise StorageError(f"--storage {uri}: cannot open ({str(exc).splitlines()[0]})") from None
         self.uri = uri.rstrip("/")

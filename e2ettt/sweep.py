@@ -166,7 +166,11 @@ class SettingSpec:
 
     @property
     def label(self) -> str:
-        return f"{self.regime} lr={self.ttt.inner_lr:g} chunk={self.ttt.chunk_tokens}"
+        """"int3 lr=0.03 chunk=512", with what TTT does differently from the default (params=lora:8, ...)."""
+        t = self.ttt
+        other = [f"{k}={v}" for k, v, default in (("params", t.params, "all"), ("optimizer", t.optimizer, "sgd"),
+                                                  ("epochs", t.epochs, 1)) if v != default]
+        return " ".join([f"{self.regime} lr={t.inner_lr:g} chunk={t.chunk_tokens}", *other])
 
 
 @dataclass(frozen=True)

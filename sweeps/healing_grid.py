@@ -33,6 +33,7 @@ from e2ettt.quant.regimes import RegimeError
 from e2ettt.sweep import SweepConfig
 
 HERE = Path(__file__).resolve().parent  # the grid presets (ladder.yaml, capacity.yaml) live beside this recipe
+RUNS = HERE.parent / "runs"  # where run directories go unless --out says otherwise
 SMOKE = {"grid.regimes": ("fp", "int3"), "grid.inner_lrs": (0.03,), "grid.chunks": (256,), "grid.seeds": (0,),
          "ttt.max_tokens": 2048, "name": "smoke"}
 
@@ -57,7 +58,8 @@ SCALAR_FLAGS = {
     "gpus_per_trial": ("gpus_per_trial", "N ranks with one GPU each (NCCL); 0 = CPU"),
     "max_tokens": ("ttt.max_tokens", "validation tokens per row (0 = the whole stream; demo 8,192)"),
     "context": ("ttt.context", "tokens of context per scored position"),
-    "out": ("out", "parent directory of run directories on this machine"),
+    "out": ("out", "parent directory of run directories on this machine (default: runs/ of this repository, wherever the"
+            " command runs from)"),
     "name": ("name", "run name: tables go to OUT/NAME/"),
     "storage": ("storage", "path or URI (s3://, gs://, ...) for Tune/Train state and copies of artifacts and tables"
                 " (empty: OUT)"),
@@ -95,7 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         names = [f"--{flag.replace('_', '-')}"] + (["--lrs"] if flag == "inner_lrs" else [])
         p.add_argument(*names, dest=flag, metavar="LIST", help=f"comma-separated {text} (default: {_default(key)})")
     for flag, (key, text) in SCALAR_FLAGS.items():
-        p.add_argument(f"--{flag.replace('_', '-')}", help=f"{text} (default: {_default(key)!r})")
+        default = "" if flag == "out" else f" (default: {_default(key)!r})"
+        p.add_argument(f"--{flag.replace('_', '-')}", help=f"{text}{default}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any setting by dotted key, e.g. --set ttt.optimizer=adamw --set quant.calib_tokens=32768")
     return p.parse_args(argv)
@@ -117,6 +120,7 @@ def build_config(args: argparse.Namespace) -> SweepConfig:
         if getattr(args, flag) is not None:
             updates[key] = getattr(args, flag)
     updates.update(set_items(args.set))
+    updates.setdefault("out", str(RUNS))  # not the working directory: a cluster job's is the home of whoever ran `ray start`
     if not updates.get("source.checkpoint"):
         updates = {**DEMO_SETTINGS, **updates}
     try:

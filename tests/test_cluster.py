@@ -3,6 +3,7 @@ Ray whose worker nodes cannot see the driver's disk, autoscaling from zero with 
 a storage URI on a local S3 server, and trials that ask for nodes that never come."""
 import json
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -92,7 +93,11 @@ def test_cluster_yaml_passes_rays_validation_and_the_ec2_api_model():
     for name, node_type in config["available_node_types"].items():
         report = ParamValidator().validate(as_launched(node_type["node_config"]), shape)
         assert not report.has_errors(), f"{name}: {report.generate_report()}"
-        assert node_type["node_config"]["ImageId"].startswith("resolve:ssm:/aws/service/deeplearning/")
+    types = config["available_node_types"]
+    [image] = {t["node_config"]["ImageId"] for t in types.values()}  # one image for every node
+    assert re.fullmatch(r"ami-(PINNED|[0-9a-f]{8}|[0-9a-f]{17})", image)  # the placeholder, or the id the README pins
+    # the head's role cannot pass a role: a GPU node with an instance profile would never launch
+    assert not any("IamInstanceProfile" in t["node_config"] for n, t in types.items() if n != config["head_node_type"])
     bad = as_launched({**config["available_node_types"]["gpu_8xh100"]["node_config"], "InstanceMarketOptions": None})
     assert ParamValidator().validate(bad, shape).has_errors()  # the check can fail: a null field is rejected
     assert any("boto3" in c for c in config["head_setup_commands"])  # the autoscaler on the head imports boto3
@@ -102,11 +107,11 @@ def test_cluster_yaml_passes_rays_validation_and_the_ec2_api_model():
 
 def test_concurrency_comes_from_the_clusters_largest_size():
     eight = {"CPU": 8, "GPU": 8}
-    assert capacity_from_config(CLUSTER_YAML, eight, strict=True) == (4, 4, 8)  # one 8-GPU trial per p5, 4 nodes
-    assert capacity_from_config(CLUSTER_YAML, {"CPU": 1, "GPU": 1}, strict=True)[0] == 32  # 1-GPU trials share nodes
+    assert capacity_from_config(CLUSTER_YAML, eight, strict=True) == (4, 4, 32)  # one 8-GPU trial per p5, 4 nodes
+    assert capacity_from_config(CLUSTER_YAML, {"CPU": 1, "GPU": 1}, strict=True) == (32, 4, 32)  # driver slots for all 32
     assert capacity_from_config(CLUSTER_YAML, {"CPU": 8, "GPU": 16}, strict=True)[0] == 0  # fits no node
     capped = {**CLUSTER_YAML, "max_workers": 2}
-    assert capacity_from_config(capped, eight, strict=True) == (2, 2, 8)
+    assert capacity_from_config(capped, eight, strict=True) == (2, 2, 32)
 
 
 # ---------------------------------------------------------------- no shared filesystem
@@ -228,11 +233,103 @@ def test_storage_uri_keeps_state_artifacts_and_tables_and_a_fresh_machine_resume
 def test_a_trial_whose_nodes_never_come_ends_as_an_error_and_the_others_finish(tmp_path, tiny_demo, capsys, monkeypatch):
     monkeypatch.setenv(faults.ENV, json.dumps({"int3": {"resources": {"no_such_node_type": 1}}}))
     args = smoke_args(tiny_demo, tmp_path, "--name", "never", "--start-timeout", "8", "--set", "settings_per_trial=1")
-    t0 = time.perf_counter()
     assert healing_grid.main(args) == 0
     rows = pd.read_parquet(tmp_path / "never" / "trials.parquet").set_index("regime")
     assert rows.loc["fp", "status"] == "ok"
     assert rows.loc["int3", "status"] == "error"
-    assert rows.loc["int3", "error"].startswith("workers did not start within 8 s")
+    assert rows.loc["int3", "error"].startswith("workers did not start within 8 s (2 attempts)")  # one retry
     assert "no_such_node_type" in rows.loc["int3", "error"] and "\n" not in rows.loc["int3", "error"]
-    assert time.perf_counter() - t0 < 240
+
+
+def test_a_gpu_count_no_node_offers_is_one_line_before_ray(tmp_path, tiny_inputs, capsys):
+    """Locally, only this machine's GPUs; joining a cluster, what its autoscaler config's node types hold (checked
+    before the sweep connects: nothing listens at the address given)."""
+    import ray
+    import torch
+
+    base = smoke_args(tiny_inputs, tmp_path, "--name", "gpus")
+    if not torch.cuda.is_available():
+        assert healing_grid.main(base + ["--gpus-per-trial", "1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "--gpus-per-trial 1: this machine has 0 GPU(s)" in err and len(err.splitlines()) == 1
+    on_p5 = ["--address", f"127.0.0.1:{free_port()}", "--cluster-config", str(REPO / "cluster.yaml")]
+    assert healing_grid.main(base + on_p5 + ["--gpus-per-trial", "9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no node type can hold a trial needing" in err and "'GPU': 9" in err and len(err.splitlines()) == 1
+    assert not ray.is_initialized()
+
+
+@pytest.mark.slow
+def test_a_sweep_asking_for_gpus_a_cpu_cluster_lacks_waits_aloud_then_ends_with_one_line(tmp_path, tiny_demo, capsys):
+    """No autoscaler config tells what the cluster could hold: the sweep waits for a node with a GPU, says so every
+    progress_seconds, and ends after --start-timeout with one line naming what no node offered."""
+    port = free_port()
+    ray_stop()
+    try:
+        ray_cli("start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0", "--resources={\"trial_driver\": 4}",
+                "--include-dashboard=false", "--disable-usage-stats")
+        code = healing_grid.main(smoke_args(tiny_demo, tmp_path, "--name", "nogpu", "--address", f"127.0.0.1:{port}",
+                                            "--gpus-per-trial", "1", "--start-timeout", "6", "--set", "progress_seconds=2"))
+        out, err = capsys.readouterr()
+    finally:
+        ray_stop()
+    assert code == 2
+    assert "waiting for nodes: " in out and "with 0 GPU" in out
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in out + err
+    assert "no node offered 1 worker(s) × {'CPU': 1, 'GPU': 1} on one node within --start-timeout 6 s" in err
+
+
+# ---------------------------------------------------------------- the README's job, as printed
+
+def readme_smoke_job() -> tuple[str, str]:
+    """The README's smoke `ray job submit` line and the `ray rsync-down` line that fetches its tables."""
+    section = (REPO / "README.md").read_text().split("## On a cluster", 1)[1].split("\n## ", 1)[0]
+    lines = [ln.strip() for ln in section.splitlines()]
+    submit = next(ln for ln in lines if ln.startswith("ray job submit") and "--smoke" in ln)
+    fetch = next(ln for ln in lines if ln.startswith("ray rsync-down") and "/runs/smoke" in ln)
+    return submit, fetch
+
+
+@pytest.mark.slow
+def test_the_readmes_smoke_job_runs_on_a_head_with_a_job_server_and_leaves_its_tables_for_the_fetch(tmp_path):
+    """The README's job line with nothing changed but the head's home (/home/ubuntu, mapped to a directory here) and
+    the job server's port: the repository, venv and inputs where cluster.yaml puts them, a head started (from
+    another directory) with its job server, the job submitted through it, its tables where the fetch line reads.
+    The inputs are the embedded demo's (built once, cached): a real checkpoint's default quantization settings
+    need matrices of its size."""
+    import shutil
+
+    from e2ettt.demo import DemoConfig, build_demo, default_cache_dir
+
+    demo = build_demo(DemoConfig(), default_cache_dir())
+    submit, fetch = readme_smoke_job()
+    home = tmp_path / "ubuntu"
+    (home / "e2ettt").mkdir(parents=True)
+    shutil.copytree(REPO / "sweeps", home / "e2ettt" / "sweeps")  # the recipe; its runs/ beside it
+    (home / "venv").symlink_to(Path(sys.prefix))
+    cmd = shlex.split(submit.replace("/home/ubuntu", str(home)))
+    inputs = {"--checkpoint": demo.checkpoint, "--tokenizer": demo.tokenizer, "--data": demo.data_dir}
+    for flag, src in inputs.items():
+        dst = Path(cmd[cmd.index(flag) + 1])
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if Path(src).is_dir() else shutil.copy)(src, dst)
+    port, dashboard = free_port(), free_port()
+    elsewhere = tmp_path / "where-ray-start-ran"
+    elsewhere.mkdir()
+    ray_stop()
+    try:
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
+                        "--resources={\"trial_driver\": 4}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                        f"--dashboard-port={dashboard}", "--disable-usage-stats"],
+                       check=True, capture_output=True, timeout=180, cwd=elsewhere)
+        cmd[0] = str(Path(sys.executable).parent / "ray")
+        cmd[cmd.index("--address") + 1] = f"http://127.0.0.1:{dashboard}"  # the tunnel's end
+        job = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    finally:
+        ray_stop()
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "Job 'raysubmit_" in job.stdout + job.stderr and "succeeded" in job.stdout + job.stderr
+    fetched = Path(shlex.split(fetch)[-2].replace("/home/ubuntu", str(home)))  # ray rsync-down cluster.yaml SRC DST
+    rows = pd.read_parquet(fetched / "trials.parquet")
+    assert sorted(rows["regime"]) == ["fp", "int3"] and set(rows["status"]) == {"ok"}
+    assert not (elsewhere / "runs").exists()  # nothing landed in the directory `ray start` ran from

@@ -41,6 +41,30 @@ def test_bad_flags_fail_before_ray(args, message, capsys):
     assert not ray.is_initialized()
 
 
+def test_paths_with_a_tilde_and_the_default_out_do_not_depend_on_a_shell_or_the_working_directory(
+        tmp_path, tiny_inputs, monkeypatch):
+    """A Ray job's command line reaches the head without a shell that would expand `~`, and runs in whatever
+    directory `ray start` ran from: the sweep expands `~` itself and puts runs/ beside its own recipe."""
+    import shutil
+
+    from e2ettt.source import SourceConfig, resolve
+    from e2ettt.storage import Store
+
+    home = tmp_path / "home"
+    (home / "golf").mkdir(parents=True)
+    shutil.copy(tiny_inputs.checkpoint, home / "golf" / "final_model.pt")
+    shutil.copy(tiny_inputs.tokenizer, home / "golf" / "tok.model")
+    shutil.copytree(tiny_inputs.data_dir, home / "golf" / "data")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    inputs = resolve(SourceConfig(checkpoint="~/golf/final_model.pt", data="~/golf/data", tokenizer="~/golf/tok.model"))
+    assert (inputs.checkpoint, inputs.data, inputs.tokenizer) == (
+        str(home / "golf" / "final_model.pt"), str(home / "golf" / "data"), str(home / "golf" / "tok.model"))
+    assert Store("~/runs").root == str(home / "runs")
+    assert healing_grid.build_config(healing_grid.parse_args([])).out == str(REPO / "runs")
+    assert healing_grid.build_config(healing_grid.parse_args(["--out", "elsewhere"])).out == "elsewhere"
+
+
 def test_bad_grid_file_and_bad_data_fail_before_ray(tmp_path, tiny_inputs, capsys):
     import ray
 
@@ -171,6 +195,24 @@ def test_a_hurting_setting_is_stopped_early_and_the_others_in_its_trial_are_unto
     again = pd.read_parquet(run / "trials.parquet").set_index(["regime", "inner_lr"])
     assert again.loc[("int3", 1.5), "status"] == "ok" and again.loc[("int3", 1.5), "recovery"] < -0.02  # ... unless asked
     assert again.loc[("int3", 0.03), "finished_at"] == rows.loc[("int3", 0.03), "finished_at"]  # and only those
+
+
+@pytest.mark.slow
+def test_asha_runs_a_small_grid_to_the_end_and_keeps_the_settings_it_cuts_as_stopped_rows(tmp_path, tiny_demo, capsys):
+    """2 regimes × 3 lrs with --scheduler asha (and no hurting-rule, so only the rungs cut): every report carries
+    the running recovery the rungs compare, the sweep ends, the int3 settings that reach a rung below its
+    cutoff are kept as stopped rows, and no fp control is cut."""
+    args = real_run_args(tiny_demo, tmp_path, "--smoke", "--regimes", "fp,int3", "--lrs", "0.01,0.1,3", "--chunks", "128",
+                         "--max-tokens", "2048", "--scheduler", "asha", "--stop-threshold", "0",
+                         "--set", "report_seconds=0.001", "--name", "asha")
+    assert healing_grid.main(args) == 0
+    rows = pd.read_parquet(tmp_path / "asha" / "trials.parquet")
+    assert len(rows) == 6
+    cut = rows[rows["error"].str.startswith("ASHA")]
+    assert len(cut) >= 1, rows[["regime", "inner_lr", "status", "error"]]
+    assert set(cut["status"]) == {"stopped"} and set(cut["regime"]) == {"int3"}
+    assert set(rows.loc[rows["regime"] == "fp", "status"]) <= {"ok", "diverged"}
+    assert (cut["tokens_scored"] < 2048).all()
 
 
 @pytest.mark.slow
