@@ -23,7 +23,8 @@ Nothing here recomputes a metric the sweep stored; it aggregates them.
   seeds, reported on the others when there are at least 4 (selection seeds:
   the lower half); with fewer, on the same seeds, and the table says so. A
   setting whose TTT hurts (recovery ≤ 0), whose healing is outside
-  [−1, 2], or with a seed that did not finish, is never chosen.
+  [−1, 2], with a seed that did not finish, or with a row alarm (a row's
+  own check failed: the pipeline is broken), is never chosen.
 """
 from __future__ import annotations
 
@@ -124,6 +125,12 @@ def _identical(g: pd.DataFrame) -> bool:
     return done["seed"].nunique() > 1 and done[["post_quant_bpb", "post_ttt_bpb"]].round(12).drop_duplicates().shape[0] == 1
 
 
+def alarm_names(values) -> str:
+    """The row alarms among `values` of the alarms column, e.g. "bytes, first_chunk" (rows of tables written before
+    rows carried alarms have none)."""
+    return ", ".join(sorted({a for v in values if isinstance(v, str) for a in v.split(",") if a}))
+
+
 def lost_seeds(g: pd.DataFrame) -> str:
     """Which seeds of a setting did not finish, and why: "3 diverged (chunk 5); 4, 5 stopped"."""
     bad = g[g["status"] != "ok"].sort_values("seed")
@@ -165,8 +172,9 @@ def by_setting(trials: pd.DataFrame, seeds: list | None = None) -> pd.DataFrame:
         row["hurts"] = bool(row["recovery_mean"] <= 0) if len(done) else False
         h = row["healing_frac_mean"]
         row["healing_out_of_range"] = bool(not math.isnan(h) and not HEALING_RANGE[0] <= h <= HEALING_RANGE[1])
+        row["alarms"] = alarm_names(g["alarms"]) if "alarms" in g else ""
         row["eligible"] = bool(len(done) and not row["not_ok"] and not row["hurts"] and not row["healing_out_of_range"]
-                               and not row["identical_seeds"])
+                               and not row["identical_seeds"] and not row["alarms"])
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -286,6 +294,9 @@ def sanity_flags(trials: pd.DataFrame, tol: float = 1e-5) -> pd.DataFrame:
             detail = {"diverged": f"at chunk {r.get('diverged_chunk', '?')}", "stopped": str(r.get("error", "")),
                       "error": str(r.get("error", ""))[:200]}[r["status"]]
             flags.append({"what": where, "flag": r["status"], "detail": detail})
+        if alarm_names([r.get("alarms")]):
+            flags.append({"what": where, "flag": "alarms", "detail": f"row alarms {alarm_names([r.get('alarms')])}: the "
+                          "pipeline that wrote this row is broken (README: row alarms); never chosen as best"})
         if r["status"] == "ok" and r["recovery_frac"] > 1:
             flags.append({"what": where, "flag": "recovery_frac>1",
                           "detail": f"{r['recovery_frac']:.2f}: TTT beat the pre-quant model; part of it is adaptation"})

@@ -109,6 +109,7 @@ def settings_table(trials: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, s in rec.iterrows():
         flags = [f for f in ("hurts", "healing_out_of_range", "identical_seeds", "no_control") if s[f]]
+        flags += [f"alarms: {s['alarms']}"] if s["alarms"] else []
         rows.append({"regime": s["regime"], "lr": f"{s['inner_lr']:g}", "chunk": int(s["chunk_tokens"]),
                      **{c: s[c] for c in shown}, "n": f"{s['n_seeds']}/{s['seeds_run']}",
                      "post-TTT": bpb(s["post_ttt_bpb"]),

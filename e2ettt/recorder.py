@@ -56,13 +56,15 @@ def make_recorder(sweep: Sweep, reports: dict, concurrency: int, log, board=None
             self.rows += 1
             label, seed = labels[row["row_id"]]
             head = f"[{self.rows}/{len(columns)}] {label:<44} seed={seed}"
+            alarms = f"  ALARMS {row['alarms']}: the pipeline is wrong, not the model (README: row alarms)" \
+                if row.get("alarms") else ""
             if row["status"] == "ok":
                 log(f"{head}  post-quant {row['post_quant_bpb']:.4f} -> post-TTT {row['post_ttt_bpb']:.4f} bpb "
-                    f"(recovery {row['recovery']:+.4f}), {row['ttt_seconds']:.1f} s TTT")
+                    f"(recovery {row['recovery']:+.4f}), {row['ttt_seconds']:.1f} s TTT{alarms}")
             elif row["status"] == "diverged":
-                log(f"{head}  diverged at chunk {row['diverged_chunk']}")
+                log(f"{head}  diverged at chunk {row['diverged_chunk']}{alarms}")
             elif row["status"] == "stopped":
-                log(f"{head}  stopped at {row['tokens_scored']:,} tokens: {row['error']}")
+                log(f"{head}  stopped at {row['tokens_scored']:,} tokens: {row['error']}{alarms}")
             else:
                 log(f"{head}  ERROR {row['error']}")
 

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 
 from e2ettt import budget
-from e2ettt.artifacts import total
+from e2ettt.artifacts import scores, total
 from e2ettt.evaluate import Score
 from e2ettt.quant.regimes import parse_regime
 from e2ettt.sweep import RowSpec, SettingSpec, Sweep, TrialSpec
@@ -83,11 +83,44 @@ class Measured:
     started_at: float = math.nan  # ... rank 0 entered the trial
     ended_at: float = math.nan  # ... this row ended
     peak_rss_mb: float = math.nan
+    alarms: str = ""  # the row's own checks that failed (`row_alarms`), comma-separated; "" when all passed
 
 
-def measure(result: TTTResult, static: dict, fp_static: dict, stop_reason: str = "", **where) -> Measured:
+ALARM_TOLERANCE = 1e-5  # bpb: chunk 0 scored on several ranks may differ from the one-rank static score by rounding
+
+
+def row_alarms(result: TTTResult, static: dict, targets: int, text_bytes: int) -> str:
+    """The checks every row runs on itself; the names of those that failed, comma-separated ("" when none).
+
+    - first_chunk: chunk 0's TTT score is not the static score of chunk 0 (by more than ALARM_TOLERANCE): TTT
+      and the static curves score other windows or another dtype, or TTT adapted on a chunk before scoring it;
+    - targets: a chunk's TTT target or byte count differs from the static curve's, or a finished row scored
+      another number of targets than its segment holds (a chunk boundary scored twice or skipped);
+    - bytes: a finished row's byte total is not the UTF-8 bytes of its decoded text (`text_bytes`): the
+      leading space, byte-fallback or control pieces counted wrongly;
+    - lr0: a row at inner lr 0 (TTT that never moves the weights: a canary) whose score differs from the static
+      curve at some chunk: the static curve is not over the TTT windows beyond chunk 0.
+    """
+    failed = []
+    if result.chunks and not abs(result.first_chunk_delta) <= ALARM_TOLERANCE:
+        failed.append("first_chunk")
+    if all(c.inner_lr == 0 for c in result.chunks) and any(
+            not abs(c.ttt_bpb - c.static_bpb) <= ALARM_TOLERANCE for c in result.chunks):
+        failed.append("lr0")
+    finished = not (result.diverged or result.stopped)
+    same = all(c.tokens == s.tokens and c.bytes == s.bytes for c, s in zip(result.chunks, scores(static)))
+    if not same or (finished and result.total.tokens != targets):
+        failed.append("targets")
+    if finished and result.total.bytes != text_bytes:
+        failed.append("bytes")
+    return ",".join(failed)
+
+
+def measure(result: TTTResult, static: dict, fp_static: dict, targets: int, text_bytes: int, stop_reason: str = "",
+            **where) -> Measured:
     """One seed's numbers: pre/post-quant from the static curves, post-TTT from the run (none when it
-    diverged or was stopped: its running bpb covers only part of the segment)."""
+    diverged or was stopped: its running bpb covers only part of the segment), and the row's alarms
+    (`targets` and `text_bytes`: the target tokens of its segment and the UTF-8 bytes of their text)."""
     pre, post = total(fp_static), total(static)
     post_ttt = result.bpb if not (result.diverged or result.stopped) else math.nan
     damage = post.bpb - pre.bpb
@@ -99,7 +132,7 @@ def measure(result: TTTResult, static: dict, fp_static: dict, stop_reason: str =
         pre_quant_eval_val_bpb=Score(*fp_static["eval_val"]).bpb, post_quant_eval_val_bpb=Score(*static["eval_val"]).bpb,
         tokens_scored=result.total.tokens, bytes_scored=result.total.bytes, ttt_seconds=result.seconds,
         tokens_per_second=result.tokens_per_second, diverged=result.diverged, diverged_chunk=result.diverged_chunk,
-        error=stop_reason if result.stopped else "", **where)
+        error=stop_reason if result.stopped else "", alarms=row_alarms(result, static, targets, text_bytes), **where)
 
 
 @dataclass(frozen=True)

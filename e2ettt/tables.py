@@ -77,6 +77,7 @@ TRIAL_SCHEMA = pa.schema([
     ("started_at", pa.float64()), ("ended_at", pa.float64()),
     ("diverged", pa.bool_()), ("diverged_chunk", pa.int64()),
     ("status", pa.string()), ("error", pa.string()), ("traceback", pa.string()),
+    ("alarms", pa.string()),  # the row's own checks that failed (first_chunk, targets, bytes, lr0: rows.row_alarms); "" none
     ("artifact_bytes", pa.int64()),
     ("git_sha", pa.string()), ("versions", pa.string()), ("finished_at", pa.string()), ("written_at", pa.int64()),
 ])

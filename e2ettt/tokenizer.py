@@ -9,7 +9,7 @@ and are boundaries.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +69,47 @@ def build_byte_tables(sp: spm.SentencePieceProcessor, vocab_size: int | None = N
             piece = piece[1:]
         base[i] = len(piece.encode("utf-8"))
     return ByteTables(base, lead, boundary)
+
+
+def decoded_bytes(sp: spm.SentencePieceProcessor, tokens: Sequence[int], first: int) -> int:
+    """UTF-8 bytes of the text that the targets tokens[first:] add, read off SentencePiece's decoder (not the byte
+    tables: a check on them).
+
+    Text is decoded a document at a time (a control, unknown or unused piece ends one); in the document where the
+    targets begin, the bytes of its text before them are taken off. A character that byte-fallback pieces spell
+    across the first target, or that the stream cuts off at its end, is counted one byte per piece.
+    """
+    ids = np.asarray(tokens, dtype=np.int64)
+    vocab = int(sp.vocab_size())
+    size = max(vocab, int(ids.max()) + 1 if ids.size else 0)
+    boundary = np.ones(size, dtype=bool)  # ids beyond the tokenizer too
+    byte = np.full(size, -1)  # the byte a byte-fallback piece stands for ("<0xE2>"), else -1
+    for i in range(vocab):
+        boundary[i] = sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)
+        byte[i] = int(sp.id_to_piece(i)[3:5], 16) if sp.is_byte(i) else -1
+    continues = (byte >= 0x80) & (byte < 0xC0)  # a UTF-8 continuation byte (10xxxxxx)
+
+    def text(a: int, b: int) -> int:
+        return len(sp.decode(ids[a:b].tolist()).encode("utf-8")) if b > a else 0
+
+    end = ids.size
+    k = end - 1
+    while k > 0 and continues[ids[k]]:
+        k -= 1
+    lead = byte[ids[k]] if ids.size else -1
+    length = 2 if 0xC0 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4 if lead >= 0xF0 else 1
+    if end - k < length:  # the last character is cut off: its pieces count one byte each
+        end = k
+    total = ids.size - max(end, first)
+    a = 0
+    for b in [*np.flatnonzero(boundary[ids[:end]]).tolist(), end]:
+        if b > first:  # the document [a, b) holds targets
+            c = min(max(a, first), b)
+            while a < c and continues[ids[c]]:
+                c -= 1  # the character the first target continues starts at c
+            total += text(a, b) - text(a, c) - (max(a, first) - c)
+        a = b + 1
+    return total
 
 
 def train_tokenizer(

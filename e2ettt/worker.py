@@ -29,6 +29,7 @@ from e2ettt.evaluate import DeviceTables, as_tensor
 from e2ettt.rows import CurvePoint, Measured, measure
 from e2ettt.source import load_split, load_tables, set_threads
 from e2ettt.sweep import RowSpec, SettingSpec, TrialSpec
+from e2ettt.tokenizer import decoded_bytes, load_tokenizer
 from e2ettt.ttt import ChunkRecord, run_ttt
 
 
@@ -81,6 +82,7 @@ def run_trial_on_rank(spec: TrialSpec, artifacts: Mapping, device: torch.device 
     started_at = time.time()
     t0 = time.perf_counter()
     tables = DeviceTables.from_tables(load_tables(spec.inputs), device)
+    sp = load_tokenizer(spec.inputs.tokenizer)  # the row alarms count bytes off its decoder
     val = load_split(spec.inputs, "val")  # read once: every row takes its segment from it
     setup_seconds = time.perf_counter() - t0
     where = {"device_name": device_name(device), "hostname": socket.gethostname(), "started_at": started_at,
@@ -119,8 +121,10 @@ def run_trial_on_rank(spec: TrialSpec, artifacts: Mapping, device: torch.device 
             stopped = result.stopped
             measured = curve = None
             if rank == 0:
-                measured = measure(result, static, fp_static, progress.stop_reason(setting), load_seconds=load_seconds,
-                                   ended_at=time.time(),
+                targets = tokens.numel() - 1 - row.prefix
+                text_bytes = decoded_bytes(sp, tokens.cpu().numpy(), row.prefix + 1)
+                measured = measure(result, static, fp_static, targets, text_bytes, progress.stop_reason(setting),
+                                   load_seconds=load_seconds, ended_at=time.time(),
                                    peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **where)
                 curve = [CurvePoint.of(c) for c in result.chunks]
                 out.append((row, measured, curve))

@@ -55,6 +55,41 @@ def test_healing_is_measured_against_fp_at_its_own_best_setting_on_the_same_wind
         1 - (1.75 - 1.70) / 0.04)  # no lr helps fp: fp without TTT is the reference
 
 
+def test_a_regime_is_matched_to_fp_on_its_own_chunk_size():
+    """Chunking is part of the windows: fp at chunk 512 gains more than at 256, and each int3 row is held against
+    fp at its own chunk size."""
+    rows = []
+    for s in range(3):
+        rows += [trial("fp", s, chunk=256, post=1.70, ttt=1.69), trial("fp", s, chunk=512, post=1.70, ttt=1.65)]
+        rows += [trial("int3", s, chunk=256, ttt=1.72), trial("int3", s, chunk=512, ttt=1.68)]
+    h = metrics.by_setting(table(rows)).set_index(["regime", "chunk_tokens"])
+    assert h.loc[("int3", 256), "healing_frac_mean"] == pytest.approx(1 - (1.72 - 1.69) / 0.04)
+    assert h.loc[("int3", 512), "healing_frac_mean"] == pytest.approx(1 - (1.68 - 1.65) / 0.04)
+
+
+def test_a_stopped_seed_is_left_out_of_means_and_named(trials):
+    """A stopper ended seed 2 part way: even with partial numbers in its row, the means are over seeds 0 and 1."""
+    rows = [trial("int3", s, lr=0.1, ttt=1.71 - 0.01 * s) for s in range(2)]
+    rows.append({**trial("int3", 2, lr=0.1, status="stopped"), "post_ttt_bpb": 1.60, "recovery": 0.14})
+    t = pd.concat([trials, table(rows)], ignore_index=True)
+    r = metrics.by_setting(t).set_index(["regime", "inner_lr"]).loc[("int3", 0.1)]
+    assert r["n_seeds"] == 2 and r["seeds_run"] == 3 and r["lost_seeds"] == "2 stopped"
+    assert r["recovery_mean"] == pytest.approx(0.035) and r["post_ttt_bpb"] == pytest.approx(1.705)
+    assert not r["eligible"]
+
+
+def test_a_row_alarm_is_flagged_and_its_setting_never_chosen(trials):
+    t = trials.assign(alarms="")
+    t.loc[(t["regime"] == "int3") & (t["seed"] == 1), "alarms"] = "first_chunk,bytes"
+    flags = metrics.sanity_flags(t)
+    alarms = flags[flags["flag"] == "alarms"]
+    assert list(alarms["what"]) == ["int3 lr=0.01 chunk=256 seed=1"] and "bytes, first_chunk" in alarms["detail"].iloc[0]
+    assert metrics.by_setting(t).set_index("regime").loc["int3", "alarms"] == "bytes, first_chunk"
+    assert metrics.best_setting(t).set_index("regime").loc["int3", "note"].startswith("no setting")
+    assert "alarms: bytes, first_chunk" in report.settings_table(t).set_index("regime").loc["int3", "flags"]
+    assert metrics.sanity_flags(trials)["flag"].ne("alarms").all()  # tables written before rows carried alarms
+
+
 def test_the_sweeps_closing_summary_reads_rows_straight_from_the_table():
     """healing_grid prints the summary from trials.parquet without `load_run`: the keys are derived on the way."""
     from analysis.report import trial_summary

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from e2ettt import data
 from e2ettt.demo import load_demo_model, load_documents
 from e2ettt.evaluate import DeviceTables, as_tensor, chunk_spans, eval_val, plan_windows, score_windows
-from e2ettt.tokenizer import build_byte_tables, load_tokenizer
+from e2ettt.tokenizer import ByteTables, build_byte_tables, load_tokenizer
 
 
 @pytest.mark.parametrize("context, stride", [(16, 16), (16, 5), (7, 1)])
@@ -18,6 +18,26 @@ def test_windows_score_every_target_once_within_context(context, stride):
     assert scored == list(range(3, 101))
     for w in windows:
         assert 0 <= w.start and w.stop - w.start <= context and w.scored <= w.stop - w.start
+
+
+def test_every_target_is_scored_from_the_tokens_before_it_only(random_gpt):
+    """Batched, masked window scores equal one forward per target over its window's tokens before it, and the bytes
+    the tables' count of each (previous, target) pair."""
+    rng = np.random.default_rng(0)
+    tables = ByteTables(rng.integers(0, 4, 64).astype(np.int16), rng.random(64) < 0.4, rng.random(64) < 0.2)
+    tokens = torch.randint(0, 64, (120,), generator=torch.Generator().manual_seed(0))
+    windows = plan_windows(1, 120, 16, 5)
+    got = score_windows(random_gpt, tokens, windows, DeviceTables.from_tables(tables), micro_batch=4)
+    nll = 0.0
+    with torch.no_grad():
+        for w in windows:
+            for t in range(w.stop + 1 - w.scored, w.stop + 1):
+                logits = random_gpt(tokens[w.start : t][None])[0, -1]
+                nll += float(F.cross_entropy(logits.double(), tokens[t]))
+    ids = tokens.numpy()
+    assert got.tokens == 119
+    assert got.bytes == int(tables.count_bytes(ids[:-1], ids[1:]).sum())
+    assert got.nll == pytest.approx(nll, rel=1e-6)
 
 
 def test_chunk_larger_than_stream_is_a_clear_error():

@@ -287,6 +287,40 @@ def test_a_shared_weight_is_quantized_once_with_the_hessian_of_every_use(loop_mo
     assert [targets[k].name for k in groups[0]] == ["prelude.wq.weight", "prelude.wkv.weight"]  # one input, one group
 
 
+def test_a_rotated_regime_evaluates_weights_as_near_the_originals_as_without_rotation(loop_model):
+    """Rotation is a change of basis to quantize in, not damage: what a hadamard regime evaluates is W R quantized
+    and rotated back, as close to W as plain int8 (weights left in the rotated basis are ~1.4 W away)."""
+    model, _ = loop_model
+    original = model.state_dict()
+    for regime in ("int8", "hadamard-int8"):
+        q, report = quantize_model(model, parse_regime(regime), LOOP_CFG)
+        names = [t["name"] for t in report.tensors]
+        assert len(names) == 16
+        for name in names:
+            W, Q = original[name], q.state_dict()[name]
+            assert (Q - W).norm() < 0.02 * W.norm(), (regime, name)
+
+
+def test_the_embedding_is_stored_as_codes_at_embed_bits_unless_kept_float(random_gpt):
+    q, report = quantize_model(random_gpt, parse_regime("int4"), QuantConfig(min_numel=1024))
+    table = next(t for t in report.tensors if t["name"] == "tok_emb.weight")
+    assert table["bits"] == 8 and report.artifact["quantized"]["tok_emb.weight"]["bits"] == 8
+    assert not torch.equal(q.tok_emb.weight, random_gpt.tok_emb.weight)
+    kept, report = quantize_model(random_gpt, parse_regime("int4"), QuantConfig(min_numel=1024, embed_bits=0))
+    assert "tok_emb.weight" in report.artifact["passthrough"] and "tok_emb.weight" not in report.artifact["quantized"]
+
+
+def test_gptq_calibrates_on_the_train_split_never_on_validation(tmp_path):
+    from e2ettt.artifacts import calibration_tokens
+    from e2ettt.source import Inputs
+
+    data.write_shard(tmp_path / "x_train_000000.bin", np.full(5000, 7))
+    data.write_shard(tmp_path / "x_val_000000.bin", np.full(5000, 9))
+    calib = calibration_tokens(Inputs("/ckpt.pt", str(tmp_path), "/tok.model", "", 1024),
+                               QuantConfig(calib_tokens=1024, calib_seq_len=128))
+    assert calib.size == 1024 and set(calib.tolist()) == {7}
+
+
 def test_rotation_preserves_the_function_of_a_model_it_does_not_know(loop_model):
     model, _ = loop_model
     ref = __import__("copy").deepcopy(model).double()

@@ -4,12 +4,13 @@ from pathlib import Path
 
 import pytest
 
+from e2ettt.evaluate import Score
 from e2ettt.quant.regimes import QuantConfig
-from e2ettt.rows import Assembler, CurvePoint, Measured, Report, RowError, build, error_row, setting_columns
+from e2ettt.rows import Assembler, CurvePoint, Measured, Report, RowError, build, error_row, measure, row_alarms, setting_columns
 from e2ettt.source import Inputs
 from e2ettt.sweep import Sweep, SweepConfig, make_trial, plan_settings
 from e2ettt.tables import TRIAL_SCHEMA, to_arrow
-from e2ettt.ttt import TTTConfig
+from e2ettt.ttt import ChunkRecord, TTTConfig, TTTResult
 
 INPUTS = Inputs("/ckpt.pt", "/data", "/tok.model", "", 1024)
 
@@ -86,3 +87,27 @@ def test_an_error_row_carries_the_setting_and_no_numbers():
     assert row["status"] == "error" and row["regime"] == "int3" and row["tokens_scored"] == 0
     assert all(row[k] != row[k] for k in ("post_ttt_bpb", "damage"))  # NaN
     assert dataclasses.asdict(Measured("ok")).keys() <= row.keys()
+
+
+def ran(chunks: list[tuple[float, float, int]], delta: float = 0.0, lr: float = 0.1, static_bpb: float = 1.0,
+        **kw) -> TTTResult:
+    """A TTT result whose chunks scored (nll, bytes, tokens) each, at a ttt_bpb of 1."""
+    records = [ChunkRecord(k, t, t * (k + 1), n, b, 1.0, static_bpb, 1.0, lr, 0.0) for k, (n, b, t) in enumerate(chunks)]
+    total = Score(sum(c[0] for c in chunks), sum(c[1] for c in chunks), sum(c[2] for c in chunks))
+    return TTTResult(records, total, first_chunk_delta=delta, **kw)
+
+
+def test_row_alarms_name_each_check_that_fails():
+    static = {"chunks": [[70.0, 100.0, 50], [60.0, 110.0, 50]], "eval_val": [130.0, 210.0, 100]}
+    clean = ran([(69.0, 100.0, 50), (58.0, 110.0, 50)])
+    assert row_alarms(clean, static, 100, 210) == ""
+    assert row_alarms(ran([(69.0, 100.0, 50), (58.0, 110.0, 50)], delta=1e-3), static, 100, 210) == "first_chunk"
+    assert row_alarms(clean, static, 99, 210) == "targets"  # the segment holds 99 targets: one scored twice
+    assert row_alarms(ran([(69.0, 100.0, 50), (58.0, 109.0, 50)]), static, 100, 209) == "targets"  # not the static bytes
+    assert row_alarms(clean, static, 100, 211) == "bytes"  # the decoded text has a byte more
+    assert row_alarms(ran([(69.0, 100.0, 50), (58.0, 110.0, 50)], lr=0.0), static, 100, 210) == ""
+    assert row_alarms(ran([(69.0, 100.0, 50), (58.0, 110.0, 50)], lr=0.0, static_bpb=1.01), static, 100, 210) == "lr0"
+    stopped = ran([(69.0, 100.0, 50)], delta=float("nan"), stopped=True)
+    assert row_alarms(stopped, static, 100, 210) == "first_chunk"  # a partial row: only what it ran is checked
+    measured = measure(clean, static, static, 100, 211)
+    assert measured.status == "ok" and measured.alarms == "bytes" and measured.first_chunk_delta == 0.0

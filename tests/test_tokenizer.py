@@ -3,7 +3,7 @@ import pytest
 
 from e2ettt import data
 from e2ettt.demo import load_documents
-from e2ettt.tokenizer import TokenizerError, build_byte_tables, load_tokenizer
+from e2ettt.tokenizer import TokenizerError, build_byte_tables, decoded_bytes, load_tokenizer
 
 
 def test_byte_tables_count_the_utf8_bytes_of_real_text(tiny_inputs):
@@ -31,6 +31,23 @@ def test_byte_table_rules(tiny_inputs):
     i = space[0]  # after a boundary token the leading space is not counted
     assert t.count_bytes(np.array([1]), np.array([i]))[0] == t.base_bytes[i]
     assert t.count_bytes(np.array([space[1]]), np.array([i]))[0] == t.base_bytes[i] + 1
+
+
+def test_decoded_bytes_agree_with_the_byte_tables_wherever_a_segment_starts_and_ends(tiny_inputs):
+    """The row alarm's count, read off the decoder, equals the tables' count for targets starting and ending anywhere:
+    inside words, at document starts, and inside characters that byte-fallback pieces spell."""
+    sp = load_tokenizer(tiny_inputs.tokenizer)
+    tables = build_byte_tables(sp)
+    texts = [t[:400] for _, t in load_documents(30)[:3]] + ["Caf\u00e9 \u2014 d\u00e9j\u00e0 vu \u20ac5 \U0001f600 ok"]
+    ids = np.concatenate([[data.BOS_ID] + sp.encode(t) for t in texts])
+    byte_pieces = [i for i, t in enumerate(ids) if sp.is_byte(int(t))]
+    assert len(byte_pieces) > 8  # the last document is spelled partly in byte-fallback pieces
+    cuts = sorted(set(range(1, ids.size, 37)) | set(byte_pieces) | {int(np.flatnonzero(ids == data.BOS_ID)[1])})
+    for first in cuts:
+        for end in (ids.size, byte_pieces[-2], byte_pieces[-1] + 1):
+            if first < end:
+                want = int(tables.count_bytes(ids[first - 1 : end - 1], ids[first:end]).sum())
+                assert decoded_bytes(sp, ids[:end], first) == want, (first, end)
 
 
 def test_bad_tokenizer_file(tmp_path):

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from e2ettt.evaluate import DeviceTables, chunk_spans, static_curve
+from e2ettt.evaluate import DeviceTables, chunk_spans, plan_windows, score_windows, static_curve
 from e2ettt.launch import run_local
 from e2ettt.testing import ttt_rank
 from e2ettt.tokenizer import ByteTables
-from e2ettt.ttt import TTTConfig, run_ttt
+from e2ettt.ttt import TTTConfig, lr_at, run_ttt
 
 
 @pytest.fixture
@@ -62,6 +62,89 @@ def test_no_future_leak(random_gpt, tokens, tables, k):
     other = run_ttt(copy.deepcopy(random_gpt), changed, tables, CFG)
     assert [c.ttt_bpb for c in other.chunks[: k + 1]] == [c.ttt_bpb for c in base.chunks[: k + 1]]
     assert other.chunks[k + 1].ttt_bpb != base.chunks[k + 1].ttt_bpb
+
+
+def test_each_chunk_is_scored_with_the_weights_adapted_on_the_chunks_before_it_only(random_gpt, tokens, tables):
+    """Score first, exactly: chunk k's TTT score is the static score of chunk k under the weights TTT held after
+    adapting on chunk k - 1, and those weights are the same whatever chunk k and later chunks hold."""
+    k, stream = 2, tokens[:401]
+    full = run_ttt(copy.deepcopy(random_gpt), stream, tables, CFG)
+    changed = stream.clone()
+    changed[1 + 100 * k :] = torch.randint(4, 64, (400 - 100 * k,), generator=torch.Generator().manual_seed(9))
+    held = []
+    for s in (stream, changed):
+        model = copy.deepcopy(random_gpt)
+        run_ttt(model, s, tables, CFG, on_chunk=lambda rec: rec.chunk == k - 1)  # ends after adapting on chunk k - 1
+        held.append(model.state_dict())
+    assert all(torch.equal(held[0][n], held[1][n]) for n in held[0])
+    assert not torch.equal(held[0]["tok_emb.weight"], random_gpt.state_dict()["tok_emb.weight"])  # it did adapt
+    model = copy.deepcopy(random_gpt)
+    model.load_state_dict(held[0])
+    chunk_k = plan_windows(1 + 100 * k, 1 + 100 * (k + 1), CFG.context, CFG.stride)
+    assert score_windows(model, stream, chunk_k, tables, CFG.micro_batch).bpb == full.chunks[k].ttt_bpb
+
+
+def reference_ttt(model, tokens, tables, cfg) -> list[float]:
+    """Score-first TTT written plainly at one rank, one window at a time: score chunk k with no_grad, then take
+    `epochs` SGD steps with momentum on its mean NLL (one optimizer for the whole stream, grad norm clipped, the
+    cosine schedule over chunks written out); the per-chunk bpb."""
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.inner_lr, momentum=cfg.momentum)
+    spans = chunk_spans(tokens.numel() - 1, cfg.chunk_tokens)
+    out = []
+
+    def chunk_nll(windows):
+        terms = []
+        for w in windows:
+            logits = model(tokens[w.start : w.stop][None])[0, -w.scored :]
+            terms.append(torch.nn.functional.cross_entropy(logits, tokens[w.stop + 1 - w.scored : w.stop + 1], reduction="sum"))
+        return torch.stack(terms).sum()
+
+    for k, (a, b) in enumerate(spans):
+        windows = plan_windows(a, b, cfg.context, cfg.stride)
+        with torch.no_grad():
+            out.append(score_windows(model, tokens, windows, tables, 1).bpb)
+        if k == len(spans) - 1:
+            break
+        for group in opt.param_groups:
+            group["lr"] = cfg.inner_lr * 0.5 * (1 + math.cos(math.pi * k / (len(spans) - 1)))
+        for _ in range(cfg.epochs):
+            opt.zero_grad()
+            (chunk_nll(windows) / (b - a)).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+    return out
+
+
+def test_the_loop_matches_score_first_ttt_written_plainly(random_gpt, tokens, tables):
+    """Momentum carried from chunk to chunk, the schedule, epochs, clipping and the mean over a chunk's targets:
+    the engine's per-chunk scores are those of the plain loop (to float rounding)."""
+    cfg = TTTConfig(**{**CFG.__dict__, "epochs": 2, "schedule": "cosine", "inner_lr": 0.3})
+    stream = tokens[:401]
+    got = [c.ttt_bpb for c in run_ttt(copy.deepcopy(random_gpt), stream, tables, cfg).chunks]
+    want = reference_ttt(copy.deepcopy(random_gpt), stream, tables, cfg)
+    assert lr_at(cfg, 1, 4) == pytest.approx(0.3 * 0.75)
+    assert got == pytest.approx(want, rel=1e-5, abs=0)
+    plain = reference_ttt(copy.deepcopy(random_gpt), stream, tables, dataclasses.replace(cfg, momentum=0.0))
+    assert got[1:] != pytest.approx(plain[1:], rel=1e-5, abs=0)  # momentum matters: the comparison can fail
+
+
+def test_a_run_that_blows_up_is_diverged_where_it_does(random_gpt, tokens, tables):
+    stream = tokens[:401]
+    static = static_curve(random_gpt, stream, chunk_spans(400, 100), 32, 16, tables, 3)
+    wild = TTTConfig(**{**CFG.__dict__, "inner_lr": 1e4, "grad_clip": 0.0, "momentum": 0.0})
+    out = run_ttt(copy.deepcopy(random_gpt), stream, tables, wild, static)
+    assert out.diverged and 1 <= out.diverged_chunk < 3 and len(out.chunks) == out.diverged_chunk + 1
+    calm = run_ttt(copy.deepcopy(random_gpt), stream, tables, TTTConfig(**{**CFG.__dict__, "inner_lr": 0.0}), static)
+    assert not calm.diverged and len(calm.chunks) == 4
+
+
+def test_first_chunk_delta_is_chunk_0_against_the_static_curve_it_is_given(random_gpt, tokens, tables):
+    """The row alarm's input: 0 for the model's own static curve, the gap for another model's."""
+    stream = tokens[:301]
+    other = static_curve(worse_than_uniform(random_gpt), stream, chunk_spans(300, 100), 32, 16, tables, 3)
+    result = run_ttt(copy.deepcopy(random_gpt), stream, tables, CFG, other)
+    assert result.first_chunk_delta == result.chunks[0].ttt_bpb - other[0].bpb
+    assert result.first_chunk_delta < -0.5
 
 
 def test_world_size_one_and_two_agree_and_ranks_hold_identical_weights(random_gpt, tokens, tables):

@@ -9,6 +9,30 @@ from e2ettt.sweep import make_trial, plan_settings, segments
 from e2ettt.ttt import TTTConfig
 from e2ettt.worker import run_trial_on_rank
 
+WINDOWINGS = {"lr 0": (0.0, 32, "fp32"), "sliding": (0.05, 32, "fp32"), "bf16": (0.05, 0, "bf16")}  # inner_lr, stride, dtype
+
+
+def windowing_rows(assets) -> list[tuple[str, int, object]]:
+    """The fp model of `assets` through a trial at one rank, a setting per windowing (`WINDOWINGS`) at seeds 0 and
+    1 (a segment inside the stream, with context before it): (windowing, seed, measured columns) of each row, made as
+    the sweep makes them, artifacts included."""
+    inputs = resolve(SourceConfig(checkpoint=str(assets.checkpoint), data=str(assets.data_dir),
+                                  tokenizer=str(assets.tokenizer)))
+    starts = segments(load_split(inputs, "val"), 512, [0, 1], [128])
+    ttts = [TTTConfig(inner_lr=lr, chunk_tokens=128, context=64, stride=stride, dtype=dtype, max_tokens=512)
+            for lr, stride, dtype in WINDOWINGS.values()]
+    quant = QuantConfig(min_numel=1024)
+    settings = plan_settings(fingerprint(inputs), "fp", ttts, starts, quant, "cpu", 1)
+    values = {settings[0].weights: artifacts.quantize_regime(inputs, "fp", quant)[1]}
+    for s in settings:
+        for r in s.rows:
+            windowing = artifacts.Windowing.of(s.ttt, r.segment_start)
+            values[r.static] = artifacts.static_scores(inputs, values[s.weights], [windowing])[0]
+    names = {s.setting_key: name for s, name in zip(settings, WINDOWINGS)}
+    setting_of = {r.row_id: s.setting_key for s in settings for r in s.rows}
+    rows = run_trial_on_rank(make_trial(settings, inputs, 1), values)
+    return [(names[setting_of[row.row_id]], row.seed, m) for row, m, _ in rows]
+
 
 @pytest.fixture(scope="module")
 def planned(tiny_demo):
@@ -35,6 +59,7 @@ def test_settings_packed_in_one_trial_give_the_numbers_of_trials_of_their_own(pl
     inputs, settings, values = planned
     packed = {row.row_id: m for row, m, _ in run_local(run_trial_on_rank, (make_trial(settings, inputs, 2), values), 2)}
     assert len(packed) == 8 and all(m.status == "ok" for m in packed.values())
+    assert all(m.alarms == "" for m in packed.values())  # chunk 0 scored on two ranks is the one-rank static score
     # the second setting runs after another of its regime, the last after a change of regime
     for setting in (settings[1], settings[3]):
         alone = run_local(run_trial_on_rank, (make_trial([setting], inputs, 2), values), 2)
@@ -48,3 +73,15 @@ def test_a_trial_refuses_to_run_on_another_number_of_ranks_than_planned(planned)
     inputs, settings, values = planned
     with pytest.raises(RuntimeError, match="planned for 2 ranks but runs on 1"):
         run_trial_on_rank(make_trial(settings[:1], inputs, 2), values)
+
+
+def test_rows_of_every_windowing_raise_no_alarm_and_lr_0_gives_the_static_numbers(tiny_inputs):
+    """On sliding windows, in bf16 and on a segment inside the stream, chunk 0's TTT score is the static score to the
+    bit (one rank: the same computation) and no row alarm fires; at lr 0 every TTT number is the static one."""
+    rows = windowing_rows(tiny_inputs)
+    assert [(name, seed) for name, seed, _ in rows] == [(name, seed) for name in WINDOWINGS for seed in (0, 1)]
+    assert {name: m.alarms for name, _, m in rows} == {name: "" for name in WINDOWINGS}
+    assert {name: m.first_chunk_delta for name, _, m in rows} == {name: 0.0 for name in WINDOWINGS}
+    assert all(m.status == "ok" and m.tokens_scored == 512 for _, _, m in rows)
+    assert all(m.post_ttt_bpb == m.post_quant_bpb for name, _, m in rows if name == "lr 0")
+    assert all(m.post_ttt_bpb != m.post_quant_bpb for name, _, m in rows if name != "lr 0")
