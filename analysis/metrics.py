@@ -114,6 +114,7 @@ def with_healing(trials: pd.DataFrame) -> pd.DataFrame:
     if "window_key" not in trials:
         trials = with_keys(trials)
     out = trials.merge(fp_reference(trials), on=["window_key", "seed"], how="left")
+    out["fp_post_ttt_bpb"] = out["fp_post_ttt_bpb"].astype(float)  # no finished fp row: an all-NaN object column
     out["has_control"] = out["fp_post_ttt_bpb"].notna() | (out["regime"] == "fp")
     valid = (out["regime"] != "fp") & (out["damage"] > 0) & (out["status"] == "ok") & out["fp_post_ttt_bpb"].notna()
     out["healing_frac"] = (1 - (out["post_ttt_bpb"] - out["fp_post_ttt_bpb"]) / out["damage"]).where(valid)

@@ -100,6 +100,14 @@ def test_the_sweeps_closing_summary_reads_rows_straight_from_the_table():
     assert summary.loc["int3", "healing"].startswith("0.25")  # 1 − (1.72 − 1.69) / 0.04
 
 
+def test_the_closing_summary_of_a_sweep_whose_every_row_was_stopped():
+    """lr 3 on fp alone: the only row is stopped, no fp row finished to be anyone's reference."""
+    from analysis.report import trial_summary
+
+    summary = trial_summary(pd.DataFrame([trial("fp", 0, status="stopped", post=1.70)]))
+    assert summary["lost seeds"].tolist() == ["0 stopped"] and summary["post-TTT"].tolist() == ["—"]
+
+
 def test_recovery_spread_and_healing_fraction_against_the_control(trials):
     rec = metrics.by_setting(trials).set_index("regime")
     r = rec.loc["int3"]
