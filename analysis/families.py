@@ -30,7 +30,7 @@ EXTERNAL_GAINS = [
     {"label": "PR #1341: SGD TTT on RTN int6", "low": 0.0165, "high": 0.0165},
     {"label": "PR #1341: SGD TTT on GPTQ int6 (4 configs)", "low": -0.030, "high": 0.0001},
 ]
-FAMILY_ORDER = ["structured", "unstructured", "rtn", "gptq", "hadamard-rtn", "hadamard-gptq", "pg-int8"]
+FAMILY_ORDER = ["structured", "unstructured", "rtn", "gptq", "hadamard-rtn", "hadamard-gptq", "pg-int8", "own"]
 MATCH = 0.25  # damages within 25% of each other count as matched
 
 

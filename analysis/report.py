@@ -17,7 +17,8 @@ from analysis.runs import Run
 GOLF_CAP_BYTES = 16_000_000
 EVAL_BUDGET_SECONDS = 600
 COLUMNS = {
-    "family": "kind of damage: structured (a wrong decode of rotated weights), unstructured (noise), or the quantizer",
+    "family": "kind of damage: structured (a wrong decode of rotated weights), unstructured (noise), the quantizer, or "
+              "own (your own artifact, --artifact)",
     "damage": "post-quant − pre-quant bpb (static, same windows as the TTT scores), mean ± 95% t-interval over the "
               "same seeds as the other columns of the row",
     "artifact bytes": f"packed, lzma-compressed quantized model (parameter-golf's cap: {GOLF_CAP_BYTES:,} bytes, code included)",

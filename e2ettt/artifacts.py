@@ -29,7 +29,16 @@ from e2ettt.config import config_hash
 from e2ettt.evaluate import DeviceTables, Score, as_tensor, chunk_spans, eval_val, static_curve
 from e2ettt.quant.apply import quantize_model, require_targets
 from e2ettt.quant.regimes import QuantConfig, parse_regime
-from e2ettt.source import Inputs, load_source_model, load_split, load_tables, set_threads, source_dtypes
+from e2ettt.source import (
+    Inputs,
+    fit_artifact,
+    load_source_model,
+    load_split,
+    load_tables,
+    load_target_bytes,
+    set_threads,
+    source_dtypes,
+)
 from e2ettt.storage import Store
 from e2ettt.ttt import DTYPES, TTTConfig
 
@@ -55,10 +64,17 @@ class Windowing:
                    segment_start, min(cfg.context, segment_start))
 
 
-def weights_key(fingerprint: str, regime: str, qcfg: QuantConfig, device: str) -> str:
-    """Key of a regime's weights: inputs, regime, quant settings and the kind of device GPTQ ran on."""
-    return f"{regime}-" + config_hash({"inputs": fingerprint, "regime": regime, "quant": dataclasses.asdict(qcfg),
-                                       "device": device}, 16)
+def weights_key(fingerprint: str, regime: str, qcfg: QuantConfig, device: str, dtype: str = "fp32",
+                artifact: dict | None = None) -> str:
+    """Key of a regime's weights: inputs, regime, quant settings, the kind of device GPTQ ran on and the autocast it
+    calibrated under; for your own artifact, its content and decoder instead of the quant settings."""
+    key = {"inputs": fingerprint, "regime": regime, "quant": dataclasses.asdict(qcfg), "device": device}
+    if dtype != "fp32":
+        key["dtype"] = dtype
+    if artifact is not None:
+        key = {"inputs": fingerprint, "regime": regime, "artifact": artifact["sha256"], "format": artifact["format"],
+               "device": device, "dtype": dtype}
+    return f"{regime}-" + config_hash(key, 16)
 
 
 def static_key(weights: str, windowing: Windowing, device: str) -> str:
@@ -66,18 +82,47 @@ def static_key(weights: str, windowing: Windowing, device: str) -> str:
 
 
 def quantize_regime(inputs: Inputs, regime: str, qcfg: QuantConfig, device: str = "cpu",
-                    threads: int = 0) -> tuple[dict, State]:
-    """Quantize the source model on `device`; return (report, dequantized weights)."""
+                    threads: int = 0, dtype: str = "fp32") -> tuple[dict, State]:
+    """Quantize the source model on `device` (GPTQ calibrating under the `dtype` autocast), or decode your own
+    artifact; return (report, the weights the model evaluates)."""
     set_threads(threads)
-    spec = parse_regime(regime)
-    model = load_source_model(inputs).to(device)
+    spec = parse_regime(regime, inputs.artifacts)
+    model = load_source_model(inputs, device, DTYPES[dtype])
+    if spec.method == "own":
+        return own_regime(inputs, regime, model, device)
     calib = None
     if spec.needs_calibration:
         calib = torch.as_tensor(calibration_tokens(inputs, qcfg)).to(device)
-    qmodel, report = quantize_model(model, spec, qcfg, calib, source_dtypes(inputs))
+    qmodel, report = quantize_model(model, spec, qcfg, calib, source_dtypes(inputs), DTYPES[dtype])
     summary = {**{f.name: getattr(report, f.name) for f in dataclasses.fields(report) if f.name != "artifact"},
-               "artifact_bytes": report.artifact_bytes, "device": device}
+               "artifact_bytes": report.artifact_bytes, "device": device,
+               "decoder": "checkpoint: " + inputs.checkpoint_format if spec.method == "fp" else
+               pg_int8_name if spec.method == "pg" else "e2ettt_packed_v1 (this regime's own codes and scales)"}
     return summary, {k: v.detach().float().cpu().numpy() for k, v in qmodel.state_dict().items()}
+
+
+pg_int8_name = "int8_clean_per_row_v1 (parameter-golf's round trip)"
+
+
+def own_regime(inputs: Inputs, regime: str, model: torch.nn.Module, device: str) -> tuple[dict, State]:
+    """Your own artifact as a regime: its decoded weights in the model, and how far each moved from the checkpoint."""
+    t0 = time.perf_counter()
+    entry = inputs.artifacts[regime]
+    state, decoder = fit_artifact(inputs, regime, model)
+    fp = model.state_dict()
+    tensors = []
+    for name, t in state.items():
+        a, b = t.float().to(device), fp[name].float()
+        if not torch.equal(a, b):
+            tensors.append({"name": name, "numel": t.numel(), "rel_error": float((a - b).norm() / b.norm().clamp_min(1e-12))})
+    model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
+    summary = {"regime": regime, "method": "own", "bits": 0, "levels": 0,
+               "quantized_params": sum(t["numel"] for t in tensors), "artifact_bytes_zlib": entry["bytes"],
+               "artifact_bytes_lzma": entry["bytes"], "artifact_bytes": entry["bytes"], "seconds": time.perf_counter() - t0,
+               "selection": {"artifact": entry["path"], "sha256": entry["sha256"]}, "tensors": tensors, "device": device,
+               "decoder": decoder, "notes": [f"your own artifact {entry['path']} ({entry['bytes']:,} bytes, its file size), "
+                                             f"read as {decoder}; {len(tensors)} tensors differ from the checkpoint"]}
+    return summary, {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
 
 
 def calibration_tokens(inputs: Inputs, qcfg: QuantConfig) -> np.ndarray:
@@ -87,17 +132,20 @@ def calibration_tokens(inputs: Inputs, qcfg: QuantConfig) -> np.ndarray:
 
 
 def check_regimes(inputs: Inputs, regimes: list[str], qcfg: QuantConfig) -> None:
-    """Fail now, in the driver, if the model cannot take a regime (nothing to quantize, no train split for GPTQ)."""
-    specs = [parse_regime(r) for r in regimes]
-    if not any(s.method in ("rtn", "gptq") for s in specs):
+    """Fail now, in the driver, if the model cannot take a regime (nothing to quantize, too small a share of its
+    matrices reached, no train split for GPTQ)."""
+    specs = [parse_regime(r, inputs.artifacts) for r in regimes]
+    walks = [s for s in specs if s.method in ("rtn", "gptq", "noise")]
+    if not walks:
         return
-    require_targets(load_source_model(inputs), qcfg, next(s.name for s in specs if s.method in ("rtn", "gptq")))
+    require_targets(load_source_model(inputs), qcfg, walks[0].name)
     if any(s.needs_calibration for s in specs):
         data.find_shards(inputs.data, "train")  # GPTQ calibrates on the train split: its shards must exist
 
 
-def load_regime_model(inputs: Inputs, state: State, device: torch.device | str = "cpu") -> torch.nn.Module:
-    model = load_source_model(inputs)
+def load_regime_model(inputs: Inputs, state: State, device: torch.device | str = "cpu",
+                      dtype: str = "fp32") -> torch.nn.Module:
+    model = load_source_model(inputs, device, DTYPES[dtype])
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
     return model.to(device).eval()
 
@@ -106,18 +154,21 @@ def static_scores(inputs: Inputs, state: State, windowings: list[Windowing], dev
                   threads: int = 0) -> list[dict]:
     """Per-chunk static scores of one regime's weights over each windowing's segment."""
     set_threads(threads)
-    model = load_regime_model(inputs, state, device)
+    model = load_regime_model(inputs, state, device, windowings[0].dtype)
     tables = DeviceTables.from_tables(load_tables(inputs), device)
-    val = load_split(inputs, "val")
+    val, val_bytes = load_split(inputs, "val"), load_target_bytes(inputs)
     out = []
     for w in windowings:
         t0 = time.perf_counter()
         tokens = as_tensor(data.segment(val, w.segment_start, w.max_tokens, w.prefix), device)
+        sidecar = data.segment(val_bytes, w.segment_start, w.max_tokens, w.prefix) if val_bytes is not None else None
         spans = chunk_spans(tokens.numel() - 1 - w.prefix, w.chunk_tokens, first=w.prefix + 1)
         dtype = DTYPES[w.dtype]
         with torch.no_grad():
-            curve = static_curve(model, tokens, spans, w.context, w.stride, tables, w.micro_batch, dtype)
-            ev = eval_val(model, tokens[w.prefix :], w.context, tables, w.micro_batch, dtype)
+            curve = static_curve(model, tokens, spans, w.context, w.stride, tables.for_stream(sidecar), w.micro_batch,
+                                 dtype)
+            ev = eval_val(model, tokens[w.prefix :], w.context,
+                          tables.for_stream(None if sidecar is None else sidecar[w.prefix :]), w.micro_batch, dtype)
         out.append({"windowing": dataclasses.asdict(w), "device": device,
                     "chunks": [[s.nll, s.bytes, s.tokens] for s in curve], "eval_val": [ev.nll, ev.bytes, ev.tokens],
                     "seconds": time.perf_counter() - t0})
@@ -169,10 +220,12 @@ def load_static(store: Store, key: str) -> dict | None:
 
 @dataclass(frozen=True)
 class Needs:
-    """The artifacts a sweep's trials read: weights key -> regime, static key -> (weights key, windowing)."""
+    """The artifacts a sweep's trials read: weights key -> regime, static key -> (weights key, windowing), and the
+    autocast each regime's weights are made under (weights key -> dtype)."""
 
     weights: dict
     static: dict
+    dtypes: dict = dataclasses.field(default_factory=dict)
 
 
 def prepare(ray, needs: Needs, inputs: Inputs, qcfg: QuantConfig, device: str, threads: int, store: Store, prefix: str,
@@ -192,7 +245,7 @@ def prepare(ray, needs: Needs, inputs: Inputs, qcfg: QuantConfig, device: str, t
             reports[regime], refs[wkey] = cached[0], ray.put(cached[1])
             log(f"  {regime:>20}: quantized weights reused from {store.url(f'{prefix}/{wkey}')}")
         else:
-            report_ref, refs[wkey] = quantize.remote(inputs, regime, qcfg, device, threads)
+            report_ref, refs[wkey] = quantize.remote(inputs, regime, qcfg, device, threads, needs.dtypes.get(wkey, "fp32"))
             pending[report_ref] = ("weights", wkey)
     todo: dict[str, dict] = {}  # weights key -> static key -> windowing
     for skey, (wkey, windowing) in needs.static.items():

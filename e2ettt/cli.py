@@ -18,7 +18,7 @@ import tempfile
 
 from e2ettt.config import ConfigError, override, set_items
 from e2ettt.demo import DEMO_SETTINGS
-from e2ettt.quant.regimes import QuantConfig, RegimeError, parse_regime
+from e2ettt.quant.regimes import FORMS, QuantConfig, RegimeError, parse_regime
 from e2ettt.source import SourceConfig
 from e2ettt.ttt import TTTConfig
 
@@ -31,10 +31,18 @@ class CLIConfig:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", default="", help="parameter-golf final_model.pt or .int8.ptz (empty: the embedded demo)")
+    p.add_argument("--checkpoint", default="", help="the float model: final_model.pt or any weights file e2ettt reads "
+                   "(empty: the embedded demo)")
     p.add_argument("--data", default="", help="directory with *_train_*.bin and *_val_*.bin shards")
     p.add_argument("--tokenizer", default="", help="SentencePiece .model matching the checkpoint's vocabulary")
-    p.add_argument("--model-fn", default="", help="module:function building any causal LM from the checkpoint path")
+    p.add_argument("--model-fn", default="", help="module:function or path/file.py:function building the model from the "
+                   "checkpoint path")
+    p.add_argument("--model-output", default="logits", help="what the model's forward returns: logits, method:NAME "
+                   "(model.NAME(ids) gives logits), tuple:K")
+    p.add_argument("--artifact", action="append", default=[], metavar="NAME=PATH",
+                   help="your own quantized file as regime NAME (repeatable)")
+    p.add_argument("--artifact-fn", default="", help="module:function or file.py:function decoding an artifact path to a "
+                   "state dict (empty: the built-in formats)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted setting, e.g. ttt.epochs=3 or quant.min_numel=4096 (repeatable)")
@@ -42,7 +50,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def build(args: argparse.Namespace) -> CLIConfig:
     updates = {"source.checkpoint": args.checkpoint, "source.data": args.data, "source.tokenizer": args.tokenizer,
-               "source.model_fn": args.model_fn, **({} if args.checkpoint else DEMO_SETTINGS), **set_items(args.set)}
+               "source.model_fn": args.model_fn, "source.model_output": args.model_output,
+               "source.artifacts": tuple(args.artifact), "source.artifact_fn": args.artifact_fn,
+               **({} if args.checkpoint else DEMO_SETTINGS), **set_items(args.set)}
     return override(CLIConfig(), updates)
 
 
@@ -58,30 +68,31 @@ def cmd_demo(args, cfg: CLIConfig) -> int:
 
 
 def cmd_quantize(args, cfg: CLIConfig) -> int:
-    import torch
-
-    from e2ettt.artifacts import calibration_tokens
+    from e2ettt.artifacts import load_regime_model, quantize_regime
     from e2ettt.data import eval_segment
     from e2ettt.evaluate import DeviceTables, as_tensor, eval_val
-    from e2ettt.quant.apply import quantize_model
-    from e2ettt.source import load_source_model, load_split, load_tables, resolve, source_dtypes
+    from e2ettt.source import load_split, load_tables, load_target_bytes, resolve
 
-    regimes = [parse_regime(r) for r in args.regimes.split(",")]
     inputs = resolve(cfg.source)
-    model = load_source_model(inputs)
-    dtypes = source_dtypes(inputs)
-    tokens = as_tensor(eval_segment(load_split(inputs, "val"), cfg.ttt.max_tokens, cfg.ttt.seed))
-    tables = DeviceTables.from_tables(load_tables(inputs))
-    calib = torch.as_tensor(calibration_tokens(inputs, cfg.quant))
-    base = eval_val(model, tokens, cfg.ttt.context, tables, cfg.ttt.micro_batch).bpb
-    print(f"{'regime':>20} {'bpb':>8} {'damage':>8} {'quantized':>10} {'zlib B':>10} {'lzma B':>10} {'seconds':>8}")
-    for regime in regimes:
-        q, rep = quantize_model(model, regime, cfg.quant, calib if regime.needs_calibration else None, dtypes)
-        bpb = eval_val(q, tokens, cfg.ttt.context, tables, cfg.ttt.micro_batch).bpb
-        print(f"{regime.name:>20} {bpb:8.4f} {bpb - base:+8.4f} {rep.quantized_params:>10,} "
-              f"{rep.artifact_bytes_zlib:>10,} {rep.artifact_bytes_lzma:>10,} {rep.seconds:8.2f}", flush=True)
+    names = args.regimes.split(",")
+    names = ["fp"] * ("fp" not in names) + names + [n for n in cfg.source.artifact_names if n not in names]
+    regimes = [parse_regime(r, inputs.artifacts) for r in names]
+    val, val_bytes = load_split(inputs, "val"), load_target_bytes(inputs)
+    tokens = as_tensor(eval_segment(val, cfg.ttt.max_tokens, cfg.ttt.seed))
+    sidecar = None if val_bytes is None else eval_segment(val_bytes, cfg.ttt.max_tokens, cfg.ttt.seed)
+    tables = DeviceTables.from_tables(load_tables(inputs)).for_stream(sidecar)
+    base = None
+    print(f"{'regime':>20} {'bpb':>8} {'damage':>8} {'quantized':>10} {'zlib B':>10} {'lzma B':>10} {'seconds':>8}  weights")
+    for regime in sorted(regimes, key=lambda r: r.method != "fp"):
+        rep, state = quantize_regime(inputs, regime.name, cfg.quant, "cpu", args.threads, cfg.ttt.dtype)
+        q = load_regime_model(inputs, state, "cpu", cfg.ttt.dtype)
+        bpb = eval_val(q, tokens, cfg.ttt.context, tables, cfg.ttt.micro_batch, cfg.ttt.autocast_dtype).bpb
+        base = bpb if regime.method == "fp" else base
+        print(f"{regime.name:>20} {bpb:8.4f} {bpb - base:+8.4f} {rep['quantized_params']:>10,} {rep['artifact_bytes_zlib']:>10,} "
+              f"{rep['artifact_bytes_lzma']:>10,} {rep['seconds']:8.2f}  {rep['decoder']}", flush=True)
     print(f"bpb: eval_val over {tokens.numel() - 1:,} validation tokens, context {cfg.ttt.context}; "
-          "damage = bpb - bpb(unquantized); sizes are packed codes + fp16 scales + passthrough, compressed")
+          "damage = bpb - bpb(fp); sizes are packed codes + fp16 scales + passthrough, compressed (your own artifact: "
+          "its file size)")
     return 0
 
 
@@ -93,22 +104,23 @@ def cmd_ttt(args, cfg: CLIConfig) -> int:
     from e2ettt.sweep import make_trial, plan_settings, segments
     from e2ettt.worker import run_trial_on_rank
 
-    parse_regime(args.regime)
+    parse_regime(args.regime, cfg.source.artifact_names)
     ttt = override(cfg.ttt, {"inner_lr": args.lr} if args.lr is not None else {})
     inputs = resolve(cfg.source)
     val = load_split(inputs, "val")
     starts = segments(val, ttt.max_tokens, [ttt.seed], [ttt.chunk_tokens])  # bad seed, cap or chunk: one line
     fp = fingerprint(inputs)
-    settings = plan_settings(fp, args.regime, [dataclasses.replace(ttt, seed=0)], starts, cfg.quant, "cpu", args.workers)
+    settings = plan_settings(fp, args.regime, [dataclasses.replace(ttt, seed=0)], starts, cfg.quant, "cpu", args.workers,
+                             own=inputs.artifacts)
     trial = make_trial(settings, inputs, args.workers, args.threads)
     (setting, row), = trial.rows
     store = Store(args.work_dir or tempfile.mkdtemp(prefix="e2ettt-"))
     values = {}
     for regime, static in dict.fromkeys([("fp", row.fp_static), (args.regime, row.static)]):
-        key = artifacts.weights_key(fp, regime, cfg.quant, "cpu")
+        key = artifacts.weights_key(fp, regime, cfg.quant, "cpu", ttt.dtype, inputs.artifacts.get(regime))
         cached = artifacts.load_regime(store, key)
         if cached is None:
-            cached = artifacts.quantize_regime(inputs, regime, cfg.quant, "cpu", args.threads)
+            cached = artifacts.quantize_regime(inputs, regime, cfg.quant, "cpu", args.threads, ttt.dtype)
             artifacts.save_regime(store, key, *cached)
         windowing = artifacts.Windowing.of(ttt, row.segment_start)
         values[key], values[static] = cached[1], artifacts.static_scores(inputs, cached[1], [windowing], "cpu", args.threads)[0]
@@ -132,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     q = sub.add_parser("quantize", help="damage and artifact size of regimes", formatter_class=fmt)
     _common(q)
     q.add_argument("--regimes", default="fp,pg-int8,int8,int6,int4,int3,gptq-int4,gptq-int3,hadamard-gptq-int3",
-                   help="comma-separated regimes: fp, pg-int8, intN, gptq-intN, hadamard-intN, hadamard-gptq-intN, ternary")
+                   help=f"comma-separated regimes ({FORMS}); fp is measured first, each --artifact is added")
     t = sub.add_parser("ttt", help="static eval + score-first TTT for one regime and setting", formatter_class=fmt)
     _common(t)
     t.add_argument("--regime", default="int3", help="the quantization regime to heal")

@@ -65,15 +65,54 @@ def read_shard(path: str | os.PathLike) -> np.ndarray:
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
 
 
-def find_shards(data_dir: str | os.PathLike, split: str) -> list[Path]:
-    """Sorted `*_{split}_*.bin` files in `data_dir`; an error if there are none."""
+def find_shards(data_dir: str | os.PathLike, split: str, required: bool = True) -> list[Path]:
+    """Sorted token shards `*_{split}_*.bin` in `data_dir` (byte sidecars `*_{split}_bytes_*.bin` are not token
+    shards: `find_sidecars`); an error if there are none and `required`."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise ShardError(f"{data_dir}: data directory does not exist")
-    files = sorted(data_dir.glob(f"*_{split}_*.bin"))
-    if not files:
+    files = sorted(p for p in data_dir.glob(f"*_{split}_*.bin") if not _is_sidecar(p, split))
+    if not files and required:
         raise ShardError(f"{data_dir}: no *_{split}_*.bin shards found")
     return files
+
+
+def _is_sidecar(path: Path, split: str) -> bool:
+    return f"_{split}_bytes_" in path.name
+
+
+def find_sidecars(data_dir: str | os.PathLike, split: str) -> list[Path]:
+    """The split's byte sidecars, one per token shard in the same order (`x_val_bytes_000000.bin` beside
+    `x_val_000000.bin`: each entry the bytes of the token at that position, as CaseOps datasets store them), or
+    none. A sidecar without its shard, or a shard without its sidecar when others have one, is an error."""
+    data_dir = Path(data_dir)
+    sidecars = sorted(p for p in data_dir.glob(f"*_{split}_bytes_*.bin"))
+    if not sidecars:
+        return []
+    shards = find_shards(data_dir, split)
+    partner = {p.name.replace(f"_{split}_bytes_", f"_{split}_"): p for p in sidecars}
+    lonely = sorted(set(partner) - {p.name for p in shards})
+    if lonely:
+        raise ShardError(f"{data_dir}: byte sidecar {partner[lonely[0]].name} has no token shard {lonely[0]}")
+    missing = [p.name for p in shards if p.name not in partner]
+    if missing:
+        raise ShardError(f"{data_dir}: token shard {missing[0]} has no byte sidecar beside it, though "
+                         f"{sidecars[0].name} is one: give every {split} shard its sidecar, or none")
+    return [partner[p.name] for p in shards]
+
+
+def load_sidecar(data_dir: str | os.PathLike, split: str) -> np.ndarray | None:
+    """The bytes of every token of the split (aligned with `load_tokens`), from its sidecars; None without any."""
+    sidecars = find_sidecars(data_dir, split)
+    if not sidecars:
+        return None
+    parts = []
+    for side, shard in zip(sidecars, find_shards(data_dir, split)):
+        counts = read_shard(side)
+        if counts.size != read_shard(shard).size:
+            raise ShardError(f"{side}: {counts.size} entries for the {read_shard(shard).size} tokens of {shard.name}")
+        parts.append(np.asarray(counts, dtype=np.int64))
+    return np.concatenate(parts)
 
 
 def load_tokens(data_dir: str | os.PathLike, split: str, vocab_size: int | None = None, limit: int = 0) -> np.ndarray:

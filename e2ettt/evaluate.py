@@ -13,6 +13,7 @@ Sums are float64 and are reduced as sums (never as means):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -34,11 +35,13 @@ class Window(NamedTuple):
 
 @dataclass(frozen=True)
 class DeviceTables:
-    """ByteTables as tensors on the scoring device."""
+    """ByteTables as tensors on the scoring device; with `stream_bytes` (a dataset's byte sidecar, aligned with the
+    token stream being scored), each target's bytes are the sidecar's instead (the records' rule for CaseOps data)."""
 
     base_bytes: Tensor
     has_leading_space: Tensor
     is_boundary: Tensor
+    stream_bytes: Tensor | None = None  # (N,) bytes of token t as a target, for the stream `tokens` being scored
 
     @classmethod
     def from_tables(cls, tables: ByteTables, device: torch.device | str = "cpu") -> DeviceTables:
@@ -48,7 +51,17 @@ class DeviceTables:
             torch.as_tensor(tables.is_boundary, dtype=torch.bool, device=device),
         )
 
-    def count_bytes(self, prev: Tensor, target: Tensor) -> Tensor:
+    def for_stream(self, stream_bytes: np.ndarray | None) -> DeviceTables:
+        """These tables for one token stream: its sidecar bytes (sliced exactly as the stream), or the tables alone."""
+        if stream_bytes is None:
+            return self
+        return dataclasses.replace(self, stream_bytes=torch.as_tensor(np.asarray(stream_bytes), dtype=torch.float64,
+                                                                      device=self.base_bytes.device))
+
+    def count_bytes(self, prev: Tensor, target: Tensor, group: Sequence[Window] | None = None) -> Tensor:
+        """Bytes of each target (B, L): the sidecar's at the group's target positions, else from the pieces."""
+        if self.stream_bytes is not None and group is not None:
+            return _rows(self.stream_bytes, group)[:, 1:]
         lead = self.has_leading_space[target] & ~self.is_boundary[prev]
         return self.base_bytes[target] + lead.to(torch.float64)
 
@@ -113,6 +126,16 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _rows(stream: Tensor, group: Sequence[Window]) -> Tensor:
+    """stream[start : stop + 1] of each window (B, L + 1): evenly spaced windows as one strided view."""
+    L = group[0].stop - group[0].start
+    starts = [w.start for w in group]
+    step = starts[1] - starts[0] if len(starts) > 1 else 1
+    if step > 0 and all(b - a == step for a, b in zip(starts, starts[1:])):
+        return stream[starts[0] : starts[0] + (len(group) - 1) * step + L + 1].unfold(0, L + 1, step)  # (B, L+1) view
+    return torch.stack([stream[w.start : w.stop + 1] for w in group])
+
+
 def batch_tensors(tokens: Tensor, group: Sequence[Window]) -> tuple[Tensor, Tensor, Tensor]:
     """Inputs (B, L), targets (B, L) and the scored mask (B, L) of a group of equal-length windows.
 
@@ -120,12 +143,7 @@ def batch_tensors(tokens: Tensor, group: Sequence[Window]) -> tuple[Tensor, Tens
     token stream, masks come from comparisons with Python integers, so nothing waits for the device.
     """
     L = group[0].stop - group[0].start
-    starts = [w.start for w in group]
-    step = starts[1] - starts[0] if len(starts) > 1 else 1
-    if step > 0 and all(b - a == step for a, b in zip(starts, starts[1:])):
-        xy = tokens[starts[0] : starts[0] + (len(group) - 1) * step + L + 1].unfold(0, L + 1, step)  # (B, L+1) view
-    else:
-        xy = torch.stack([tokens[w.start : w.stop + 1] for w in group])
+    xy = _rows(tokens, group)
     pos = torch.arange(L, device=tokens.device)
     scored = {w.scored for w in group}
     if len(scored) == 1:
@@ -142,10 +160,11 @@ def token_nll(model: nn.Module, x: Tensor, y: Tensor, dtype: torch.dtype | None 
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
 
 
-def masked_sums(nll: Tensor, x: Tensor, y: Tensor, mask: Tensor, tables: DeviceTables) -> tuple[Tensor, Tensor]:
-    """Float64 sums of NLL and bytes over the scored positions, on the device (no host sync)."""
+def masked_sums(nll: Tensor, x: Tensor, y: Tensor, mask: Tensor, tables: DeviceTables,
+                group: Sequence[Window] | None = None) -> tuple[Tensor, Tensor]:
+    """Float64 sums of NLL and bytes over the scored positions of `group`'s batch, on the device (no host sync)."""
     nll_sum = torch.where(mask, nll.detach().double(), 0.0).sum()
-    byte_sum = torch.where(mask, tables.count_bytes(x, y), 0.0).sum()
+    byte_sum = torch.where(mask, tables.count_bytes(x, y, group), 0.0).sum()
     return nll_sum, byte_sum
 
 
@@ -163,7 +182,7 @@ def window_sums(
     nbytes = torch.zeros((), dtype=torch.float64, device=tokens.device)
     for group in micro_batches(windows, micro_batch):
         x, y, mask = batch_tensors(tokens, group)
-        a, b = masked_sums(token_nll(model, x, y, dtype), x, y, mask, tables)
+        a, b = masked_sums(token_nll(model, x, y, dtype), x, y, mask, tables, group)
         nll += a
         nbytes += b
     return nll, nbytes, sum(w.scored for w in windows)

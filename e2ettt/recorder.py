@@ -31,7 +31,7 @@ def make_recorder(sweep: Sweep, reports: dict, concurrency: int, log, board=None
     from ray.tune import Callback
 
     specs = {t.key: t for t in sweep.trials}
-    columns = {r.row_id: setting_columns(sweep, t, s, r, reports.get(s.regime, {}).get("artifact_bytes"))
+    columns = {r.row_id: setting_columns(sweep, t, s, r, reports.get(s.regime, {}))
                for t in sweep.trials for s, r in t.rows}
     labels = {r.row_id: (s.label, r.seed) for t in sweep.trials for s, r in t.rows}
 

@@ -145,9 +145,9 @@ class Report:
     measured: Measured | None = None
 
 
-def setting_columns(sweep: Sweep, trial: TrialSpec, setting: SettingSpec, row: RowSpec, artifact_bytes: int | None) -> dict:
-    """Every column of a row that is known when the sweep is planned."""
-    spec = parse_regime(setting.regime)
+def setting_columns(sweep: Sweep, trial: TrialSpec, setting: SettingSpec, row: RowSpec, report: dict) -> dict:
+    """Every column of a row that is known when the sweep is planned (`report`: its regime's quantization report)."""
+    spec = parse_regime(setting.regime, sweep.inputs.artifacts)
     return {"row_id": row.row_id, "setting_key": setting.setting_key, "control_key": row.control_key,
             "trial_key": trial.key, "regime": setting.regime, "bits": spec.bits,
             "method": spec.method + ("+hadamard" if spec.rotate else ""), "family": spec.family,
@@ -156,7 +156,8 @@ def setting_columns(sweep: Sweep, trial: TrialSpec, setting: SettingSpec, row: R
             **{f"quant_{k}": v for k, v in dataclasses.asdict(sweep.cfg.quant).items()},
             "segment_start": row.segment_start, "world_size": trial.world_size, "device": sweep.cfg.device,
             "input_fingerprint": sweep.fingerprint, "checkpoint": sweep.inputs.checkpoint,
-            "stream_tokens": sweep.stream_targets, "artifact_bytes": artifact_bytes,
+            "stream_tokens": sweep.stream_targets, "artifact_bytes": report.get("artifact_bytes"),
+            "weights_decoder": report.get("decoder", ""),
             "git_sha": sweep.git_sha, "versions": json.dumps(sweep.versions, sort_keys=True)}
 
 

@@ -59,6 +59,7 @@ class Grid:
     params: tuple = ("all",)  # all | norms | lora:R
 
     def validate(self) -> None:
+        """The grid's own checks; its regimes are checked with the sweep's artifacts (`check_regimes`)."""
         for f in dataclasses.fields(self):
             values = getattr(self, f.name)
             if not values:
@@ -66,11 +67,21 @@ class Grid:
             repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
             if repeated:
                 raise ConfigError(f"grid.{f.name}: {', '.join(repeated)} given more than once")
-        for regime in self.regimes:
-            parse_regime(regime)
         for lr in self.inner_lrs:
             if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr >= 0):
                 raise ConfigError(f"grid.inner_lrs: {lr!r} is not a finite learning rate >= 0")
+
+
+def check_regimes(regimes, own: tuple[str, ...] = ()) -> None:
+    """Every regime is a built-in form or the name of one of your own artifacts, which no built-in form may take."""
+    for name in own:
+        try:
+            parse_regime(name)
+        except ValueError:
+            continue
+        raise ConfigError(f"--artifact {name}=...: {name} is a built-in regime; give your artifact another name")
+    for regime in regimes:
+        parse_regime(regime, own)
 
 
 @dataclass(frozen=True)
@@ -124,7 +135,7 @@ class SweepConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
-        self.grid.validate()
+        check_regimes(self.grid.regimes, self.source.artifact_names)
         settings(self)  # each setting of the grid passes TTTConfig's checks
 
     @property
@@ -205,10 +216,15 @@ class TrialSpec:
 
 
 def plan_settings(fingerprint: str, regime: str, ttts: list[TTTConfig], starts: dict[int, int], quant: QuantConfig,
-                  device: str, world_size: int, protected: bool = False) -> list[SettingSpec]:
-    """A regime's settings: every key of each setting and of its rows, and the artifacts they read."""
+                  device: str, world_size: int, protected: bool = False, own: dict | None = None) -> list[SettingSpec]:
+    """A regime's settings: every key of each setting and of its rows, and the artifacts they read. `own`: the
+    user's artifacts (`Inputs.artifacts`); an own regime's rows are keyed by its file's hash too, its control key
+    is every other regime's."""
+    own = own or {}
     base = {"inputs": fingerprint, "quant": dataclasses.asdict(quant), "device": device, "ranks": world_size}
-    weights, fp_weights = (artifacts.weights_key(fingerprint, r, quant, device) for r in (regime, "fp"))
+    mine = {"regime": regime, **({"artifact": own[regime]["sha256"]} if regime in own else {})}
+    dtype = ttts[0].dtype if ttts else "fp32"
+    weights, fp_weights = (artifacts.weights_key(fingerprint, r, quant, device, dtype, own.get(r)) for r in (regime, "fp"))
     out = []
     for ttt in ttts:
         d = dataclasses.asdict(ttt)
@@ -217,11 +233,11 @@ def plan_settings(fingerprint: str, regime: str, ttts: list[TTTConfig], starts: 
             at = {"ttt": {**d, "seed": seed}, "segment_start": start}
             windowing = Windowing.of(ttt, start)
             rows.append(RowSpec(
-                row_id=config_hash({**base, "regime": regime, **at}, 16), seed=seed, segment_start=start,
+                row_id=config_hash({**base, **mine, **at}, 16), seed=seed, segment_start=start,
                 prefix=windowing.prefix, control_key=config_hash({**base, **at}, 16),
                 static=artifacts.static_key(weights, windowing, device),
                 fp_static=artifacts.static_key(fp_weights, windowing, device)))
-        key = config_hash({**base, "regime": regime, "ttt": {**d, "seed": None}}, 16)
+        key = config_hash({**base, **mine, "ttt": {**d, "seed": None}}, 16)
         out.append(SettingSpec(key, regime, weights, ttt, tuple(rows), protected))
     return out
 
@@ -277,24 +293,24 @@ def segments(val: np.ndarray, max_tokens: int, seeds, chunks) -> dict[int, int]:
     return starts
 
 
-def plan(cfg: SweepConfig, fingerprint: str, starts: dict[int, int]) -> list[SettingSpec]:
+def plan(cfg: SweepConfig, fingerprint: str, starts: dict[int, int], own: dict | None = None) -> list[SettingSpec]:
     """Every setting of the grid, regime by regime (fp first when it is there), each with the grid's seeds."""
     protected = "fp" in cfg.grid.regimes and len(cfg.grid.regimes) > 1  # each fp setting is a control
     regimes = sorted(cfg.grid.regimes, key=lambda r: r != "fp")
     return [s for regime in regimes for s in plan_settings(fingerprint, regime, settings(cfg), starts, cfg.quant,
-                                                           cfg.device, cfg.ranks, protected and regime == "fp")]
+                                                           cfg.device, cfg.ranks, protected and regime == "fp", own)]
 
 
 def needs(settings: list[SettingSpec], fingerprint: str, cfg: SweepConfig) -> Needs:
     """The artifacts `settings` read: each regime's weights (fp's too: its static curves) and each static curve."""
     weights, static = {}, {}
-    fp = artifacts.weights_key(fingerprint, "fp", cfg.quant, cfg.device)
+    fp = artifacts.weights_key(fingerprint, "fp", cfg.quant, cfg.device, cfg.ttt.dtype)
     for s in settings:
         weights.update({s.weights: s.regime, fp: "fp"})
         for r in s.rows:
             windowing = Windowing.of(s.ttt, r.segment_start)
             static.update({r.static: (s.weights, windowing), r.fp_static: (fp, windowing)})
-    return Needs(weights, static)
+    return Needs(weights, static, {k: cfg.ttt.dtype for k in weights})
 
 
 @dataclass(frozen=True)
@@ -338,7 +354,7 @@ def open_sweep(cfg: SweepConfig, inputs: Inputs, code_dir: str | Path = ".", slo
     fp = fingerprint(inputs)
     val = load_split(inputs, "val")
     starts = preflight(cfg, inputs, val)
-    planned = plan(cfg, fp, starts)
+    planned = plan(cfg, fp, starts, inputs.artifacts)
     run_dir = Path(cfg.out).expanduser().resolve() / cfg.name
     store = Store(cfg.storage or Path(cfg.out).expanduser())
     mirror = None if (store.local and Path(store.root) == run_dir.parent) else store

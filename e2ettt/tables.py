@@ -43,7 +43,7 @@ QUANT_COLUMNS = [
     ("quant_clip_q", pa.float64()),
     ("quant_calib_tokens", pa.int64()), ("quant_calib_seq_len", pa.int64()), ("quant_gptq_block", pa.int64()),
     ("quant_gptq_damp", pa.float64()), ("quant_act_order", pa.bool_()), ("quant_rotation_seed", pa.int64()),
-    ("quant_linear_types", pa.string()), ("quant_keep_float", pa.string()),
+    ("quant_linear_types", pa.string()), ("quant_keep_float", pa.string()), ("quant_min_share", pa.float64()),
 ]
 
 TRIAL_SCHEMA = pa.schema([
@@ -52,7 +52,7 @@ TRIAL_SCHEMA = pa.schema([
     ("control_key", pa.string()),  # everything but the regime: the fp row with this key is the control
     ("trial_key", pa.string()),  # the trial (one Ray Train run) that ran the row
     ("regime", pa.string()), ("bits", pa.int64()), ("method", pa.string()),
-    ("family", pa.string()),  # control, pg-int8, rtn, gptq, hadamard-rtn, hadamard-gptq, structured, unstructured
+    ("family", pa.string()),  # control, pg-int8, rtn, gptq, hadamard-rtn, hadamard-gptq, structured, unstructured, own
     ("strength", pa.float64()),  # the family's knob: the noise size, or the share of weights the regime treats
     *TTT_COLUMNS,
     ("segment_start", pa.int64()),  # first validation token of the row's segment
@@ -79,6 +79,7 @@ TRIAL_SCHEMA = pa.schema([
     ("status", pa.string()), ("error", pa.string()), ("traceback", pa.string()),
     ("alarms", pa.string()),  # the row's own checks that failed (first_chunk, targets, bytes, lr0: rows.row_alarms); "" none
     ("artifact_bytes", pa.int64()),
+    ("weights_decoder", pa.string()),  # what produced the regime's weights: the checkpoint's format, e2ettt's codes, your file's
     ("git_sha", pa.string()), ("versions", pa.string()), ("finished_at", pa.string()), ("written_at", pa.int64()),
 ])
 CURVE_SCHEMA = pa.schema([

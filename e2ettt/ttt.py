@@ -177,7 +177,7 @@ def backward_share_(
         x, y, mask = batch_tensors(tokens, group)
         nll = token_nll(model, x, y, cfg.autocast_dtype)
         if tables is not None:
-            a, b = masked_sums(nll, x, y, mask, tables)
+            a, b = masked_sums(nll, x, y, mask, tables, group)
             nll_sum += a
             byte_sum += b
         torch.where(mask, nll, 0.0).sum().backward()

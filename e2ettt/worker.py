@@ -27,7 +27,7 @@ from e2ettt.artifacts import load_regime_model, scores
 from e2ettt.distributed import all_reduce_sum_, world
 from e2ettt.evaluate import DeviceTables, as_tensor
 from e2ettt.rows import CurvePoint, Measured, measure
-from e2ettt.source import load_split, load_tables, set_threads
+from e2ettt.source import load_split, load_tables, load_target_bytes, set_threads
 from e2ettt.sweep import RowSpec, SettingSpec, TrialSpec
 from e2ettt.tokenizer import decoded_bytes, load_tokenizer
 from e2ettt.ttt import ChunkRecord, run_ttt
@@ -84,6 +84,7 @@ def run_trial_on_rank(spec: TrialSpec, artifacts: Mapping, device: torch.device 
     tables = DeviceTables.from_tables(load_tables(spec.inputs), device)
     sp = load_tokenizer(spec.inputs.tokenizer)  # the row alarms count bytes off its decoder
     val = load_split(spec.inputs, "val")  # read once: every row takes its segment from it
+    val_bytes = load_target_bytes(spec.inputs)  # each target's bytes from the dataset's sidecars, if it has them
     setup_seconds = time.perf_counter() - t0
     where = {"device_name": device_name(device), "hostname": socket.gethostname(), "started_at": started_at,
              **(where or {})}
@@ -104,10 +105,12 @@ def run_trial_on_rank(spec: TrialSpec, artifacts: Mapping, device: torch.device 
                 continue
             if weights != setting.weights:  # settings of one regime share its weights: loaded once
                 weights, base = setting.weights, None
-                base = load_regime_model(spec.inputs, fetch(artifacts[setting.weights]), device)  # each row adapts a copy
+                base = load_regime_model(spec.inputs, fetch(artifacts[setting.weights]), device,
+                                         setting.ttt.dtype)  # each row adapts a copy
             cfg = dataclasses.replace(setting.ttt, seed=row.seed)
             static, fp_static = fetch(artifacts[row.static]), fetch(artifacts[row.fp_static])
             tokens = as_tensor(data.segment(val, row.segment_start, cfg.max_tokens, row.prefix), device)
+            sidecar = None if val_bytes is None else data.segment(val_bytes, row.segment_start, cfg.max_tokens, row.prefix)
             model = copy.deepcopy(base)
             load_seconds = time.perf_counter() - t1 + setup_seconds
             setup_seconds = 0.0  # the trial's first row carries the trial's set-up
@@ -117,12 +120,14 @@ def run_trial_on_rank(spec: TrialSpec, artifacts: Mapping, device: torch.device 
                 faults.inject(fault, rank, rec.chunk)
                 return progress.chunk(setting, row, rec)
 
-            result = run_ttt(model, tokens, tables, cfg, scores(static), chunk_done, progress.signal, row.prefix)
+            result = run_ttt(model, tokens, tables.for_stream(sidecar), cfg, scores(static), chunk_done, progress.signal,
+                             row.prefix)
             stopped = result.stopped
             measured = curve = None
             if rank == 0:
                 targets = tokens.numel() - 1 - row.prefix
-                text_bytes = decoded_bytes(sp, tokens.cpu().numpy(), row.prefix + 1)
+                text_bytes = (decoded_bytes(sp, tokens.cpu().numpy(), row.prefix + 1) if sidecar is None
+                              else int(sidecar[row.prefix + 1 :].sum()))  # the sidecar's bytes are the text's
                 measured = measure(result, static, fp_static, targets, text_bytes, progress.stop_reason(setting),
                                    load_seconds=load_seconds, ended_at=time.time(),
                                    peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **where)

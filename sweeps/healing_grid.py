@@ -51,7 +51,11 @@ SCALAR_FLAGS = {
     "checkpoint": ("source.checkpoint", "parameter-golf final_model.pt or .int8.ptz (empty: the embedded demo)"),
     "data": ("source.data", "directory with *_train_*.bin and *_val_*.bin shards"),
     "tokenizer": ("source.tokenizer", "SentencePiece .model matching the checkpoint's vocabulary"),
-    "model_fn": ("source.model_fn", "module:function building any causal LM (ids -> logits) from the checkpoint path"),
+    "model_fn": ("source.model_fn", "module:function or path/file.py:function building the model from the checkpoint path"),
+    "model_output": ("source.model_output", "what the model's forward returns: logits, method:NAME (model.NAME(ids) gives"
+                     " logits), tuple:K"),
+    "artifact_fn": ("source.artifact_fn", "module:function or file.py:function decoding an --artifact path to a state"
+                    " dict (empty: the built-in formats)"),
     "cache_dir": ("source.cache_dir", "demo cache (empty: $E2ETTT_CACHE or ~/.cache/e2ettt)"),
     "workers": ("workers", "ranks per trial on CPU"),
     "cpus_per_worker": ("cpus_per_worker", "CPU threads per rank and per preparation task"),
@@ -99,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag, (key, text) in SCALAR_FLAGS.items():
         default = "" if flag == "out" else f" (default: {_default(key)!r})"
         p.add_argument(f"--{flag.replace('_', '-')}", help=f"{text}{default}")
+    p.add_argument("--artifact", action="append", default=[], metavar="NAME=PATH",
+                   help="your own quantized file, run as regime NAME beside the others (repeatable; added to --regimes; "
+                   "default: none)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any setting by dotted key, e.g. --set ttt.optimizer=adamw --set quant.calib_tokens=32768")
     return p.parse_args(argv)
@@ -119,7 +126,13 @@ def build_config(args: argparse.Namespace) -> SweepConfig:
     for flag, (key, _) in SCALAR_FLAGS.items():
         if getattr(args, flag) is not None:
             updates[key] = getattr(args, flag)
+    if args.artifact:
+        updates["source.artifacts"] = tuple(args.artifact)
     updates.update(set_items(args.set))
+    own = [str(a).partition("=")[0] for a in updates.get("source.artifacts", ())]
+    if own:  # each artifact is a regime of the grid, whether --regimes names it or not
+        regimes = tuple(updates.get("grid.regimes", SweepConfig().grid.regimes))
+        updates["grid.regimes"] = regimes + tuple(n for n in own if n not in regimes)
     updates.setdefault("out", str(RUNS))  # not the working directory: a cluster job's is the home of whoever ran `ray start`
     if not updates.get("source.checkpoint"):
         updates = {**DEMO_SETTINGS, **updates}

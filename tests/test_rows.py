@@ -24,7 +24,8 @@ def planned():
     trial = make_trial(settings(), INPUTS, 2)
     sweep = Sweep(SweepConfig(), INPUTS, "fp123", trial.settings, (trial,), frozenset(), 10_000, 1024, None, Path("."), None,
                   None, 0, "abc", {"torch": "x"})
-    columns = {r.row_id: setting_columns(sweep, trial, s, r, 1234) for s, r in trial.rows}
+    columns = {r.row_id: setting_columns(sweep, trial, s, r, {"artifact_bytes": 1234, "decoder": "e2ettt_packed_v1"})
+               for s, r in trial.rows}
     return trial, columns
 
 

@@ -62,7 +62,8 @@ class LoopLM(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.pos = nn.Parameter(torch.zeros(1024, cfg.dim))
+        self.pos = nn.Embedding(1024, cfg.dim)  # learned positions: a table the forward looks up
+        nn.init.zeros_(self.pos.weight)
         self.prelude, self.core, self.coda = (Block(cfg.dim, cfg.heads) for _ in range(3))
         self.skip = nn.Parameter(torch.ones(cfg.dim))
         self.norm = nn.LayerNorm(cfg.dim)
@@ -71,7 +72,7 @@ class LoopLM(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)
 
     def forward(self, ids: Tensor) -> Tensor:
-        x = self.embed(ids) + self.pos[: ids.shape[1]]  # (B, T, d)
+        x = self.embed(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))  # (B, T, d)
         first = x = self.prelude(x)
         for _ in range(self.cfg.loops):
             x = self.core(x)

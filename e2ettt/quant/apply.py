@@ -6,13 +6,20 @@ report: what was quantized and why, artifact bytes (zlib and lzma),
 per-tensor relative error, GPTQ's layer proxy loss where a Hessian exists,
 and wall time. Any `nn.Module` that maps token ids to logits will do.
 
-Which weights: those of linear layers (`quant.linear_types`, subclasses such
-as CastedLinear included) and of embedding tables (at `quant.embed_bits`),
-with more than `quant.min_numel` elements and no `quant.keep_float` substring
-in their name. A weight that several modules share (a tied embedding and
-head, a block reused by recurrence) is one weight, quantized once.
-Everything else passes through as parameter-golf stores it (control
-tensors fp32, other floats fp16).
+Which weights: every matrix the forward pass multiplies, chosen by
+parameter, not by module class: weights of linear layers
+(`quant.linear_types`, subclasses such as CastedLinear included), embedding
+tables (at `quant.embed_bits`), and matrices no such module holds, found by
+tracing one forward pass (`e2ettt.matrices`): a bare 2-D parameter, or each
+slice of a bank applied with `F.linear`; each with more than
+`quant.min_numel` elements and no `quant.keep_float` substring in its name.
+A regime that would reach less than `quant.min_share` of the model's matrix
+parameters above `quant.min_numel` is refused with one line naming what it
+leaves out. A weight that several modules share (a tied embedding and head,
+a block reused by recurrence) is one weight, quantized once. Everything else
+passes through as parameter-golf stores it (control tensors fp32, other
+floats fp16). The model keeps its own dtype: codes and scales are computed
+in float32 and the decoded weights copied into the parameters.
 
 GPTQ knows nothing of the architecture. A first forward pass over the
 calibration tokens records the order in which linear layers are called and
@@ -26,6 +33,7 @@ quantized (RTN) first, so that every later layer calibrates on them.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import time
@@ -36,6 +44,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from e2ettt.evaluate import autocast
+from e2ettt.matrices import Matrix, bare_candidates, matrix_numel, matrix_view, trace, watch
 from e2ettt.quant import artifact, pg_int8
 from e2ettt.quant.gptq import gptq, proxy_loss
 from e2ettt.quant.hadamard import Rotation
@@ -66,16 +76,32 @@ class QuantReport:
 
 @dataclass
 class Target:
-    """One weight to quantize and the modules that use it."""
+    """One matrix to quantize: a module's weight, or one that no module holds (a bare parameter, a bank's slice)."""
 
-    name: str
+    name: str  # the parameter's name; "bank.i" for slice i of a bank
     param: nn.Parameter
     linears: list[tuple[str, nn.Module]] = field(default_factory=list)
     embeddings: list[str] = field(default_factory=list)
+    matrix: Matrix | None = None  # how the forward multiplies a matrix no module holds
+    calls: int = 0  # ... and how often per forward
 
     @property
     def uses(self) -> list[str]:
-        return [n for n, _ in self.linears] + self.embeddings
+        bare = [f"{self.matrix.op} in the forward pass ({self.calls}x)"] if self.matrix is not None else []
+        return [n for n, _ in self.linears] + self.embeddings + bare
+
+    @property
+    def multiplied(self) -> bool:
+        """Multiplied by activations (GPTQ can calibrate it), not only looked up."""
+        return bool(self.linears) or (self.matrix is not None and self.matrix.op != "embedding")
+
+    def weight(self) -> Tensor:
+        """The matrix as (out, in), a view of the parameter."""
+        return matrix_view(self.param, self.matrix) if self.matrix is not None else self.param
+
+    def store_(self, W: Tensor) -> None:
+        with torch.no_grad():
+            self.weight().copy_(W.to(device=self.param.device, dtype=self.param.dtype))
 
 
 class QuantSelectionError(ValueError):
@@ -96,12 +122,12 @@ def module_classes(spec: str) -> tuple[type, ...]:
     return tuple(out)
 
 
-def select_targets(model: nn.Module, cfg: QuantConfig) -> dict[int, Target]:
-    """The weights a regime quantizes, keyed by parameter identity (a shared weight appears once)."""
+def select_targets(model: nn.Module, cfg: QuantConfig) -> dict[str, Target]:
+    """The matrices a regime quantizes, keyed by name (a shared weight appears once)."""
     linear_types = module_classes(cfg.linear_types)
     keep = [k.strip() for k in cfg.keep_float.split(",") if k.strip()]
     first_name = {id(p): n for n, p in model.named_parameters()}
-    targets: dict[int, Target] = {}
+    targets: dict[str, Target] = {}
     for mname, m in model.named_modules(remove_duplicate=False):
         w = getattr(m, "weight", None)
         is_linear, is_embedding = isinstance(m, linear_types), isinstance(m, nn.Embedding)
@@ -112,21 +138,56 @@ def select_targets(model: nn.Module, cfg: QuantConfig) -> dict[int, Target]:
             continue
         if is_embedding and not cfg.embed_bits:
             continue
-        t = targets.setdefault(id(w), Target(name, w))
+        t = targets.setdefault(name, Target(name, w))
         if is_linear and all(mod is not m for _, mod in t.linears):
             t.linears.append((mname, m))
         if is_embedding and mname not in t.embeddings:
             t.embeddings.append(mname)
+    bare = bare_candidates(model, tuple(keep), linear_types)
+    params = dict(model.named_parameters())
+    for name, (mx, calls) in (trace(model, only=bare) if bare else {}).items():
+        p = params[mx.param]
+        if matrix_numel(p) <= cfg.min_numel or (mx.op == "embedding" and not cfg.embed_bits):
+            continue
+        targets[name] = Target(name, p, embeddings=["F.embedding"] if mx.op == "embedding" else [], matrix=mx,
+                               calls=calls)
     return targets
 
 
-def require_targets(model: nn.Module, cfg: QuantConfig, regime: str) -> dict[int, Target]:
-    """`select_targets`, or one line saying why the model cannot take `regime`."""
+def matrix_parameters(model: nn.Module, cfg: QuantConfig) -> dict[str, int]:
+    """The model's matrix parameters a regime must reach: floating parameters of two or more dims, each of whose
+    matrices (a bank's slices) has more than quant.min_numel elements, outside quant.keep_float (embedding tables
+    only when quant.embed_bits quantizes them): name -> elements."""
+    keep = [k.strip() for k in cfg.keep_float.split(",") if k.strip()]
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return {n: p.numel() for n, p in model.named_parameters()
+            if p.ndim >= 2 and p.is_floating_point() and matrix_numel(p) > cfg.min_numel
+            and not any(k in n for k in keep) and (cfg.embed_bits or id(p) not in embeddings)}
+
+
+def require_targets(model: nn.Module, cfg: QuantConfig, regime: str) -> dict[str, Target]:
+    """`select_targets`, or one line saying why the model cannot take `regime`: nothing to quantize, or less than
+    quant.min_share of its matrix parameters reached."""
     targets = select_targets(model, cfg)
     if not targets:
         raise QuantSelectionError(
             f"regime {regime}: {type(model).__name__} has no weight to quantize (no {cfg.linear_types} or "
-            f"nn.Embedding weight above quant.min_numel={cfg.min_numel:,} elements outside quant.keep_float)")
+            f"nn.Embedding weight above quant.min_numel={cfg.min_numel:,} elements outside quant.keep_float, and no "
+            "matrix the forward pass multiplies)")
+    total = matrix_parameters(model, cfg)
+    reached: dict[str, int] = {}
+    for t in targets.values():
+        pname = t.matrix.param if t.matrix is not None else t.name
+        reached[pname] = reached.get(pname, 0) + t.weight().numel()
+    share = sum(min(reached.get(n, 0), size) for n, size in total.items()) / max(1, sum(total.values()))
+    if share < cfg.min_share:
+        left = sorted(((size - reached.get(n, 0), n) for n, size in total.items() if reached.get(n, 0) < size),
+                      reverse=True)
+        named = ", ".join(f"{n} ({size:,})" for size, n in left[:4]) + (", ..." if len(left) > 4 else "")
+        raise QuantSelectionError(
+            f"regime {regime}: reaches {share:.0%} of {type(model).__name__}'s {sum(total.values()):,} matrix parameters "
+            f"(quant.min_share={cfg.min_share:g}); not reached: {named}: no linear module, embedding or F.linear/matmul "
+            "in a forward pass uses them; set quant.min_share to accept that share")
     return targets
 
 
@@ -141,25 +202,43 @@ class _StopForward(Exception):
     """Raised by a hook once a calibration pass has seen everything it needs."""
 
 
-@torch.no_grad()
-def _call_groups(model: nn.Module, ids: Tensor, targets: dict[int, Target]) -> tuple[list[list[int]], Counter]:
-    """Groups of weights in the order the forward pass first uses them (consecutive calls on one input
-    tensor form one group), and how often each weight is used per forward."""
-    calls: list[tuple[int, bool]] = []  # (weight, same input object as the call before)
-    last = [None]  # holding the previous input keeps its memory from being reused for the next one
-
-    def record(args, key):
-        calls.append((key, args[0] is last[0]))
-        last[0] = args[0]
-
-    hooks = [m.register_forward_pre_hook(lambda _m, args, key=key: record(args, key))
+@contextlib.contextmanager
+def _observe(model: nn.Module, targets: dict[str, Target], on_call):
+    """Calls on_call(x, key) for every use of a target in a forward pass: module pre-hooks for module weights, the
+    matrix tracer for matrices no module holds."""
+    hooks = [m.register_forward_pre_hook(lambda _m, args, key=key: on_call(args[0], key))
              for key, t in targets.items() for _, m in t.linears]
+    bare = {t.matrix.param for t in targets.values() if t.matrix is not None}
+
+    def on_use(mx: Matrix, x):
+        if x is not None and mx.name in targets:
+            on_call(x, mx.name)
+
     try:
-        model(ids)
+        with watch(model, on_use, only=bare) if bare else contextlib.nullcontext():
+            yield
     finally:
-        last[0] = None
         for h in hooks:
             h.remove()
+
+
+@torch.no_grad()
+def _call_groups(model: nn.Module, ids: Tensor, targets: dict[str, Target],
+                 dtype: torch.dtype | None = None) -> tuple[list[list[str]], Counter]:
+    """Groups of weights in the order the forward pass first uses them (consecutive calls on one input
+    tensor form one group), and how often each weight is used per forward."""
+    calls: list[tuple[str, bool]] = []  # (weight, same input object as the call before)
+    last = [None]  # holding the previous input keeps its memory from being reused for the next one
+
+    def record(x, key):
+        calls.append((key, x is last[0]))
+        last[0] = x
+
+    try:
+        with _observe(model, targets, record), autocast(ids.device, dtype):
+            model(ids)
+    finally:
+        last[0] = None
     groups, placed = [], set()
     for key, same_input in calls:
         if key in placed:
@@ -173,30 +252,28 @@ def _call_groups(model: nn.Module, ids: Tensor, targets: dict[int, Target]) -> t
 
 
 @torch.no_grad()
-def _group_hessians(model: nn.Module, ids: Tensor, targets: dict[int, Target], group: list[int],
-                    uses: Counter) -> dict[int, Tensor]:
+def _group_hessians(model: nn.Module, ids: Tensor, targets: dict[str, Target], group: list[str],
+                    uses: Counter, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """H = 2XᵀX/n of each weight in `group`, from one forward pass that stops after the group's last use."""
-    sums = {k: torch.zeros(targets[k].param.shape[1], targets[k].param.shape[1], dtype=torch.float64,
-                           device=targets[k].param.device) for k in group}
+    cols = {k: targets[k].weight().shape[1] for k in group}
+    sums = {k: torch.zeros(cols[k], cols[k], dtype=torch.float64, device=targets[k].param.device) for k in group}
     rows, seen = Counter(), Counter()
 
-    def hook(_module, args, key):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+    def hook(x, key):
+        if key not in sums:
+            return
+        x = x.detach().reshape(-1, x.shape[-1]).double()
         sums[key] += x.T @ x
         rows[key] += x.shape[0]
         seen[key] += 1
         if all(seen[k] >= uses[k] for k in group):
             raise _StopForward
 
-    hooks = [m.register_forward_pre_hook(lambda mod, args, key=key: hook(mod, args, key))
-             for key in group for _, m in targets[key].linears]
     try:
-        model(ids)
+        with _observe(model, {k: targets[k] for k in group}, hook), autocast(ids.device, dtype):
+            model(ids)
     except _StopForward:
         pass
-    finally:
-        for h in hooks:
-            h.remove()
     return {k: (2.0 * sums[k] / max(1, rows[k])).float() for k in group}
 
 
@@ -209,23 +286,25 @@ def _calibration_batches(calib: Tensor, cfg: QuantConfig) -> Tensor:
 
 
 def quantize_model(model: nn.Module, regime: Regime, cfg: QuantConfig = QuantConfig(),
-                   calib: Tensor | None = None, dtypes: dict[str, torch.dtype] | None = None) -> tuple[nn.Module, QuantReport]:
-    """A copy of `model` holding the weights its stored artifact decodes to, and its report.
+                   calib: Tensor | None = None, dtypes: dict[str, torch.dtype] | None = None,
+                   autocast_dtype: torch.dtype | None = None) -> tuple[nn.Module, QuantReport]:
+    """A copy of `model` (in its own dtype) holding the weights its stored artifact decodes to, and its report.
 
     `dtypes` are the checkpoint's own tensor dtypes (e.g. a bf16 embedding): the parameter-golf
     round trip restores each tensor to its original dtype, as parameter-golf's dequantizer does.
+    GPTQ's calibration passes run under `autocast_dtype` (the trial's), as the records calibrate.
     """
     t0 = time.perf_counter()
     report = QuantReport(regime.name, regime.method, regime.bits,
                          regime.levels(cfg.grid) if regime.method in ("rtn", "gptq") else 0)
-    out = copy.deepcopy(model).float().eval()
+    out = copy.deepcopy(model).eval()
     if regime.method == "fp":
         sizes = artifact.compressed_sizes({k: v.detach().cpu() for k, v in out.state_dict().items()})
         report.artifact_bytes_zlib, report.artifact_bytes_lzma = sizes["zlib"], sizes["lzma"]
     elif regime.method == "pg":
         _pg_round_trip(out, report, dtypes or {})
     else:
-        _quantize_packed(out, regime, cfg, calib, report)
+        _quantize_packed(out, regime, cfg, calib, report, autocast_dtype)
     report.seconds = time.perf_counter() - t0
     return out, report
 
@@ -261,30 +340,34 @@ def _weight_seed(cfg: QuantConfig, name: str) -> int:
 
 
 def _quantize_packed(out: nn.Module, regime: Regime, cfg: QuantConfig, calib: Tensor | None,
-                     report: QuantReport) -> None:
+                     report: QuantReport, autocast_dtype: torch.dtype | None = None) -> None:
     """RTN, GPTQ and noise regimes: every selected weight stored as packed codes (or, untreated or noised, in fp16)
     and the model given exactly what the artifact decodes to."""
     targets = require_targets(out, cfg, regime.name)
     treated = treated_share(targets, regime.share, cfg.rotation_seed,
                             embeddings=regime.decode != "right" or regime.method == "noise")
+    total = matrix_parameters(out, cfg)
     report.selection = {"linear_types": cfg.linear_types, "keep_float": cfg.keep_float, "min_numel": cfg.min_numel,
                         "embed_bits": cfg.embed_bits, "grid": cfg.grid, "share": regime.share,
-                        "treated": sorted(targets[k].name for k in treated)}
+                        "treated": sorted(targets[k].name for k in treated),
+                        "matrix_parameters": sum(total.values()),
+                        "reached": sum(t.weight().numel() for t in targets.values()),
+                        "outside_modules": sorted(k for k, t in targets.items() if t.matrix is not None)}
     packed: dict = {"format": artifact.FORMAT, "quantized": {}, "passthrough": {}}
-    wrong: dict[int, Tensor] = {}  # wrongly decoded weights: set after every layer has calibrated on the right ones
+    wrong: dict[str, Tensor] = {}  # wrongly decoded weights: set after every layer has calibrated on the right ones
 
-    def keep(key: int, W: Tensor) -> None:  # stored in fp16, as parameter-golf stores floats
+    def keep(key: str, W: Tensor) -> None:  # stored in fp16, as parameter-golf stores floats
         t = targets[key]
         stored = W.detach().to(torch.float16).cpu()
-        original = t.param.detach().float()
+        original = t.weight().detach().float()
         error = float((stored.float().to(original.device) - original).norm() / original.norm().clamp_min(1e-12))
         packed["passthrough"][t.name] = stored
-        t.param.data.copy_(stored.to(t.param.dtype))
+        t.store_(stored)
         report.tensors.append({"name": t.name, "uses": t.uses, "numel": W.numel(), "bits": 16, "rel_error": error})
 
-    def quantize(key: int, H: Tensor | None) -> None:
+    def quantize(key: str, H: Tensor | None) -> None:
         t = targets[key]
-        W = t.param.detach().clone()
+        W = t.weight().detach().float().clone()
         if regime.method == "noise":
             if key in treated:
                 g = torch.Generator().manual_seed(_weight_seed(cfg, t.name))
@@ -311,29 +394,29 @@ def _quantize_packed(out: nn.Module, regime: Regime, cfg: QuantConfig, calib: Te
         if H is not None:
             stats["proxy_loss"] = proxy_loss(W, right, H)
             stats["rtn_proxy_loss"] = proxy_loss(W, rtn(W, levels, cfg.clip_q).Q, H)
-        t.param.data.copy_(right)
+        t.store_(right)
         report.tensors.append(stats)
 
     if regime.method == "gptq":
         if calib is None:
             raise ValueError(f"regime {regime.name} needs calibration tokens from the train split")
         ids = _calibration_batches(calib, cfg).to(next(out.parameters()).device)
-        for key in [k for k, t in targets.items() if not t.linears]:
+        for key in [k for k, t in targets.items() if not t.multiplied]:
             quantize(key, None)  # embeddings first: later layers calibrate on the quantized table
-        groups, uses = _call_groups(out, ids, {k: t for k, t in targets.items() if t.linears})
+        groups, uses = _call_groups(out, ids, {k: t for k, t in targets.items() if t.multiplied}, autocast_dtype)
         for group in groups:
-            for key, H in _group_hessians(out, ids, targets, group, uses).items():
+            for key, H in _group_hessians(out, ids, targets, group, uses, autocast_dtype).items():
                 quantize(key, H)
-        unused = [t.name for k, t in targets.items() if t.linears and k not in uses]
+        unused = [t.name for k, t in targets.items() if t.multiplied and k not in uses]
         if unused:
             report.notes.append(f"never called in the forward pass, so quantized by RTN: {unused}")
     for key, t in targets.items():
         if t.name not in packed["quantized"] and t.name not in packed["passthrough"]:
             quantize(key, None)
     for key, W in wrong.items():
-        targets[key].param.data.copy_(W)
+        targets[key].store_(W)
     if wrong:
-        report.notes.append(f"{len(wrong)} of {sum(1 for t in targets.values() if t.linears)} linear weights decoded "
+        report.notes.append(f"{len(wrong)} of {sum(1 for t in targets.values() if t.multiplied)} linear weights decoded "
                             f"{'with another rotation' if regime.decode == 'mismatch' else 'without the inverse rotation'}")
     done = {id(t.param) for t in targets.values()}
     for name, tensor in out.state_dict(keep_vars=True).items():
@@ -342,9 +425,14 @@ def _quantize_packed(out: nn.Module, regime: Regime, cfg: QuantConfig, calib: Te
         stored = stored_passthrough(name, tensor.detach()).cpu()
         packed["passthrough"][name] = stored
         tensor.data.copy_(stored.to(tensor.dtype))
-    shared = [f"{t.name} (used by {', '.join(t.uses)})" for t in targets.values() if len(t.uses) > 1]
+    shared = [f"{t.name} (used by {', '.join(t.uses)})" for t in targets.values() if len(t.uses) > 1 or t.calls > 1]
     if shared:
         report.notes.append(f"shared weights quantized once, Hessian summed over every use: {shared}")
+    if any(t.matrix is not None for t in targets.values()):
+        report.notes.append(f"{sum(t.matrix is not None for t in targets.values())} matrices no linear module holds "
+                            "(bare parameters or bank slices), found by tracing a forward pass")
+    if any(p.dtype != torch.float32 for p in out.parameters()):
+        report.notes.append("the model's own dtypes kept: decoded weights are cast into them as the records load them")
     report.quantized_params = sum(t["numel"] for t in report.tensors if t["bits"] < 16)
     sizes = artifact.compressed_sizes(packed)
     report.artifact_bytes_zlib, report.artifact_bytes_lzma = sizes["zlib"], sizes["lzma"]

@@ -19,6 +19,8 @@ Forms (N the bits of a stored code, 2..8):
   (`hadamard-gptq-int6-mismatch`).
 - Unstructured damage: `noise-X` adds Gaussian noise of X times each row's
   RMS to every quantizable linear weight (0 < X ≤ 10), stored in fp16.
+- Your own artifact: `--artifact NAME=PATH` makes NAME a regime (method and
+  family `own`): the weights are what the file decodes to.
 
 Every regime stores what it evaluates: the evaluated weights are what its
 artifact decodes to.
@@ -26,10 +28,12 @@ artifact decodes to.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
 FORMS = ("fp, pg-int8, intN, gptq-intN, hadamard-intN, hadamard-gptq-intN (N = 2..8; ternary in place of intN), each "
-         "with an optional share -S (0 < S < 1); hadamard-[gptq-]intN-mismatch[-S] and -unrotated[-S]; noise-X (0 < X <= 10)")
+         "with an optional share -S (0 < S < 1); hadamard-[gptq-]intN-mismatch[-S] and -unrotated[-S]; noise-X (0 < X <= 10); "
+         "the NAME of an --artifact NAME=PATH")
 _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
 _PATTERN = re.compile(rf"^(?P<rot>hadamard-)?(?P<gptq>gptq-)?(?:int(?P<bits>\d+)|(?P<ternary>ternary))"
                       rf"(?:-(?P<decode>mismatch|unrotated))?(?:-(?P<share>{_NUMBER}))?$")
@@ -45,7 +49,7 @@ class RegimeError(ValueError):
 @dataclass(frozen=True)
 class Regime:
     name: str
-    method: str  # fp | pg | rtn | gptq | noise
+    method: str  # fp | pg | rtn | gptq | noise | own
     bits: int  # width of a stored code; 32 for fp, 16 for noise (fp16 storage)
     rotate: bool = False
     ternary: bool = False
@@ -61,8 +65,8 @@ class Regime:
     def family(self) -> str:
         """What kind of damage the regime does, for analysis: control, parameter-golf int8, a quantizer, structured
         (a wrong decode of rotated weights) or unstructured (noise)."""
-        if self.method in ("fp", "pg", "noise"):
-            return {"fp": "control", "pg": "pg-int8", "noise": "unstructured"}[self.method]
+        if self.method in ("fp", "pg", "noise", "own"):
+            return {"fp": "control", "pg": "pg-int8", "noise": "unstructured", "own": "own"}[self.method]
         if self.decode != "right":
             return "structured"
         return ("hadamard-" if self.rotate else "") + self.method
@@ -79,8 +83,11 @@ class Regime:
         return 2**self.bits - (1 if grid == "symmetric" else 0)
 
 
-def parse_regime(name: str) -> Regime:
+def parse_regime(name: str, own: Collection[str] = ()) -> Regime:
+    """The regime a string names; `own` holds the names of the user's own artifacts (`--artifact NAME=PATH`)."""
     name = name.strip()
+    if name in own:
+        return Regime(name, "own", 0)
     if name == "fp":
         return Regime("fp", "fp", 32)
     if name == "pg-int8":
@@ -117,6 +124,7 @@ class QuantConfig:
     rotation_seed: int = 0  # seed of the Hadamard signs, of the shares of weights treated, and of the noise
     linear_types: str = "torch.nn.Linear"  # module classes (and subclasses) whose weights are quantized, comma-separated
     keep_float: str = CONTROL_PATTERNS  # name substrings never quantized, comma-separated
+    min_share: float = 0.9  # a regime must reach this share of the matrix parameters above min_numel, or it is refused
 
     def validate(self) -> None:
         if self.grid not in GRIDS:
@@ -127,5 +135,7 @@ class QuantConfig:
             raise ValueError(f"quant.embed_bits must be 0 or 2..8, got {self.embed_bits}")
         if self.calib_tokens < self.calib_seq_len:
             raise ValueError(f"quant.calib_tokens={self.calib_tokens} is less than one sequence of {self.calib_seq_len}")
+        if not 0 <= self.min_share <= 1:
+            raise ValueError(f"quant.min_share must be in [0, 1], got {self.min_share}")
         if not self.linear_types.strip():
             raise ValueError("quant.linear_types must name at least one module class, e.g. torch.nn.Linear")
