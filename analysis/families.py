@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import metrics
+from analysis.stats import ALPHA, Paired, holm, paired
 
 # Public results, drawn beside ours as labelled references (other models, other pipelines).
 # damage and recovery in bpb; recovery_frac = recovery / damage.
@@ -45,17 +46,37 @@ def points(trials: pd.DataFrame) -> pd.DataFrame:
     return best.sort_values("damage_mean").reset_index(drop=True)
 
 
-def _diff(a: pd.Series, b: pd.Series, col: str) -> tuple[float, float]:
-    """a − b of a column's means, with a 95% half-width from the two intervals combined (independent seeds' sets)."""
-    d = a[f"{col}_mean"] - b[f"{col}_mean"]
-    ha = (a[f"{col}_ci_high"] - a[f"{col}_ci_low"]) / 2
-    hb = (b[f"{col}_ci_high"] - b[f"{col}_ci_low"]) / 2
-    return float(d), float(math.hypot(ha, hb))
+def segment_values(trials: pd.DataFrame, setting_key: str, healed: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per reported seed, the finished rows of one setting: damage, recovery, recovered fraction, healing, fp's gain
+    on the same windows, and the persistence columns (held-out recovery, and after re-quantization). `healed`:
+    `metrics.with_healing(trials)`, when the caller has it."""
+    report = metrics.seed_split(trials)[1]
+    df = metrics.with_healing(trials) if healed is None else healed
+    g = df[(df["setting_key"] == setting_key) & (df["status"] == "ok") & df["seed"].isin(report)].drop_duplicates("seed")
+    out = pd.DataFrame({"damage": g["damage"].to_numpy(), "recovery": g["recovery"].to_numpy(),
+                        "recovery_frac": (g["recovery"] / g["damage"]).to_numpy(),
+                        "healing_frac": g["healing_frac"].to_numpy(),
+                        "fp_gain": (g["pre_quant_bpb"] - g["fp_post_ttt_bpb"]).to_numpy()}, index=g["seed"].to_numpy())
+    for col in ("heldout_quant_bpb", "heldout_adapted_bpb", "heldout_requant_bpb"):
+        out[col] = g[col].to_numpy() if col in g else math.nan
+    out["persistent"] = out["heldout_quant_bpb"] - out["heldout_adapted_bpb"]
+    out["requant_persistent"] = out["heldout_quant_bpb"] - out["heldout_requant_bpb"]
+    return out
+
+
+def _paired(trials: pd.DataFrame, what: str, a: str, b: str | None, column: str, other: str | None = None,
+            healed: pd.DataFrame | None = None) -> Paired:
+    """Per-seed differences of `column` between settings a and b (or `column` − `other` of setting a alone)."""
+    va = segment_values(trials, a, healed)
+    if b is None:
+        return paired((va[column] - va[other]).to_numpy(), what)
+    vb = segment_values(trials, b, healed)
+    both = va.index.intersection(vb.index)
+    return paired((va.loc[both, column] - vb.loc[both, column]).to_numpy(), what)
 
 
 def matched(pts: pd.DataFrame, first: list[str], second: list[str]) -> pd.DataFrame:
-    """Pairs of regimes, one of a family in `first`, one in `second`, whose damages agree within 25%; for each, the
-    difference of their recovery fractions and healing with a 95% half-width."""
+    """Pairs of regimes, one of a family in `first`, one in `second`, whose damages agree within 25%."""
     rows = []
     a_side, b_side = pts[pts["family"].isin(first)], pts[pts["family"].isin(second)]
     for _, a in a_side.iterrows():
@@ -65,102 +86,179 @@ def matched(pts: pd.DataFrame, first: list[str], second: list[str]) -> pd.DataFr
         if not (a["damage_mean"] > 0 and b["damage_mean"] > 0
                 and abs(a["damage_mean"] - b["damage_mean"]) <= MATCH * max(a["damage_mean"], b["damage_mean"])):
             continue
-        frac, frac_hw = _diff(a, b, "recovery_frac")
-        heal, heal_hw = _diff(a, b, "healing_frac")
-        rows.append({"first": a["regime"], "second": b["regime"], "damage_first": a["damage_mean"],
-                     "damage_second": b["damage_mean"], "frac_first": a["recovery_frac_mean"],
-                     "frac_second": b["recovery_frac_mean"], "frac_diff": frac, "frac_hw": frac_hw,
-                     "heal_diff": heal, "heal_hw": heal_hw})
+        rows.append({"first": a["regime"], "second": b["regime"], "key_first": a["setting_key"],
+                     "key_second": b["setting_key"], "damage_first": a["damage_mean"], "damage_second": b["damage_mean"],
+                     "frac_first": a["recovery_frac_mean"], "frac_second": b["recovery_frac_mean"]})
     return pd.DataFrame(rows)
 
 
-def _verdict(diff: float, hw: float) -> int:
-    """+1 / −1 when the interval excludes 0 on that side, 0 when it does not (or is unknown)."""
-    if math.isnan(diff) or math.isnan(hw):
-        return 0
-    return 1 if diff - hw > 0 else -1 if diff + hw < 0 else 0
+def capacity_points(trials: pd.DataFrame) -> pd.DataFrame:
+    """Per regime and adapted-parameter choice, the best setting over the rest (largest mean recovery on the
+    selection seeds): regime, params, setting_key, inner_lr."""
+    if "params" not in trials or trials["params"].nunique() < 2:
+        return pd.DataFrame()
+    select = metrics.seed_split(trials)[0]
+    sel = metrics.by_setting(trials, select)
+    sel = sel[sel["eligible"] & (sel["regime"] != "fp")]
+    if sel.empty:
+        return pd.DataFrame()
+    best = sel.sort_values("recovery_mean", ascending=False).drop_duplicates(["regime", "params"])
+    return best[["regime", "params", "setting_key", "inner_lr", "damage_mean"]].reset_index(drop=True)
 
 
-def _pair_text(r: pd.Series) -> str:
-    return (f"{r['first']} ({r['damage_first']:.3g} bpb) recovered {r['frac_first']:.0%} and {r['second']} "
-            f"({r['damage_second']:.3g} bpb) {r['frac_second']:.0%} of their damage (difference {r['frac_diff']:+.2f} "
-            f"± {r['frac_hw']:.2f})")
-
-
-def findings(trials: pd.DataFrame) -> list[str]:
-    """Sentences on size vs structure and on GPTQ vs RTN (#1341), each saying only what its intervals allow."""
-    pts = points(trials)
-    if pts.empty:
-        return ["No damaged regime has a best setting: nothing to compare."]
+def climbing(trials: pd.DataFrame, curves: pd.DataFrame, setting_key: str, tail: float = 0.25) -> np.ndarray:
+    """Per reported seed of a setting: mean per-chunk gain (static − TTT bpb of the chunk) over the last quarter of
+    its tokens minus that over the quarter before. Positive: the gain was still growing when the segment ended."""
+    report = metrics.seed_split(trials)[1]
+    rows = metrics.ok(trials)
+    rows = rows[(rows["setting_key"] == setting_key) & rows["seed"].isin(report)]
     out = []
-    pairs = matched(pts, ["structured"], ["unstructured"])
-    if pairs.empty:
-        out.append("Size or structure: no structured and unstructured regimes of matched damage (within 25%) in this "
-                   "run, so structure cannot be told from size here.")
-    else:
-        signs = [_verdict(d, h) for d, h in zip(pairs["frac_diff"], pairs["frac_hw"])]
-        if all(s > 0 for s in signs) or all(s < 0 for s in signs):
-            word = "more" if signs[0] > 0 else "less"
-            where = (f"at every one of the {len(pairs)} matched damage levels" if len(pairs) > 1
-                     else "at the one matched damage level")
-            verdict = (f"{where}, structured damage (a wrong decode of "
-                       f"rotated weights) recovered {word} of its damage than unstructured noise of the same size, "
-                       "beyond the 95% intervals: recoverability depends on how the model was damaged, not only on how much")
-        elif not any(signs):
-            verdict = (f"at none of the {len(pairs)} matched damage levels does the recovered fraction of structured and "
-                       "unstructured damage differ beyond the 95% intervals: on this run, what can be recovered follows the "
-                       "size of the damage, not its structure")
-        else:
-            def at(sign: int) -> str:
-                sizes = [f"{d:.3g}" for d, s in zip(pairs["damage_first"], signs) if s == sign]
-                return f"at {', '.join(sizes)} bpb" if sizes else "at no size"
+    for rid in rows["row_id"]:
+        c = curves[curves["row_id"] == rid].sort_values("chunk")
+        if len(c) < 8:
+            continue
+        gain = (c["static_bpb"] - c["ttt_bpb"]).to_numpy()
+        seen = c["tokens_seen"].to_numpy() / c["tokens_seen"].iloc[-1]
+        last, before = gain[seen > 1 - tail], gain[(seen > 1 - 2 * tail) & (seen <= 1 - tail)]
+        if len(last) and len(before):
+            out.append(float(last.mean() - before.mean()))
+    return np.asarray(out)
 
-            verdict = (f"structured damage (a wrong decode of rotated weights) recovered more of its damage than "
-                       f"unstructured noise of the same size {at(1)}, less {at(-1)}, and as much within the 95% "
-                       f"intervals {at(0)}: structure matters at some sizes of the damage only")
-        out.append("Size or structure: " + verdict + ". " + "; ".join(_pair_text(r) for _, r in pairs.iterrows()) + ".")
-        for fam in ("structured", "unstructured"):
+
+def comparisons(trials: pd.DataFrame, curves: pd.DataFrame | None = None, min_damage: float = 0.5,
+                kinds: tuple[str, ...] | None = None) -> dict[str, list]:
+    """Every comparison a report makes (or those of `kinds`), on paired per-segment differences over the reported
+    seeds, Holm-corrected together: kind -> [(context, Paired)]."""
+    pts = points(trials)
+    healed = metrics.with_healing(trials)
+    found: dict[str, list] = {k: [] for k in ("structure", "trend", "gptq", "healing", "capacity", "flattening",
+                                               "persistence")}
+
+    def want(kind: str) -> bool:
+        return kinds is None or kind in kinds
+
+    if not pts.empty:
+        for _, r in (matched(pts, ["structured"], ["unstructured"]).iterrows() if want("structure") else []):
+            found["structure"].append((r, _paired(trials, "structure", r["key_first"], r["key_second"], "recovery_frac",
+                                                  healed=healed)))
+        for fam in ("structured", "unstructured") if want("trend") else ():
             f = pts[pts["family"] == fam]
             if len(f) >= 2:
                 lo, hi = f.iloc[0], f.iloc[-1]
-                s = _verdict(*_diff(hi, lo, "recovery_frac"))
-                trend = {1: "grows with", -1: "falls with", 0: "does not change beyond the intervals with"}[s]
-                out.append(f"Within the {fam} family the recovered fraction {trend} the damage: "
-                           f"{lo['recovery_frac_mean']:.0%} at {lo['damage_mean']:.3g} bpb, "
-                           f"{hi['recovery_frac_mean']:.0%} at {hi['damage_mean']:.3g} bpb.")
-    gptq = matched(pts, ["gptq", "hadamard-gptq"], ["rtn"])
-    if gptq.empty:
+                found["trend"].append(((fam, lo, hi), _paired(trials, "trend", hi["setting_key"], lo["setting_key"],
+                                                              "recovery_frac", healed=healed)))
+        for _, r in (matched(pts, ["gptq", "hadamard-gptq"], ["rtn"]).iterrows() if want("gptq") else []):
+            found["gptq"].append((r, _paired(trials, "gptq", r["key_first"], r["key_second"], "healing_frac",
+                                             healed=healed)))
+        for _, p in pts.iterrows():
+            if want("healing"):
+                found["healing"].append((p, _paired(trials, "healing", p["setting_key"], None, "recovery", "fp_gain",
+                                                    healed)))
+            v = segment_values(trials, p["setting_key"], healed) if want("persistence") else None
+            if v is not None and v["persistent"].notna().any():
+                found["persistence"].append((p, paired(v["persistent"].dropna().to_numpy(), "persistence")))
+        if curves is not None and not curves.empty and want("flattening"):
+            for _, p in pts[pts["damage_mean"] >= min_damage].iterrows():
+                found["flattening"].append((p, paired(climbing(trials, curves, p["setting_key"]), "flattening")))
+    cap = capacity_points(trials) if want("capacity") else pd.DataFrame()
+    for regime, g in (cap.groupby("regime", sort=False) if len(cap) else []):
+        g = g.reset_index(drop=True)
+        for i in range(len(g)):
+            for j in range(i + 1, len(g)):
+                a, b = g.iloc[i], g.iloc[j]
+                found["capacity"].append(((regime, a, b), _paired(trials, "capacity", a["setting_key"], b["setting_key"],
+                                                                  "recovery", healed=healed)))
+    flat = [(k, i) for k, items in found.items() for i in range(len(items))]
+    corrected = holm([found[k][i][1] for k, i in flat])
+    for (k, i), c in zip(flat, corrected):
+        found[k][i] = (found[k][i][0], c)
+    return found
+
+
+def findings(trials: pd.DataFrame, curves: pd.DataFrame | None = None) -> list[str]:
+    """Sentences on size vs structure, GPTQ vs RTN (#1341), healing beyond plain adaptation, capacity, flattening and
+    persistence, each worded by its Holm-corrected paired test over the reported seeds."""
+    pts = points(trials)
+    if pts.empty:
+        return ["No damaged regime has a best setting: nothing to compare."]
+    found = comparisons(trials, curves)
+    n = sum(len(v) for v in found.values())
+    out = [f"Every comparison below is a paired test over the reported seeds (per-segment differences: mean, 95% "
+           f"bootstrap interval, sign-flip permutation p-value), Holm-corrected across the {n} comparisons of this "
+           f"report at family-wise {ALPHA:g}."]
+    if not found["structure"]:
+        out.append("Size or structure: no structured and unstructured regimes of matched damage (within 25%) in this "
+                   "run, so structure cannot be told from size here.")
+    else:
+        parts, signs = [], []
+        for r, c in found["structure"]:
+            signs.append(c.sign)
+            word = {1: "more", -1: "less", 0: "as much (no difference detected)"}[c.sign]
+            parts.append(f"at {r['damage_first']:.3g} bpb {r['first']} recovered {r['frac_first']:.0%} and "
+                         f"{r['second']} ({r['damage_second']:.3g} bpb) {r['frac_second']:.0%} of their damage: "
+                         f"structured {word}, difference in recovered fraction {c.text()}")
+        if all(s > 0 for s in signs) or all(s < 0 for s in signs):
+            head = (f"structured damage recovered {'more' if signs[0] > 0 else 'less'} of its damage than unstructured "
+                    f"noise of the same size at {'every one' if len(signs) > 1 else 'the one'} of the matched levels")
+        elif not any(signs):
+            head = ("at no matched damage level does the recovered fraction of structured and unstructured damage "
+                    "differ after correction: on this run, what can be recovered follows the size of the damage")
+        else:
+            head = "structure matters at some sizes of the damage only"
+        out.append("Size or structure: " + head + "; " + "; ".join(parts) + ".")
+    for (fam, lo, hi), c in found["trend"]:
+        trend = {1: "grows with", -1: "falls with", 0: "does not change detectably with"}[c.sign]
+        out.append(f"Within the {fam} family the recovered fraction {trend} the damage: {lo['recovery_frac_mean']:.0%} "
+                   f"at {lo['damage_mean']:.3g} bpb, {hi['recovery_frac_mean']:.0%} at {hi['damage_mean']:.3g} bpb "
+                   f"(difference {c.text()}).")
+    if not found["gptq"]:
         out.append("GPTQ vs RTN (#1341): no GPTQ and RTN regimes of matched damage (within 25%) in this run.")
     else:
         texts = []
-        for _, r in gptq.iterrows():
-            s = _verdict(r["heal_diff"], r["heal_hw"])
-            word = {1: "healed more than", -1: "healed less than", 0: "healed as much as (within the intervals)"}[s]
+        for r, c in found["gptq"]:
+            word = {1: "healed more than", -1: "healed less than", 0: "healed as much as (no difference detected)"}[c.sign]
             texts.append(f"{r['first']} ({r['damage_first']:.3g} bpb) {word} {r['second']} ({r['damage_second']:.3g} bpb): "
-                         f"healing difference {r['heal_diff']:+.2f} ± {r['heal_hw']:.2f}")
+                         f"healing difference {c.text()}")
         out.append("GPTQ vs RTN at matched damage (#1341 says SGD TTT undoes GPTQ's structure): " + "; ".join(texts) + ".")
+    beyond = [f"{p['regime']} {'beyond' if c.sign > 0 else 'below' if c.sign < 0 else 'not detectably beyond'} "
+              f"({c.text(4)} bpb)" for p, c in found["healing"]]
+    if beyond:
+        out.append("Healing beyond plain adaptation (recovery − fp's own gain on the same windows, per segment): "
+                   + "; ".join(beyond) + ".")
+    if found["capacity"]:
+        texts = []
+        for (regime, a, b), c in found["capacity"]:
+            word = {1: "recovered more than", -1: "recovered less than", 0: "recovered as much as (no difference detected)"}
+            texts.append(f"{regime}: {a['params']} {word[c.sign]} {b['params']} ({c.text(4)} bpb)")
+        out.append("Capacity (each adapted-parameter choice at its own best lr): " + "; ".join(texts) + ".")
+    if found["flattening"]:
+        texts = [f"{p['regime']} {'still climbing' if c.sign > 0 else 'flat'} (last quarter's per-chunk gain − the "
+                 f"quarter before: {c.text(4)} bpb)" for p, c in found["flattening"]]
+        out.append("Had the large-damage curves flattened? " + "; ".join(texts)
+                   + ". A curve still climbing makes its recovered fraction a lower bound.")
+    if found["persistence"]:
+        texts = [f"{p['regime']} {'persists' if c.sign > 0 else 'reverses' if c.sign < 0 else 'does not detectably persist'}"
+                 f" ({c.text(4)} bpb)" for p, c in found["persistence"]]
+        out.append("Repair or tracking? Persistent recovery (held-out slice, static: post-quant − adapted weights): "
+                   + "; ".join(texts) + ".")
     return out
 
 
-def flattened(trials: pd.DataFrame, curves: pd.DataFrame, min_damage: float = 0.5, tail: float = 0.25) -> pd.DataFrame:
-    """For each regime with at least `min_damage` at its best setting: the share of its final running gain (static −
-    TTT running bpb) gained in the last `tail` of the tokens, median over seeds. Near 0: the curve had flattened."""
-    pts = points(trials)
+def persistence(trials: pd.DataFrame) -> pd.DataFrame:
+    """Per regime at its best setting, on the reported seeds: in-stream recovery beside persistent recovery on the
+    held-out slice (quantized − adapted weights, static), fp's own persistent gain, and the share of the persistent
+    repair that survives putting the adapted weights back on the regime's grid."""
+    best = metrics.best_setting(trials)
     rows = []
-    for _, p in pts[pts["damage_mean"] >= min_damage].iterrows():
-        shares = []
-        for rid in metrics.ok(trials).loc[metrics.ok(trials)["setting_key"] == p["setting_key"], "row_id"]:
-            c = curves[curves["row_id"] == rid].sort_values("chunk")
-            if len(c) < 4:
-                continue
-            gain = metrics.running_static_bpb(c) - c["running_ttt_bpb"].to_numpy()
-            at = int(np.searchsorted(c["tokens_seen"].to_numpy(), (1 - tail) * c["tokens_seen"].iloc[-1]))
-            if gain[-1] > 0:
-                shares.append((gain[-1] - gain[min(at, len(gain) - 1)]) / gain[-1])
-        if shares:
-            share = float(np.median(shares))
-            rows.append({"regime": p["regime"], "damage": p["damage_mean"], "tail_share": share,
-                         "flattened": share < 0.1})
+    for _, b in best[best.get("setting_key", pd.Series(dtype=object)).notna()].iterrows() if len(best) else []:
+        v = segment_values(trials, b["setting_key"])
+        if v["persistent"].isna().all():
+            continue
+        kept = v["requant_persistent"].mean() / v["persistent"].mean() if v["persistent"].mean() else math.nan
+        rows.append({"regime": b["regime"], "in-stream recovery": v["recovery"].mean(),
+                     "persistent recovery": v["persistent"].mean(),
+                     "persistent after re-quantization": v["requant_persistent"].mean(),
+                     "share surviving re-quantization": kept, "n": int(v["persistent"].notna().sum())})
     return pd.DataFrame(rows)
 
 

@@ -151,19 +151,6 @@ def caveats(run: Run) -> list[str]:
     return notes
 
 
-def flattening_notes(flat: pd.DataFrame) -> list[str]:
-    """Whether the segments were long enough for the large-damage curves to flatten."""
-    if flat.empty:
-        return []
-    climbing = flat[~flat["flattened"]]
-    if climbing.empty:
-        return [f"The healing curves of the {len(flat)} regime(s) with damage >= 0.5 bpb had flattened: each gained less "
-                "than 10% of its final running gain in the last quarter of its segment."]
-    names = ", ".join(f"{r['regime']} ({r['tail_share']:.0%})" for _, r in climbing.iterrows())
-    return [f"Still climbing at the end of the segment (share of the final gain made in its last quarter): {names}. "
-            "Longer segments (--max-tokens) would recover more; the recovered fractions above are lower bounds."]
-
-
 def _md(df: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table."""
     if df.empty:
@@ -196,14 +183,14 @@ def write_report(run: Run) -> Path:
                                 "damage": [with_ci(*v) for v in
                                            damage[["damage_mean", "damage_ci_low", "damage_ci_high"]].to_numpy()],
                                 "segments": damage["n_segments"]})
-    flat = families.flattened(run.trials, run.curves)
+    told = families.findings(run.trials, run.curves)
     sections = [
         ("Key table: each regime at its chosen setting", key_table(run.trials)),
         ("Damage per regime (every segment)", damage_view),
         ("Every setting (n: finished seeds / seeds run)", settings_table(run.trials)),
         ("Tokens to heal by damage family (median over the chosen setting's seeds)",
          families.tokens_to_heal_by_family(run.trials, run.curves)),
-        ("Did the healing curves flatten? (regimes with damage >= 0.5 bpb)", flat),
+        ("Repair or tracking: persistence on the held-out slice (reported seeds)", families.persistence(run.trials)),
         ("Sanity flags", metrics.sanity_flags(run.trials)),
     ]
     meta = run.manifest
@@ -218,8 +205,7 @@ def write_report(run: Run) -> Path:
     for png in pngs:
         lines += [f"![{png.stem}](figures/{png.name})", ""]
     lines += ["## What this run says about size and structure of the damage", ""]
-    lines += [f"{text}\n" for text in families.findings(run.trials)]
-    lines += [f"{text}\n" for text in flattening_notes(flat)]
+    lines += [f"{text}\n" for text in told]
     for title, df in sections:
         lines += [f"## {title}", "", _md(df)]
         if title.startswith("Key table"):
@@ -227,7 +213,7 @@ def write_report(run: Run) -> Path:
     (run.dir / "report.md").write_text("\n".join(lines))
     body = [f"<h1>e2ettt report: {html.escape(run.name)}</h1>"]
     body += [f"<blockquote>{html.escape(n)}</blockquote>" for n in caveats(run)]
-    body += [f"<p>{html.escape(t)}</p>" for t in families.findings(run.trials) + flattening_notes(flat)]
+    body += [f"<p>{html.escape(t)}</p>" for t in told]
     body += [f'<img src="figures/{p.name}" style="max-width:100%">' for p in pngs]
     for title, df in sections:
         body += [f"<h2>{html.escape(title)}</h2>", df.to_html(index=False, na_rep="—")]

@@ -109,3 +109,12 @@ def select_params(model: nn.Module, spec: str, seed: int = 0) -> list[Tensor]:
         raise ValueError(f"adapted-parameter spec {spec!r} selects no parameters in {type(model).__name__}"
                          + (" (no linear layer, and no matrix the forward pass multiplies)" if kind == "lora" else ""))
     return chosen
+
+
+def merge_(model: nn.Module) -> nn.Module:
+    """Fold every adapter into the weight it parametrizes (W + B·A becomes W): plain weights, as an artifact stores."""
+    for module in list(model.modules()):
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return model

@@ -26,7 +26,7 @@ import torch
 
 from e2ettt import data
 from e2ettt.config import config_hash
-from e2ettt.evaluate import DeviceTables, Score, as_tensor, chunk_spans, eval_val, static_curve
+from e2ettt.evaluate import DeviceTables, Score, as_tensor, chunk_spans, eval_val, plan_windows, score_windows, static_curve
 from e2ettt.quant.apply import quantize_model, require_targets
 from e2ettt.quant.regimes import QuantConfig, parse_regime
 from e2ettt.source import (
@@ -42,7 +42,14 @@ from e2ettt.source import (
 from e2ettt.storage import Store
 from e2ettt.ttt import DTYPES, TTTConfig
 
-State = dict  # parameter name -> np.ndarray (float32), what the model evaluates and TTT starts from
+
+@dataclass(frozen=True)
+class State:
+    """A regime's weights as trials receive them: what the model evaluates and TTT starts from, and how each stored
+    tensor reads back (`quant.apply.requantize_` puts adapted weights back on that grid)."""
+
+    weights: dict  # parameter name -> np.ndarray (float32)
+    grid: dict = dataclasses.field(default_factory=dict)  # stored tensor -> its grid (`QuantReport.grid`); empty: none
 
 
 @dataclass(frozen=True)
@@ -57,11 +64,12 @@ class Windowing:
     max_tokens: int
     segment_start: int
     prefix: int  # tokens before the segment that serve as context, never scored
+    heldout: int = 0  # the stream's last targets, in no segment: the held-out slice
 
     @classmethod
     def of(cls, cfg: TTTConfig, segment_start: int) -> Windowing:
         return cls(cfg.chunk_tokens, cfg.context, cfg.stride or cfg.context, cfg.micro_batch, cfg.dtype, cfg.max_tokens,
-                   segment_start, min(cfg.context, segment_start))
+                   segment_start, min(cfg.context, segment_start), cfg.heldout_tokens)
 
 
 def weights_key(fingerprint: str, regime: str, qcfg: QuantConfig, device: str, dtype: str = "fp32",
@@ -94,11 +102,11 @@ def quantize_regime(inputs: Inputs, regime: str, qcfg: QuantConfig, device: str 
     if spec.needs_calibration:
         calib = torch.as_tensor(calibration_tokens(inputs, qcfg)).to(device)
     qmodel, report = quantize_model(model, spec, qcfg, calib, source_dtypes(inputs), DTYPES[dtype])
-    summary = {**{f.name: getattr(report, f.name) for f in dataclasses.fields(report) if f.name != "artifact"},
+    summary = {**{f.name: getattr(report, f.name) for f in dataclasses.fields(report) if f.name not in ("artifact", "grid")},
                "artifact_bytes": report.artifact_bytes, "device": device,
                "decoder": "checkpoint: " + inputs.checkpoint_format if spec.method == "fp" else
                pg_int8_name if spec.method == "pg" else "e2ettt_packed_v1 (this regime's own codes and scales)"}
-    return summary, {k: v.detach().float().cpu().numpy() for k, v in qmodel.state_dict().items()}
+    return summary, State({k: v.detach().float().cpu().numpy() for k, v in qmodel.state_dict().items()}, report.grid)
 
 
 pg_int8_name = "int8_clean_per_row_v1 (parameter-golf's round trip)"
@@ -122,7 +130,7 @@ def own_regime(inputs: Inputs, regime: str, model: torch.nn.Module, device: str)
                "selection": {"artifact": entry["path"], "sha256": entry["sha256"]}, "tensors": tensors, "device": device,
                "decoder": decoder, "notes": [f"your own artifact {entry['path']} ({entry['bytes']:,} bytes, its file size), "
                                              f"read as {decoder}; {len(tensors)} tensors differ from the checkpoint"]}
-    return summary, {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    return summary, State({k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()})
 
 
 def calibration_tokens(inputs: Inputs, qcfg: QuantConfig) -> np.ndarray:
@@ -146,7 +154,7 @@ def check_regimes(inputs: Inputs, regimes: list[str], qcfg: QuantConfig) -> None
 def load_regime_model(inputs: Inputs, state: State, device: torch.device | str = "cpu",
                       dtype: str = "fp32") -> torch.nn.Module:
     model = load_source_model(inputs, device, DTYPES[dtype])
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.weights.items()})
     return model.to(device).eval()
 
 
@@ -169,10 +177,27 @@ def static_scores(inputs: Inputs, state: State, windowings: list[Windowing], dev
                                  dtype)
             ev = eval_val(model, tokens[w.prefix :], w.context,
                           tables.for_stream(None if sidecar is None else sidecar[w.prefix :]), w.micro_batch, dtype)
+            held = heldout_score(model, val, val_bytes, w, tables, device)
         out.append({"windowing": dataclasses.asdict(w), "device": device,
                     "chunks": [[s.nll, s.bytes, s.tokens] for s in curve], "eval_val": [ev.nll, ev.bytes, ev.tokens],
+                    "heldout": None if held is None else [held.nll, held.bytes, held.tokens],
                     "seconds": time.perf_counter() - t0})
     return out
+
+
+def heldout_score(model: torch.nn.Module, val: np.ndarray, val_bytes: np.ndarray | None, w: Windowing,
+                  tables: DeviceTables, device) -> Score | None:
+    """The model's static score of the held-out slice (the stream's last `w.heldout` targets, which no segment
+    touches), with the row's context, stride, batching and dtype; None without a slice."""
+    span = data.heldout_span(val, w.max_tokens, w.heldout)
+    if span is None:
+        return None
+    first, end = span
+    lo = max(0, first - 1 - w.context)
+    side = None if val_bytes is None else val_bytes[lo:end]
+    with torch.no_grad():
+        return score_windows(model, as_tensor(val[lo:end], device), plan_windows(first - lo, end - lo, w.context, w.stride),
+                             tables.for_stream(side), w.micro_batch, DTYPES[w.dtype])
 
 
 def static_objects(inputs: Inputs, state: State, windowings: list[Windowing], device: str = "cpu", threads: int = 0):
@@ -196,7 +221,8 @@ def total(static: dict) -> Score:
 
 def save_regime(store: Store, key: str, report: dict, state: State) -> None:
     buf = io.BytesIO()
-    torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, buf)
+    grid = {k: {f: torch.from_numpy(np.array(v)) if f == "scales" else v for f, v in g.items()} for k, g in state.grid.items()}
+    torch.save({"weights": {k: torch.from_numpy(np.array(v)) for k, v in state.weights.items()}, "grid": grid}, buf)
     store.write_bytes(f"{key}/weights.pt", buf.getvalue())
     store.write_bytes(f"{key}/report.json", json.dumps(report, indent=1, default=float).encode())
 
@@ -205,8 +231,11 @@ def load_regime(store: Store, key: str) -> tuple[dict, State] | None:
     report, weights = store.read_bytes(f"{key}/report.json"), store.read_bytes(f"{key}/weights.pt")
     if report is None or weights is None:
         return None
-    tensors = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
-    return json.loads(report), {k: v.numpy() for k, v in tensors.items()}
+    saved = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+    if "weights" not in saved or "grid" not in saved:  # a copy from before regimes kept their grid: made again
+        return None
+    grid = {k: {f: v.numpy() if f == "scales" else v for f, v in g.items()} for k, g in saved["grid"].items()}
+    return json.loads(report), State({k: v.numpy() for k, v in saved["weights"].items()}, grid)
 
 
 def save_static(store: Store, key: str, static: dict) -> None:
@@ -220,8 +249,8 @@ def load_static(store: Store, key: str) -> dict | None:
 
 @dataclass(frozen=True)
 class Needs:
-    """The artifacts a sweep's trials read: weights key -> regime, static key -> (weights key, windowing), and the
-    autocast each regime's weights are made under (weights key -> dtype)."""
+    """The artifacts a sweep's trials read: weights key -> (regime, its draw seed), static key -> (weights key,
+    windowing), and the autocast each regime's weights are made under (weights key -> dtype)."""
 
     weights: dict
     static: dict
@@ -239,14 +268,19 @@ def prepare(ray, needs: Needs, inputs: Inputs, qcfg: QuantConfig, device: str, t
     score = ray.remote(**opts)(static_objects)
     t0 = time.perf_counter()
     refs, reports, pending = {}, {}, {}  # pending: ref -> (kind, key)
-    for wkey, regime in needs.weights.items():
+    reused = 0
+    for wkey, (regime, draw) in needs.weights.items():
         cached = load_regime(store, f"{prefix}/{wkey}")
         if cached is not None:
-            reports[regime], refs[wkey] = cached[0], ray.put(cached[1])
-            log(f"  {regime:>20}: quantized weights reused from {store.url(f'{prefix}/{wkey}')}")
+            reports.setdefault(regime, cached[0])
+            refs[wkey] = ray.put(cached[1])
+            reused += 1
         else:
-            report_ref, refs[wkey] = quantize.remote(inputs, regime, qcfg, device, threads, needs.dtypes.get(wkey, "fp32"))
+            report_ref, refs[wkey] = quantize.remote(inputs, regime, dataclasses.replace(qcfg, rotation_seed=draw), device,
+                                                     threads, needs.dtypes.get(wkey, "fp32"))
             pending[report_ref] = ("weights", wkey)
+    if reused:
+        log(f"  {reused} regime weights reused from {store.url(prefix)}")
     todo: dict[str, dict] = {}  # weights key -> static key -> windowing
     for skey, (wkey, windowing) in needs.static.items():
         cached = load_static(store, f"{prefix}/{skey}")
@@ -264,13 +298,38 @@ def prepare(ray, needs: Needs, inputs: Inputs, qcfg: QuantConfig, device: str, t
         done, _ = ray.wait(list(pending), num_returns=1)
         kind, key = pending.pop(done[0])
         if kind == "weights":
-            regime = needs.weights[key]
-            reports[regime] = rep = ray.get(done[0])
+            regime, draw = needs.weights[key]
+            rep = ray.get(done[0])
             save_regime(store, f"{prefix}/{key}", rep, ray.get(refs[key]))
-            log(f"  {regime:>20}: {rep['quantized_params']:>10,} params quantized, {rep['artifact_bytes']:>10,} bytes "
-                f"(lzma), {rep['seconds']:.1f} s on {rep['device']}")
+            if regime not in reports:  # a regime drawn per seed: its first draw speaks for it
+                reports[regime] = rep
+                log(f"  {regime:>20}: {rep['quantized_params']:>10,} params quantized, {rep['artifact_bytes']:>10,} "
+                    f"bytes (lzma), {rep['seconds']:.1f} s on {rep['device']}")
         else:
             save_static(store, f"{prefix}/{key}", ray.get(done[0]))
-    log(f"  {len(needs.weights)} regimes ready, {computed} static curves computed "
+    log(f"  {len(needs.weights)} regime weights ready ({len(reports)} regimes), {computed} static curves computed "
         f"({len(needs.static) - computed} reused) in {time.perf_counter() - t0:.0f} s")
     return refs, reports
+
+
+def prepare_local(needs: Needs, inputs: Inputs, qcfg: QuantConfig, device: str = "cpu", threads: int = 0,
+                  store: Store | None = None) -> tuple[dict, dict]:
+    """`prepare` without Ray, in this process: every artifact in `needs` as a value by key, and each regime's
+    quantization report (the Ray-free CLI and tests); weights kept in `store` are reused, new ones kept there."""
+    values, reports = {}, {}
+    for wkey, (regime, draw) in needs.weights.items():
+        cached = load_regime(store, wkey) if store is not None else None
+        if cached is None:
+            cached = quantize_regime(inputs, regime, dataclasses.replace(qcfg, rotation_seed=draw), device, threads,
+                                     needs.dtypes.get(wkey, "fp32"))
+            if store is not None:
+                save_regime(store, wkey, *cached)
+        reports.setdefault(regime, cached[0])
+        values[wkey] = cached[1]
+    by_weights: dict[str, dict] = {}
+    for skey, (wkey, windowing) in needs.static.items():
+        by_weights.setdefault(wkey, {})[skey] = windowing
+    for wkey, jobs in by_weights.items():
+        for skey, static in zip(jobs, static_scores(inputs, values[wkey], list(jobs.values()), device, threads)):
+            values[skey] = static
+    return values, reports

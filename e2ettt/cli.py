@@ -78,8 +78,8 @@ def cmd_quantize(args, cfg: CLIConfig) -> int:
     names = ["fp"] * ("fp" not in names) + names + [n for n in cfg.source.artifact_names if n not in names]
     regimes = [parse_regime(r, inputs.artifacts) for r in names]
     val, val_bytes = load_split(inputs, "val"), load_target_bytes(inputs)
-    tokens = as_tensor(eval_segment(val, cfg.ttt.max_tokens, cfg.ttt.seed))
-    sidecar = None if val_bytes is None else eval_segment(val_bytes, cfg.ttt.max_tokens, cfg.ttt.seed)
+    tokens = as_tensor(eval_segment(val, cfg.ttt.max_tokens, cfg.ttt.seed, cfg.ttt.heldout_tokens))
+    sidecar = None if val_bytes is None else eval_segment(val_bytes, cfg.ttt.max_tokens, cfg.ttt.seed, cfg.ttt.heldout_tokens)
     tables = DeviceTables.from_tables(load_tables(inputs)).for_stream(sidecar)
     base = None
     print(f"{'regime':>20} {'bpb':>8} {'damage':>8} {'quantized':>10} {'zlib B':>10} {'lzma B':>10} {'seconds':>8}  weights")
@@ -101,29 +101,21 @@ def cmd_ttt(args, cfg: CLIConfig) -> int:
     from e2ettt.launch import run_local
     from e2ettt.source import fingerprint, load_split, resolve
     from e2ettt.storage import Store
-    from e2ettt.sweep import make_trial, plan_settings, segments
+    from e2ettt.sweep import make_trial, needs, plan_settings, segments
     from e2ettt.worker import run_trial_on_rank
 
     parse_regime(args.regime, cfg.source.artifact_names)
     ttt = override(cfg.ttt, {"inner_lr": args.lr} if args.lr is not None else {})
     inputs = resolve(cfg.source)
     val = load_split(inputs, "val")
-    starts = segments(val, ttt.max_tokens, [ttt.seed], [ttt.chunk_tokens])  # bad seed, cap or chunk: one line
+    starts = segments(val, ttt.max_tokens, [ttt.seed], [ttt.chunk_tokens], ttt.heldout_tokens)  # bad seed, cap: one line
     fp = fingerprint(inputs)
     settings = plan_settings(fp, args.regime, [dataclasses.replace(ttt, seed=0)], starts, cfg.quant, "cpu", args.workers,
                              own=inputs.artifacts)
     trial = make_trial(settings, inputs, args.workers, args.threads)
-    (setting, row), = trial.rows
     store = Store(args.work_dir or tempfile.mkdtemp(prefix="e2ettt-"))
-    values = {}
-    for regime, static in dict.fromkeys([("fp", row.fp_static), (args.regime, row.static)]):
-        key = artifacts.weights_key(fp, regime, cfg.quant, "cpu", ttt.dtype, inputs.artifacts.get(regime))
-        cached = artifacts.load_regime(store, key)
-        if cached is None:
-            cached = artifacts.quantize_regime(inputs, regime, cfg.quant, "cpu", args.threads, ttt.dtype)
-            artifacts.save_regime(store, key, *cached)
-        windowing = artifacts.Windowing.of(ttt, row.segment_start)
-        values[key], values[static] = cached[1], artifacts.static_scores(inputs, cached[1], [windowing], "cpu", args.threads)[0]
+    values, _ = artifacts.prepare_local(needs(settings, fp, cfg.quant, "cpu", ttt.dtype), inputs, cfg.quant, "cpu",
+                                        args.threads, store)
     (_, m, curve), = run_local(run_trial_on_rank, (trial, values), args.workers)
     print(f"{args.regime}: pre-quant {m.pre_quant_bpb:.4f}  post-quant {m.post_quant_bpb:.4f}  post-TTT {m.post_ttt_bpb:.4f} "
           f"bpb  (damage {m.damage:+.4f}, recovery {m.recovery:+.4f}, status {m.status})")

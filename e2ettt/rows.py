@@ -84,6 +84,10 @@ class Measured:
     ended_at: float = math.nan  # ... this row ended
     peak_rss_mb: float = math.nan
     alarms: str = ""  # the row's own checks that failed (`row_alarms`), comma-separated; "" when all passed
+    heldout_fp_bpb: float = math.nan  # the held-out slice (no segment touches it), static: the unquantized model
+    heldout_quant_bpb: float = math.nan  # ... the regime's weights
+    heldout_adapted_bpb: float = math.nan  # ... the weights TTT left at the end of the segment
+    heldout_requant_bpb: float = math.nan  # ... those weights put back on the regime's grid (its scales, new codes)
 
 
 ALARM_TOLERANCE = 1e-5  # bpb: chunk 0 scored on several ranks may differ from the one-rank static score by rounding
@@ -116,8 +120,12 @@ def row_alarms(result: TTTResult, static: dict, targets: int, text_bytes: int) -
     return ",".join(failed)
 
 
+def heldout_bpb(static: dict) -> float:
+    return Score(*static["heldout"]).bpb if static.get("heldout") else math.nan
+
+
 def measure(result: TTTResult, static: dict, fp_static: dict, targets: int, text_bytes: int, stop_reason: str = "",
-            **where) -> Measured:
+            adapted: Score | None = None, requant: Score | None = None, **where) -> Measured:
     """One seed's numbers: pre/post-quant from the static curves, post-TTT from the run (none when it
     diverged or was stopped: its running bpb covers only part of the segment), and the row's alarms
     (`targets` and `text_bytes`: the target tokens of its segment and the UTF-8 bytes of their text)."""
@@ -132,7 +140,10 @@ def measure(result: TTTResult, static: dict, fp_static: dict, targets: int, text
         pre_quant_eval_val_bpb=Score(*fp_static["eval_val"]).bpb, post_quant_eval_val_bpb=Score(*static["eval_val"]).bpb,
         tokens_scored=result.total.tokens, bytes_scored=result.total.bytes, ttt_seconds=result.seconds,
         tokens_per_second=result.tokens_per_second, diverged=result.diverged, diverged_chunk=result.diverged_chunk,
-        error=stop_reason if result.stopped else "", alarms=row_alarms(result, static, targets, text_bytes), **where)
+        error=stop_reason if result.stopped else "", alarms=row_alarms(result, static, targets, text_bytes),
+        heldout_fp_bpb=heldout_bpb(fp_static), heldout_quant_bpb=heldout_bpb(static),
+        heldout_adapted_bpb=adapted.bpb if adapted is not None else math.nan,
+        heldout_requant_bpb=requant.bpb if requant is not None else math.nan, **where)
 
 
 @dataclass(frozen=True)
@@ -154,7 +165,7 @@ def setting_columns(sweep: Sweep, trial: TrialSpec, setting: SettingSpec, row: R
             "strength": spec.strength,
             **dataclasses.asdict(dataclasses.replace(setting.ttt, seed=row.seed)),
             **{f"quant_{k}": v for k, v in dataclasses.asdict(sweep.cfg.quant).items()},
-            "segment_start": row.segment_start, "world_size": trial.world_size, "device": sweep.cfg.device,
+            "segment_start": row.segment_start, "draw_seed": row.draw_seed, "world_size": trial.world_size, "device": sweep.cfg.device,
             "input_fingerprint": sweep.fingerprint, "checkpoint": sweep.inputs.checkpoint,
             "stream_tokens": sweep.stream_targets, "artifact_bytes": report.get("artifact_bytes"),
             "weights_decoder": report.get("decoder", ""),

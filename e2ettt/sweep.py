@@ -160,6 +160,8 @@ class RowSpec:
     segment_start: int  # first validation token of the segment
     prefix: int  # tokens before it that serve as context, never scored
     control_key: str
+    weights: str  # artifact key of the regime's weights for this row (damage families draw theirs per seed)
+    draw_seed: int  # the rotation, share and noise seed those weights were made with
     static: str  # artifact key: the regime's static curve over this row's windows
     fp_static: str  # ... and the unquantized model's
 
@@ -170,7 +172,6 @@ class SettingSpec:
 
     setting_key: str
     regime: str
-    weights: str  # artifact key of the regime's weights
     ttt: TTTConfig  # seed 0; each row runs at its own seed
     rows: tuple[RowSpec, ...]
     protected: bool  # an fp control that regime rows are matched to: never stopped early
@@ -224,7 +225,11 @@ def plan_settings(fingerprint: str, regime: str, ttts: list[TTTConfig], starts: 
     base = {"inputs": fingerprint, "quant": dataclasses.asdict(quant), "device": device, "ranks": world_size}
     mine = {"regime": regime, **({"artifact": own[regime]["sha256"]} if regime in own else {})}
     dtype = ttts[0].dtype if ttts else "fp32"
-    weights, fp_weights = (artifacts.weights_key(fingerprint, r, quant, device, dtype, own.get(r)) for r in (regime, "fp"))
+    spec = parse_regime(regime, own)
+    fp_weights = artifacts.weights_key(fingerprint, "fp", quant, device, dtype)
+    drawn = {seed: draw_seed(quant, spec, seed) for seed in starts}
+    weights = {seed: artifacts.weights_key(fingerprint, regime, dataclasses.replace(quant, rotation_seed=drawn[seed]),
+                                           device, dtype, own.get(regime)) for seed in starts}
     out = []
     for ttt in ttts:
         d = dataclasses.asdict(ttt)
@@ -234,12 +239,19 @@ def plan_settings(fingerprint: str, regime: str, ttts: list[TTTConfig], starts: 
             windowing = Windowing.of(ttt, start)
             rows.append(RowSpec(
                 row_id=config_hash({**base, **mine, **at}, 16), seed=seed, segment_start=start,
-                prefix=windowing.prefix, control_key=config_hash({**base, **at}, 16),
-                static=artifacts.static_key(weights, windowing, device),
+                prefix=windowing.prefix, control_key=config_hash({**base, **at}, 16), weights=weights[seed],
+                draw_seed=drawn[seed], static=artifacts.static_key(weights[seed], windowing, device),
                 fp_static=artifacts.static_key(fp_weights, windowing, device)))
         key = config_hash({**base, **mine, "ttt": {**d, "seed": None}}, 16)
-        out.append(SettingSpec(key, regime, weights, ttt, tuple(rows), protected))
+        out.append(SettingSpec(key, regime, ttt, tuple(rows), protected))
     return out
+
+
+def draw_seed(quant: QuantConfig, regime, seed: int) -> int:
+    """The seed a row's weights are made with: a damage family's draw (which weights a share treats, the wrong
+    rotation, the noise) is new at every seed when `quant.draw_per_seed`, so that intervals cover the draw as well as
+    the text; every other regime, and every regime without it, uses `quant.rotation_seed`."""
+    return quant.rotation_seed + seed if quant.draw_per_seed and regime.draws else quant.rotation_seed
 
 
 def make_trial(settings: tuple[SettingSpec, ...] | list[SettingSpec], inputs: Inputs, world_size: int, threads: int = 1,
@@ -279,14 +291,15 @@ def preflight(cfg: SweepConfig, inputs: Inputs, val: np.ndarray) -> dict[int, in
     """Every check of the settings against the inputs, before Ray starts (the settings' own checks ran when the
     config was built: `SweepConfig.validate`); returns each seed's segment start."""
     cfg.validate()
-    starts = segments(val, cfg.ttt.max_tokens, cfg.grid.seeds, cfg.grid.chunks)
+    starts = segments(val, cfg.ttt.max_tokens, cfg.grid.seeds, cfg.grid.chunks, cfg.ttt.heldout_tokens)
     artifacts.check_regimes(inputs, list(cfg.grid.regimes), cfg.quant)  # a regime the model cannot take
     return starts
 
 
-def segments(val: np.ndarray, max_tokens: int, seeds, chunks) -> dict[int, int]:
+def segments(val: np.ndarray, max_tokens: int, seeds, chunks, heldout: int = 0) -> dict[int, int]:
     """Each seed's segment start; a seed that cannot mean other text, or a chunk larger than a row's stream, fails."""
-    starts = {int(s): data.segment_start(val, max_tokens, int(s)) for s in seeds}
+    data.heldout_span(val, max_tokens, heldout)  # the held-out slice fits beside a segment
+    starts = {int(s): data.segment_start(val, max_tokens, int(s), heldout) for s in seeds}
     targets = data.segment(val, 0, max_tokens).size - 1
     for chunk in chunks:
         chunk_spans(targets, chunk)
@@ -301,16 +314,17 @@ def plan(cfg: SweepConfig, fingerprint: str, starts: dict[int, int], own: dict |
                                                            cfg.device, cfg.ranks, protected and regime == "fp", own)]
 
 
-def needs(settings: list[SettingSpec], fingerprint: str, cfg: SweepConfig) -> Needs:
+def needs(settings: list[SettingSpec], fingerprint: str, quant: QuantConfig, device: str, dtype: str) -> Needs:
     """The artifacts `settings` read: each regime's weights (fp's too: its static curves) and each static curve."""
     weights, static = {}, {}
-    fp = artifacts.weights_key(fingerprint, "fp", cfg.quant, cfg.device, cfg.ttt.dtype)
+    fp = artifacts.weights_key(fingerprint, "fp", quant, device, dtype)
     for s in settings:
-        weights.update({s.weights: s.regime, fp: "fp"})
+        weights[fp] = ("fp", quant.rotation_seed)
         for r in s.rows:
+            weights[r.weights] = (s.regime, r.draw_seed)
             windowing = Windowing.of(s.ttt, r.segment_start)
-            static.update({r.static: (s.weights, windowing), r.fp_static: (fp, windowing)})
-    return Needs(weights, static, {k: cfg.ttt.dtype for k in weights})
+            static.update({r.static: (r.weights, windowing), r.fp_static: (fp, windowing)})
+    return Needs(weights, static, {k: dtype for k in weights})
 
 
 @dataclass(frozen=True)
@@ -364,6 +378,6 @@ def open_sweep(cfg: SweepConfig, inputs: Inputs, code_dir: str | Path = ".", slo
     todo = tuple(dataclasses.replace(s, rows=rows) for s in planned
                  if (rows := tuple(r for r in s.rows if r.row_id not in finished)))
     sweep = Sweep(cfg, inputs, fp, todo, (), frozenset(r.row_id for s in planned for r in s.rows), val.size - 1,
-                  data.segment(val, 0, cfg.ttt.max_tokens).size - 1, needs(list(todo), fp, cfg), run_dir, store, tables,
+                  data.segment(val, 0, cfg.ttt.max_tokens).size - 1, needs(list(todo), fp, cfg.quant, cfg.device, cfg.ttt.dtype), run_dir, store, tables,
                   pulled, git_sha(code_dir), versions())
     return sweep.packed(slots)

@@ -35,6 +35,7 @@ TTT_COLUMNS = [
     ("inner_lr", pa.float64()), ("schedule", pa.string()), ("momentum", pa.float64()),
     ("weight_decay", pa.float64()), ("epochs", pa.int64()), ("step_windows", pa.int64()),
     ("micro_batch", pa.int64()), ("grad_clip", pa.float64()), ("params", pa.string()), ("max_tokens", pa.int64()),
+    ("heldout_tokens", pa.int64()),
     ("seed", pa.int64()), ("dtype", pa.string()), ("fuse_score", pa.bool_()), ("diverge_bpb", pa.float64()),
     ("checksum_every", pa.int64()),
 ]
@@ -44,6 +45,7 @@ QUANT_COLUMNS = [
     ("quant_calib_tokens", pa.int64()), ("quant_calib_seq_len", pa.int64()), ("quant_gptq_block", pa.int64()),
     ("quant_gptq_damp", pa.float64()), ("quant_act_order", pa.bool_()), ("quant_rotation_seed", pa.int64()),
     ("quant_linear_types", pa.string()), ("quant_keep_float", pa.string()), ("quant_min_share", pa.float64()),
+    ("quant_draw_per_seed", pa.bool_()),
 ]
 
 TRIAL_SCHEMA = pa.schema([
@@ -56,6 +58,7 @@ TRIAL_SCHEMA = pa.schema([
     ("strength", pa.float64()),  # the family's knob: the noise size, or the share of weights the regime treats
     *TTT_COLUMNS,
     ("segment_start", pa.int64()),  # first validation token of the row's segment
+    ("draw_seed", pa.int64()),  # the rotation, share and noise seed the row's weights were made with
     *QUANT_COLUMNS,
     ("world_size", pa.int64()), ("device", pa.string()), ("device_name", pa.string()),
     ("node_id", pa.string()), ("hostname", pa.string()),
@@ -64,6 +67,10 @@ TRIAL_SCHEMA = pa.schema([
     ("damage", pa.float64()), ("recovery", pa.float64()), ("recovery_frac", pa.float64()),
     ("first_chunk_delta", pa.float64()),
     ("pre_quant_eval_val_bpb", pa.float64()), ("post_quant_eval_val_bpb", pa.float64()),
+    # the held-out slice (the stream's last ttt.heldout_tokens targets, in no segment), static: fp, the regime, the
+    # weights TTT left, and those put back on the regime's grid (NaN without a slice, or without a grid: fp, own)
+    ("heldout_fp_bpb", pa.float64()), ("heldout_quant_bpb", pa.float64()), ("heldout_adapted_bpb", pa.float64()),
+    ("heldout_requant_bpb", pa.float64()),
     ("tokens_scored", pa.int64()), ("bytes_scored", pa.float64()),
     ("ttt_seconds", pa.float64()), ("tokens_per_second", pa.float64()), ("load_seconds", pa.float64()),
     ("stream_tokens", pa.int64()),  # target tokens of the whole validation stream

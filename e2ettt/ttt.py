@@ -66,6 +66,7 @@ class TTTConfig:
     grad_clip: float = 1.0  # global grad-norm clip; 0 = off
     params: str = "all"  # all | norms | lora:R
     max_tokens: int = 0  # cap on scored target tokens; 0 = the whole stream
+    heldout_tokens: int = 0  # under a cap: the stream's last N targets, in no segment, where persistence is measured
     seed: int = 0  # picks the stream segment under a cap, and LoRA init
     dtype: str = "fp32"  # fp32 | bf16 autocast
     fuse_score: bool = True  # score chunk k from its first epoch's forward (same θ_k, same windows); saves a forward
@@ -86,6 +87,7 @@ class TTTConfig:
             (self.micro_batch > 0, f"ttt.micro_batch must be positive, got {self.micro_batch}"),
             (self.grad_clip >= 0, f"ttt.grad_clip must be >= 0, got {self.grad_clip}"),
             (self.max_tokens >= 0, f"ttt.max_tokens must be >= 0, got {self.max_tokens}"),
+            (self.heldout_tokens >= 0, f"ttt.heldout_tokens must be >= 0, got {self.heldout_tokens}"),
             (self.dtype in DTYPES, f"ttt.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}"),
             (self.checksum_every >= 0, f"ttt.checksum_every must be >= 0, got {self.checksum_every}"),
             (self.diverge_bpb >= 0, f"ttt.diverge_bpb must be >= 0, got {self.diverge_bpb}"),

@@ -23,9 +23,11 @@ from collections.abc import Callable, Mapping
 import torch
 
 from e2ettt import data, faults
-from e2ettt.artifacts import load_regime_model, scores
+from e2ettt.adapt import merge_
+from e2ettt.artifacts import Windowing, heldout_score, load_regime_model, scores
 from e2ettt.distributed import all_reduce_sum_, world
 from e2ettt.evaluate import DeviceTables, as_tensor
+from e2ettt.quant.apply import requantize_
 from e2ettt.rows import CurvePoint, Measured, measure
 from e2ettt.source import load_split, load_tables, load_target_bytes, set_threads
 from e2ettt.sweep import RowSpec, SettingSpec, TrialSpec
@@ -103,10 +105,10 @@ def run_trial_on_rank(spec: TrialSpec, artifacts: Mapping, device: torch.device 
                 measured = Measured(status="stopped", error=progress.stop_reason(setting), **where) if rank == 0 else None
                 progress.row_done(setting, row, measured, [] if rank == 0 else None)
                 continue
-            if weights != setting.weights:  # settings of one regime share its weights: loaded once
-                weights, base = setting.weights, None
-                base = load_regime_model(spec.inputs, fetch(artifacts[setting.weights]), device,
-                                         setting.ttt.dtype)  # each row adapts a copy
+            if weights != row.weights:  # rows of one regime share its weights (but for per-seed draws): loaded once
+                weights, base = row.weights, None
+                state = fetch(artifacts[row.weights])
+                base = load_regime_model(spec.inputs, state, device, setting.ttt.dtype)  # each row adapts a copy
             cfg = dataclasses.replace(setting.ttt, seed=row.seed)
             static, fp_static = fetch(artifacts[row.static]), fetch(artifacts[row.fp_static])
             tokens = as_tensor(data.segment(val, row.segment_start, cfg.max_tokens, row.prefix), device)
@@ -125,10 +127,19 @@ def run_trial_on_rank(spec: TrialSpec, artifacts: Mapping, device: torch.device 
             stopped = result.stopped
             measured = curve = None
             if rank == 0:
+                window = Windowing.of(cfg, row.segment_start)
+                adapted = requant = None
+                if static.get("heldout") and not (result.diverged or result.stopped):
+                    merge_(model)  # what TTT learnt, as plain weights
+                    adapted = heldout_score(model, val, val_bytes, window, tables, device)
+                    if state.grid:
+                        requantize_(model, state.grid)
+                        requant = heldout_score(model, val, val_bytes, window, tables, device)
                 targets = tokens.numel() - 1 - row.prefix
                 text_bytes = (decoded_bytes(sp, tokens.cpu().numpy(), row.prefix + 1) if sidecar is None
                               else int(sidecar[row.prefix + 1 :].sum()))  # the sidecar's bytes are the text's
                 measured = measure(result, static, fp_static, targets, text_bytes, progress.stop_reason(setting),
+                                   adapted=adapted, requant=requant,
                                    load_seconds=load_seconds, ended_at=time.time(),
                                    peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **where)
                 curve = [CurvePoint.of(c) for c in result.chunks]

@@ -5,7 +5,7 @@ from e2ettt import artifacts
 from e2ettt.launch import run_local
 from e2ettt.quant.regimes import QuantConfig
 from e2ettt.source import SourceConfig, fingerprint, load_split, resolve
-from e2ettt.sweep import make_trial, plan_settings, segments
+from e2ettt.sweep import make_trial, needs, plan_settings, segments
 from e2ettt.ttt import TTTConfig
 from e2ettt.worker import run_trial_on_rank
 
@@ -23,11 +23,7 @@ def windowing_rows(assets) -> list[tuple[str, int, object]]:
             for lr, stride, dtype in WINDOWINGS.values()]
     quant = QuantConfig(min_numel=1024)
     settings = plan_settings(fingerprint(inputs), "fp", ttts, starts, quant, "cpu", 1)
-    values = {settings[0].weights: artifacts.quantize_regime(inputs, "fp", quant)[1]}
-    for s in settings:
-        for r in s.rows:
-            windowing = artifacts.Windowing.of(s.ttt, r.segment_start)
-            values[r.static] = artifacts.static_scores(inputs, values[s.weights], [windowing])[0]
+    values, _ = artifacts.prepare_local(needs(settings, fingerprint(inputs), quant, "cpu", "fp32"), inputs, quant)
     names = {s.setting_key: name for s, name in zip(settings, WINDOWINGS)}
     setting_of = {r.row_id: s.setting_key for s in settings for r in s.rows}
     rows = run_trial_on_rank(make_trial(settings, inputs, 1), values)
@@ -43,15 +39,7 @@ def planned(tiny_demo):
     ttts = [TTTConfig(inner_lr=lr, chunk_tokens=256, context=128, max_tokens=1024) for lr in (0.01, 0.1)]
     quant = QuantConfig(min_numel=1024)
     settings = [s for regime in ("fp", "int3") for s in plan_settings(fp, regime, ttts, starts, quant, "cpu", 2)]
-    values = {}  # the artifacts, made as the sweep's Ray tasks make them
-    for s in settings:
-        if s.weights not in values:
-            values[s.weights] = artifacts.quantize_regime(inputs, s.regime, quant)[1]
-    for s in settings:
-        for r in s.rows:
-            for key, weights in ((r.static, s.weights), (r.fp_static, settings[0].weights)):
-                windowing = artifacts.Windowing.of(s.ttt, r.segment_start)
-                values[key] = artifacts.static_scores(inputs, values[weights], [windowing])[0]
+    values, _ = artifacts.prepare_local(needs(settings, fp, quant, "cpu", "fp32"), inputs, quant)  # as the Ray tasks do
     return inputs, settings, values
 
 

@@ -50,7 +50,7 @@ from e2ettt.quant import artifact, pg_int8
 from e2ettt.quant.gptq import gptq, proxy_loss
 from e2ettt.quant.hadamard import Rotation
 from e2ettt.quant.regimes import QuantConfig, Regime
-from e2ettt.quant.rtn import Quantized, rtn
+from e2ettt.quant.rtn import Quantized, quantize_with_scales, rtn
 
 
 @dataclass
@@ -67,6 +67,7 @@ class QuantReport:
     notes: list[str] = field(default_factory=list)
     tensors: list[dict] = field(default_factory=list)  # name, uses, numel, bits, rel_error, proxy_loss, rtn_proxy_loss
     artifact: dict | None = field(default=None, repr=False)  # the stored form (codes, fp16 scales, passthrough)
+    grid: dict = field(default_factory=dict, repr=False)  # how each stored tensor reads back: `requantize_` re-encodes with it
 
     @property
     def artifact_bytes(self) -> int:
@@ -320,6 +321,14 @@ def _pg_round_trip(out: nn.Module, report: QuantReport, dtypes: dict[str, torch.
                                "rel_error": float((deq[name].float() - state[name].float()).norm()
                                                   / state[name].float().norm().clamp_min(1e-12))})
     report.quantized_params = sum(t["numel"] for t in report.tensors)
+    for name in obj["quantized"]:
+        scales = obj["scales"][name].float()
+        report.grid[name] = ({"kind": "codes", "param": name, "index": None, "transposed": False, "levels": 255,
+                              "scales": scales.numpy(), "rotation_seed": -1} if scales.ndim else
+                             {"kind": "scalar", "param": name, "scale": float(scales)})
+    for name, t in obj["passthrough"].items():
+        if t.is_floating_point() and t.dtype == torch.float16:
+            report.grid[name] = {"kind": "fp16", "param": name, "index": None, "transposed": False}
     report.artifact_bytes_zlib = len(blob)
     report.artifact_bytes_lzma = artifact.compressed_sizes(obj)["lzma"]
     report.selection = {"rule": "parameter-golf int8_clean_per_row_v1: float tensors above 65,536 elements"}
@@ -437,6 +446,42 @@ def _quantize_packed(out: nn.Module, regime: Regime, cfg: QuantConfig, calib: Te
     sizes = artifact.compressed_sizes(packed)
     report.artifact_bytes_zlib, report.artifact_bytes_lzma = sizes["zlib"], sizes["lzma"]
     report.artifact = packed
+    for t in targets.values():
+        where = {"param": t.matrix.param if t.matrix is not None else t.name,
+                 "index": t.matrix.index if t.matrix is not None else None,
+                 "transposed": t.matrix.transposed if t.matrix is not None else False}
+        if t.name in packed["quantized"]:
+            e = packed["quantized"][t.name]
+            report.grid[t.name] = {"kind": "codes", **where, "levels": e["levels"], "scales": e["scales"].float().numpy(),
+                                   "rotation_seed": e["rotation_seed"]}
+        else:
+            report.grid[t.name] = {"kind": "fp16", **where}
+    for name, stored in packed["passthrough"].items():
+        if name not in report.grid and stored.dtype == torch.float16:
+            report.grid[name] = {"kind": "fp16", "param": name, "index": None, "transposed": False}
+
+
+@torch.no_grad()
+def requantize_(model: nn.Module, grid: dict) -> None:
+    """Put `model`'s weights back on a regime's grid, in place: each stored tensor re-encoded as the regime's
+    artifact stores it (the same fp16 row scales and rotation, new codes; fp16 storage for fp16 tensors), so that
+    what TTT learnt is measured as it would survive in the artifact. Weights must be plain (LoRA merged)."""
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for g in grid.values():
+        p = tensors[g["param"]]
+        if g["kind"] == "scalar":
+            p.copy_(torch.clamp(torch.round(p.float() / g["scale"]), -127, 127) * g["scale"])
+            continue
+        m = None if g["index"] is None and not g["transposed"] else Matrix("", g["param"], g["index"], g["transposed"], "")
+        W = matrix_view(p, m) if m is not None else p
+        if g["kind"] == "fp16":
+            W.copy_(W.half())
+            continue
+        scales = torch.as_tensor(g["scales"], device=W.device)
+        R = Rotation(W.shape[1], g["rotation_seed"]) if g["rotation_seed"] >= 0 else None
+        Wr = R.apply(W.double()).float() if R else W.float()
+        Q = quantize_with_scales(Wr, scales, g["levels"]).Q
+        W.copy_((R.inverse(Q.double()).float() if R else Q).to(W.dtype))
 
 
 def _quantize_weight(W: Tensor, levels: int, regime: Regime, cfg: QuantConfig, H: Tensor | None,

@@ -72,6 +72,11 @@ class Regime:
         return ("hadamard-" if self.rotate else "") + self.method
 
     @property
+    def draws(self) -> bool:
+        """Whether the regime's damage is a random draw (a share of the weights, a wrong rotation, noise)."""
+        return self.family in ("structured", "unstructured") or self.share < 1
+
+    @property
     def strength(self) -> float:
         """The family's knob: the noise size, or the share of weights a regime treats."""
         return self.noise if self.method == "noise" else self.share
@@ -125,6 +130,7 @@ class QuantConfig:
     linear_types: str = "torch.nn.Linear"  # module classes (and subclasses) whose weights are quantized, comma-separated
     keep_float: str = CONTROL_PATTERNS  # name substrings never quantized, comma-separated
     min_share: float = 0.9  # a regime must reach this share of the matrix parameters above min_numel, or it is refused
+    draw_per_seed: bool = False  # damage families draw their shares, rotations and noise anew per seed (rotation_seed + seed)
 
     def validate(self) -> None:
         if self.grid not in GRIDS:
