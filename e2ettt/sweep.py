@@ -377,7 +377,8 @@ def open_sweep(cfg: SweepConfig, inputs: Inputs, code_dir: str | Path = ".", slo
     finished = tables.finished_ids(cfg.rerun_stopped)
     todo = tuple(dataclasses.replace(s, rows=rows) for s in planned
                  if (rows := tuple(r for r in s.rows if r.row_id not in finished)))
+    made = needs(list(todo), fp, cfg.quant, cfg.device, cfg.ttt.dtype)
     sweep = Sweep(cfg, inputs, fp, todo, (), frozenset(r.row_id for s in planned for r in s.rows), val.size - 1,
-                  data.segment(val, 0, cfg.ttt.max_tokens).size - 1, needs(list(todo), fp, cfg.quant, cfg.device, cfg.ttt.dtype), run_dir, store, tables,
-                  pulled, git_sha(code_dir), versions())
+                  data.segment(val, 0, cfg.ttt.max_tokens).size - 1, made, run_dir, store, tables, pulled,
+                  git_sha(code_dir), versions())
     return sweep.packed(slots)
