@@ -33,10 +33,12 @@ class TrialReporter(Progress):
     """Streams a trial to Tune while it runs, through Ray Train reports that every rank makes together,
     and asks the sweep's stop board, in the call rank 0 makes at each report, whether a setting must end.
 
-    Rank 0 votes to report when `report_seconds` have passed since the last report (or `max_chunks` chunks
-    are waiting), and to stop a setting the board ended; the votes ride on the chunk's score all-reduce,
-    so all ranks report, and stop, at the same chunk. Curves never sit whole in Tune's state: each report
-    holds only the chunks since the previous one.
+    Rank 0 votes to report at the chunk where a seed crosses the stop rule's share of its tokens, or the
+    setting an ASHA rung (those reports are the board's checkpoints: verdicts are taken there and nowhere
+    else, so they depend on the text, not on the clock), when `report_seconds` have passed since the last
+    report (or `max_chunks` chunks are waiting: progress only), and to stop a setting the board ended; the
+    votes ride on the chunk's score all-reduce, so all ranks report, and stop, at the same chunk. Curves
+    never sit whole in Tune's state: each report holds only the chunks since the previous one.
     """
 
     def __init__(self, spec: TrialSpec, board, max_chunks: int = 256):
@@ -52,6 +54,9 @@ class TrialReporter(Progress):
         self.written = set(self.get(board.written.remote(ids))) if self.rank == 0 and board is not None else set()
         self.verdicts: dict[str, str] = {}  # setting key -> why the board ended it
         self.tokens_before: dict[str, int] = {}  # setting key -> tokens of its finished rows
+        self.judge_at, self.rungs = (self.get(board.points.remote()) if self.rank == 0 and board is not None
+                                     else (None, []))
+        self.checkpoint = False  # the next report is a checkpoint of the stop rule
         self.last = time.monotonic()
         self.pending: list[CurvePoint] = []
         self.metrics: dict = {}
@@ -63,10 +68,24 @@ class TrialReporter(Progress):
             if why:
                 self.verdicts[progress.setting_key] = why
 
-    def _progress(self, diverged: bool = False) -> SettingProgress:
+    def _progress(self, diverged: bool = False, checkpoint: bool = False) -> SettingProgress:
         m = self.metrics
         return SettingProgress(self.setting_key, m["regime"], m["seed"], m["tokens_seen"], m["seed_fraction"],
-                            m.get("running_recovery", math.nan), diverged)
+                               m.get("running_recovery", math.nan), diverged, checkpoint)
+
+    def _crosses(self) -> bool:
+        """Whether the chunk being scored is the seed's judging point (the first chunk after an update, chunk 1 on,
+        that takes the seed to the rule's share of its tokens), or takes the setting across an ASHA rung."""
+        k = self.chunks_done
+        if k >= len(self.static):
+            return False
+        before = sum(c[2] for c in self.static[:k])
+        after = before + self.static[k][2]
+        target = None if self.judge_at is None else self.judge_at * self.seed_tokens
+        if target is not None and k >= 1 and after >= target and (k == 1 or before < target):
+            return True
+        done = self.tokens_before.get(self.setting_key, 0)
+        return any(done + before < r <= done + after for r in self.rungs)
 
     def signal(self) -> float:
         """1: report now; 3: report now and end the setting (rank 0 decides; the sum over ranks reaches every rank)."""
@@ -74,12 +93,13 @@ class TrialReporter(Progress):
             return 0.0
         if self.setting_key in self.verdicts:
             return 3.0
+        self.checkpoint = self._crosses()
         due = time.monotonic() - self.last >= self.every_s or len(self.pending) + 1 >= self.max_chunks
-        return 1.0 if due else 0.0
+        return 1.0 if due or self.checkpoint else 0.0
 
     def row_started(self, setting: SettingSpec, row: RowSpec, static: dict, fp_static: dict) -> None:
         self.setting_key, self.row_id = setting.setting_key, row.row_id
-        self.static, self.static_sums = static["chunks"], [0.0, 0.0]
+        self.static, self.static_sums, self.chunks_done = static["chunks"], [0.0, 0.0], 0
         self.seed_tokens = sum(c[2] for c in self.static)
         self.metrics = {"setting_key": setting.setting_key, "regime": setting.regime, "seed": row.seed,
                         "pre_quant_bpb": total(fp_static).bpb, "post_quant_bpb": total(static).bpb,
@@ -87,6 +107,7 @@ class TrialReporter(Progress):
 
     def chunk(self, setting: SettingSpec, row: RowSpec, rec: ChunkRecord) -> bool:
         nll, nbytes, _ = self.static[rec.chunk]
+        self.chunks_done = rec.chunk + 1
         self.static_sums = [self.static_sums[0] + nll, self.static_sums[1] + nbytes]
         running_static = self.static_sums[0] / (math.log(2) * self.static_sums[1])
         self.pending.append(CurvePoint.of(rec))
@@ -95,7 +116,8 @@ class TrialReporter(Progress):
                             running_static_bpb=running_static, running_recovery=running_static - rec.running_ttt_bpb)
         if rec.signal > 0:
             self._send(Report(row.row_id, self.attempt, tuple(self.pending)))
-            self._ask_board(self._progress())
+            self._ask_board(self._progress(checkpoint=self.checkpoint))
+            self.checkpoint = False
         return rec.signal >= 2
 
     def row_vote(self, setting: SettingSpec, row: RowSpec) -> float:

@@ -14,9 +14,18 @@ GPUs, so that the next trial's workers cannot start.
 
 - `judge` is the rule: a setting ends when one of its seeds diverged, or
   when its running recovery (the regime's own static bpb − its TTT bpb over
-  the same chunks) is below −threshold after `min_fraction` of a seed. A
-  damaged regime is judged against its own static curve, so it is never
-  ended for being damaged.
+  the same chunks) is below −threshold at a seed's judging point: the
+  first chunk scored after an update (chunk 1 on) that takes the seed to
+  `min_fraction` of its tokens. A damaged regime is judged against its own
+  static curve, so it is never ended for being damaged.
+- Verdicts are taken at fixed points of the text, never of the clock: each
+  seed is judged at its judging point (and, with ASHA, where the setting
+  crosses a rung), whose report the trial forces;
+  reports sent because `report_seconds` passed show progress only. So the
+  same grid gives the same statuses on a fast and a slow machine. (ASHA's
+  cutoffs compare a setting with those that reached the rung before it, so
+  with several trials in flight they depend on arrival order, as
+  asynchronous halving does by design; the default fifo rule does not.)
 - `Rungs` adds asynchronous successive halving (ASHA: Li et al., "A System
   for Massively Parallel Hyperparameter Tuning", MLSys 2020) over running
   recovery at rungs of tokens seen, one bracket per regime, so that a
@@ -54,6 +63,7 @@ class SettingProgress:
     seed_fraction: float  # of the current seed's targets
     running_recovery: float  # static − TTT running bpb of the current seed (negative: TTT hurts)
     diverged: bool = False
+    checkpoint: bool = False  # taken where the seed crosses min_fraction, or the setting an ASHA rung: judged here
 
 
 def judge(p: SettingProgress, rule: StopRule) -> str:
@@ -62,7 +72,7 @@ def judge(p: SettingProgress, rule: StopRule) -> str:
         return ""
     if p.diverged:
         return f"seed {p.seed} diverged: the setting's other seeds are not run"
-    if p.seed_fraction >= rule.min_fraction and p.running_recovery < -rule.threshold:
+    if p.checkpoint and p.seed_fraction >= rule.min_fraction and p.running_recovery < -rule.threshold:
         return (f"TTT hurting: running recovery {p.running_recovery:+.4f} bpb after {p.seed_fraction:.0%} "
                 f"of seed {p.seed}'s tokens")
     return ""
@@ -130,7 +140,7 @@ class StopBoard:
         if p.setting_key in self.protected:
             return ""
         why = judge(p, self.rule)
-        if not why and self.rungs is not None:
+        if not why and self.rungs is not None and p.checkpoint:
             why = self.rungs.cut(p.regime, p.setting_key, p.tokens_seen, p.running_recovery)
         if why:
             self.verdicts[p.setting_key] = why
@@ -138,6 +148,12 @@ class StopBoard:
 
     def verdict(self, setting_key: str) -> str:
         return self.verdicts.get(setting_key, "")
+
+    def points(self) -> tuple[float, list[int]]:
+        """Where trials must report for a verdict: the share of a seed's tokens it is judged at (None when the rule
+        never stops), and the ASHA rungs in tokens of a setting."""
+        return (self.rule.min_fraction if self.rule.threshold > 0 else None,
+                self.rungs.milestones if self.rungs is not None else [])
 
     def row_written(self, row_id: str) -> None:
         self.rows.add(row_id)

@@ -4,8 +4,9 @@ import pytest
 from e2ettt.stopping import Rungs, SettingProgress, StopBoard, StopRule, judge
 
 
-def progress(key="int3-a", regime="int3", seed=0, tokens=1000, fraction=0.5, recovery=0.0, diverged=False):
-    return SettingProgress(key, regime, seed, tokens, fraction, recovery, diverged)
+def progress(key="int3-a", regime="int3", seed=0, tokens=1000, fraction=0.5, recovery=0.0, diverged=False,
+             checkpoint=True):
+    return SettingProgress(key, regime, seed, tokens, fraction, recovery, diverged, checkpoint)
 
 
 def test_the_rule_ends_a_hurting_setting_only_after_its_share_of_a_seed():
@@ -16,6 +17,20 @@ def test_the_rule_ends_a_hurting_setting_only_after_its_share_of_a_seed():
     assert judge(progress(fraction=0.0, diverged=True, seed=2), rule).startswith("seed 2 diverged")
     off = StopRule(threshold=0.0)
     assert judge(progress(fraction=1.0, recovery=-3.0), off) == "" and judge(progress(diverged=True), off) == ""
+
+
+def test_verdicts_are_taken_at_checkpoints_of_the_text_never_at_reports_of_the_clock():
+    """A report sent because report_seconds passed shows progress; only the report forced where the seed crosses
+    min_fraction (or the setting an ASHA rung) is judged, so a fast machine and a slow one stop the same seeds."""
+    rule = StopRule(threshold=0.02, min_fraction=0.25, asha=True, first_rung=100, last_rung=1000)
+    board = StopBoard(rule)
+    assert board.post(progress(fraction=0.6, recovery=-0.5, checkpoint=False)) == ""  # a timed report
+    assert board.post(progress(fraction=0.9, recovery=-0.5, checkpoint=False, tokens=150)) == ""
+    assert board.rungs.recorded == {}  # timed reports record no rung value either
+    assert board.post(progress(fraction=0.25, recovery=-0.5)).startswith("TTT hurting")
+    assert board.post(progress(key="d", diverged=True, checkpoint=False)).startswith("seed 0 diverged")  # always
+    assert board.points() == (0.25, [100, 300, 900])
+    assert StopBoard(StopRule(threshold=0)).points() == (None, [])
 
 
 def test_a_damaged_regime_that_heals_is_never_judged_hurting():
