@@ -14,13 +14,16 @@ TRIAL_REQUIRED = ["row_id", "regime", "inner_lr", "chunk_tokens", "seed", "pre_q
 CURVE_REQUIRED = ["row_id", "chunk", "tokens_seen", "ttt_bpb", "static_bpb", "running_ttt_bpb"]
 # Settings a table row may carry; tables written before rows carried control and setting keys are matched on
 # every one of these that is present (and, for the control, the seed).
-DISPLAY_SETTINGS = ["inner_lr", "chunk_tokens", "epochs", "optimizer", "params", "context", "stride", "max_tokens",
-                    "momentum", "weight_decay", "schedule", "grad_clip", "step_windows", "dtype", "device", "world_size"]
-MATCH_SETTINGS = DISPLAY_SETTINGS + ["micro_batch", "fuse_score", "diverge_bpb", "input_fingerprint"]
+DISPLAY_SETTINGS = ["inner_lr", "chunk_tokens", "epochs", "optimizer", "params", "recipe", "context", "stride",
+                    "max_tokens", "momentum", "weight_decay", "schedule", "grad_clip", "step_windows", "train_windows",
+                    "reset", "phase_docs", "phase_lr", "decay_to_start", "dtype", "device", "world_size"]
+MATCH_SETTINGS = DISPLAY_SETTINGS + ["micro_batch", "fuse_score", "diverge_bpb", "input_fingerprint", "heldout_tokens",
+                                     "stats_tokens"]
 # What TTT does, as opposed to what is scored and how (the windows): the fp reference of a regime row is fp's best
 # choice of these, on the same windows, segment and inputs.
 TTT_SETTINGS = ["inner_lr", "schedule", "momentum", "weight_decay", "epochs", "step_windows", "optimizer", "params",
-                "grad_clip", "fuse_score", "diverge_bpb", "diverge_nats", "checksum_every"]
+                "grad_clip", "fuse_score", "diverge_bpb", "diverge_nats", "checksum_every", "recipe", "train_windows",
+                "phase_docs", "phase_lr", "decay_to_start", "stats_tokens"]
 WINDOW_SETTINGS = [c for c in MATCH_SETTINGS if c not in TTT_SETTINGS]  # with the seed: the same segment
 
 

@@ -60,16 +60,14 @@ def m(name: str, area: str, mistake: str, edits: list[tuple[str, str, str]], tes
 
 
 TTT, BPB, QUANT, ANALYSIS = "TTT", "static curve / bpb", "quantization", "sweep / analysis"
-UNFUSED = ("e2ettt/ttt.py", "        fused = cfg.fuse_score and not last and cfg.epochs > 0 and step_size >= len(windows)\n",
-           "        fused = False\n")
+UNFUSED = ("e2ettt/ttt.py", "        fused = (cfg.fuse_score and not last",
+           "        fused = False and (cfg.fuse_score and not last")
 T = "tests/test_ttt.py::"
 MUTANTS = [
     m("adapt_before_score", TTT, "adapt on chunk k before scoring it: the steps after chunk k-1 train on chunk k",
-      [UNFUSED, ("e2ettt/ttt.py", "                for s in range(0, len(windows), step_size):\n"
-                                  "                    step = windows[s : s + step_size]\n",
-                 "                ahead = plan_windows(*spans[k + 1], cfg.context, cfg.stride or None)\n"
-                 "                for s in range(0, len(ahead), step_size):\n"
-                 "                    step = ahead[s : s + step_size]\n")],
+      [UNFUSED, ("e2ettt/ttt.py", "            bad = adapt_(model, opt, params, tokens, train, cfg, lr, cfg.epochs, fused)\n",
+                 "            ahead = plan_windows(spans[k + 1].a, spans[k + 1].b, cfg.context, cfg.stride or None)\n"
+                 "            bad = adapt_(model, opt, params, tokens, ahead, cfg, lr, cfg.epochs, fused)\n")],
       [T + "test_each_chunk_is_scored_with_the_weights_adapted_on_the_chunks_before_it_only"]),
     m("score_with_next_weights", TTT, "score chunk k with θ_{k+1}: the chunk's adaptation runs before its score",
       [UNFUSED, ("e2ettt/ttt.py", "        else:\n            nll_sum, byte_sum, _ = window_sums(",
@@ -81,7 +79,7 @@ MUTANTS = [
                  "                finish_step_(params, b - a, cfg)\n"
                  "                opt.step()\n"
                  "            nll_sum, byte_sum, _ = window_sums("),
-                ("e2ettt/ttt.py", "            for epoch in range(cfg.epochs):\n", "            for epoch in range(0):\n")],
+                ("e2ettt/ttt.py", "    for epoch in range(epochs):\n", "    for epoch in range(0):\n")],
       [T + "test_ttt_changes_scores_and_first_chunk_equals_static"], alarms=("first_chunk",)),
     m("window_sees_its_target", TTT, "a window that includes its own target: inputs shifted onto the targets",
       [("e2ettt/evaluate.py", "    return xy[:, :-1], xy[:, 1:], mask\n", "    return xy[:, 1:], xy[:, 1:], mask\n")],
@@ -106,9 +104,9 @@ MUTANTS = [
         "    flat = reduced if world()[0] != 1 else flat.div_(global_count)\n")],
       [T + "test_world_size_one_and_two_agree_and_ranks_hold_identical_weights"]),
     m("optimizer_reset_per_chunk", TTT, "optimizer state (momentum) reset at every chunk instead of carried",
-      [("e2ettt/ttt.py", "            for group in opt.param_groups:\n                group[\"lr\"] = lr\n",
-        "            opt = make_optimizer(cfg, params)\n            for group in opt.param_groups:\n"
-        "                group[\"lr\"] = lr\n")],
+      [("e2ettt/ttt.py", "            bad = adapt_(model, opt, params, tokens, train, cfg, lr, cfg.epochs, fused)\n",
+        "            opt = make_optimizer(cfg, params, grad_stats)\n"
+        "            bad = adapt_(model, opt, params, tokens, train, cfg, lr, cfg.epochs, fused)\n")],
       [T + "test_the_loop_matches_score_first_ttt_written_plainly"]),
     m("cosine_off_by_one", TTT, "the lr schedule over chunks off by one (cosine never reaches 0)",
       [("e2ettt/ttt.py", "math.cos(math.pi * k / (num_chunks - 1))", "math.cos(math.pi * k / num_chunks)")],
@@ -129,13 +127,13 @@ MUTANTS = [
       equivalent="the same θ_k, windows and batching: every number is the same (pinned by "
                  "test_ttt_changes_scores_and_first_chunk_equals_static); only the cost changes"),
     m("static_on_other_windows", BPB, "static curve on other windows than the TTT scores (the sliding stride ignored)",
-      [("e2ettt/evaluate.py", "    return [score_windows(model, tokens, plan_windows(a, b, context, stride), tables,",
-        "    return [score_windows(model, tokens, plan_windows(a, b, context), tables,")],
+      [("e2ettt/evaluate.py", "plan_windows(a, b, context, stride, floor), tables,",
+        "plan_windows(a, b, context, None, floor), tables,")],
       [T + "test_lr_zero_reproduces_static_eval_chunk_by_chunk[True]", SMOKE_TEST], alarms=("first_chunk", "lr0")),
     m("static_without_earlier_chunks", BPB, "static curve without the context TTT takes from earlier chunks (each chunk"
       " scored on its own)",
-      [("e2ettt/evaluate.py", "    return [score_windows(model, tokens, plan_windows(a, b, context, stride), tables,",
-        "    return [score_windows(model, tokens[a - 1 :], plan_windows(1, b - a + 1, context, stride), tables,")],
+      [("e2ettt/evaluate.py", "score_windows(model, tokens, plan_windows(a, b, context, stride, floor), tables,",
+        "score_windows(model, tokens[a - 1 :], plan_windows(1, b - a + 1, context, stride, 0), tables,")],
       [T + "test_lr_zero_reproduces_static_eval_chunk_by_chunk[True]"], alarms=("first_chunk", "lr0")),
     m("static_in_another_dtype", BPB, "static curve in fp32 while TTT scores in bf16",
       [("e2ettt/artifacts.py", "        dtype = DTYPES[w.dtype]\n", "        dtype = None\n")],
@@ -198,6 +196,23 @@ MUTANTS = [
       [("e2ettt/tables.py", "        name = f\"part-{row['row_id']}-{stamp}-{os.getpid()}.parquet\"\n",
         "        name = f\"part-{stamp // 10**9}.parquet\"\n")],
       ["tests/test_tables.py::test_concurrent_writers_keep_every_row_and_compaction_keeps_them_too"]),
+    m("reset_skips_a_document", TTT, "per-document TTT that forgets to reset at a document (the second one carries "
+      "the first's adapters)",
+      [("e2ettt/ttt.py", "        if by_document and span.opens and k > 0:", "        if by_document and span.opens and k > 0 "
+        "and sum(s.opens for s in spans[:k]) != 1:")],
+      ["tests/test_protocols.py::test_each_recipe_matches_a_loop_written_plainly[doc-lora]"]),
+    m("phase_trains_on_unscored_documents", TTT, "a global phase that trains on documents not scored yet",
+      [("e2ettt/ttt.py", "global_pass_(model, tokens, phase_from, b, cfg, params)",
+        "global_pass_(model, tokens, phase_from, spans[-1].b, cfg, params)")],
+      ["tests/test_protocols.py::test_no_score_depends_on_a_later_token_in_any_recipe[phased]"]),
+    m("dyneval_decays_toward_zero", TTT, "dynamic evaluation's decay toward zero instead of toward the starting weights",
+      [("e2ettt/ttt.py", "pull = st[\"decay\"] * (st[\"start\"] - p)", "pull = st[\"decay\"] * (0 - p)")],
+      ["tests/test_protocols.py::test_each_recipe_matches_a_loop_written_plainly[dyneval]"]),
+    m("judged_on_the_clock", ANALYSIS, "early stopping judged at whatever report the clock sends (statuses that depend "
+      "on the machine's speed)",
+      [("e2ettt/stopping.py", "    if p.checkpoint and p.seed_fraction >= rule.min_fraction",
+        "    if p.seed_fraction >= rule.min_fraction")],
+      ["tests/test_stopping.py::test_verdicts_are_taken_at_checkpoints_of_the_text_never_at_reports_of_the_clock"]),
 ]
 QUICK = ("first_chunk_delta_wired_to_0", "leading_space_dropped_on_device", "hadamard_on_weights_only",
          "report_on_selection_seeds")  # one per area, each killed in seconds; the bpb one also shows a row alarm

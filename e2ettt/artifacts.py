@@ -26,7 +26,7 @@ import torch
 
 from e2ettt import data
 from e2ettt.config import config_hash
-from e2ettt.evaluate import DeviceTables, Score, as_tensor, chunk_spans, eval_val, plan_windows, score_windows, static_curve
+from e2ettt.evaluate import DeviceTables, Score, as_tensor, eval_val, plan_spans, plan_windows, score_windows, static_curve
 from e2ettt.quant.apply import quantize_model, require_targets
 from e2ettt.quant.regimes import QuantConfig, parse_regime
 from e2ettt.source import (
@@ -65,11 +65,12 @@ class Windowing:
     segment_start: int
     prefix: int  # tokens before the segment that serve as context, never scored
     heldout: int = 0  # the stream's last targets, in no segment: the held-out slice
+    by_document: bool = False  # chunks inside documents, windows reading nothing of the document before
 
     @classmethod
     def of(cls, cfg: TTTConfig, segment_start: int) -> Windowing:
         return cls(cfg.chunk_tokens, cfg.context, cfg.stride or cfg.context, cfg.micro_batch, cfg.dtype, cfg.max_tokens,
-                   segment_start, min(cfg.context, segment_start), cfg.heldout_tokens)
+                   segment_start, min(cfg.context, segment_start), cfg.heldout_tokens, cfg.reset == "document")
 
 
 def weights_key(fingerprint: str, regime: str, qcfg: QuantConfig, device: str, dtype: str = "fp32",
@@ -170,7 +171,7 @@ def static_scores(inputs: Inputs, state: State, windowings: list[Windowing], dev
         t0 = time.perf_counter()
         tokens = as_tensor(data.segment(val, w.segment_start, w.max_tokens, w.prefix), device)
         sidecar = data.segment(val_bytes, w.segment_start, w.max_tokens, w.prefix) if val_bytes is not None else None
-        spans = chunk_spans(tokens.numel() - 1 - w.prefix, w.chunk_tokens, first=w.prefix + 1)
+        spans = plan_spans(tokens, w.prefix + 1, tokens.numel() - 1 - w.prefix, w.chunk_tokens, w.by_document)
         dtype = DTYPES[w.dtype]
         with torch.no_grad():
             curve = static_curve(model, tokens, spans, w.context, w.stride, tables.for_stream(sidecar), w.micro_batch,

@@ -7,11 +7,13 @@ start-up its trial paid, which is what decides whether a setting fits that
 budget.
 
 Before a sweep runs, `setting_cost` estimates each setting's TTT time from
-a measured rate where one exists (earlier rows of the same inputs, device
-and ranks) and otherwise from a stated FLOP model: per scored-and-adapted
-token, 2N FLOPs to score (none extra when the first epoch's forward scores
-it) and 6N per epoch of adaptation, N the model's matrix parameters, at an
-assumed 40% of the device's dense peak. `plan_lines` adds each trial's
+a measured rate where one exists (earlier rows of the same inputs, device,
+ranks and protocol) and otherwise from a stated FLOP model: per scored
+target, 2N FLOPs per position its window runs to score it (context/stride
+of them; none extra when the first epoch's forward scores it) and 6N per
+epoch per position the adaptation runs (the scoring windows again, or one
+per target when it trains on sequences), N the model's matrix parameters,
+at an assumed 40% of the device's dense peak. `plan_lines` adds each trial's
 start-up: the median measured on the same device and ranks, or an assumed
 figure that the plan names as such.
 """
@@ -37,9 +39,15 @@ def projected_full_seconds(stream_tokens: int, tokens_per_second: float, startup
     return stream_tokens / tokens_per_second + (0.0 if math.isnan(startup_seconds) else startup_seconds)
 
 
-def ttt_flops_per_token(matrix_params: int, epochs: int, fuse_score: bool) -> float:
-    score = 0.0 if (fuse_score and epochs > 0) else 2.0 * matrix_params  # fused: the first epoch's forward scores
-    return score + 6.0 * matrix_params * epochs
+def ttt_flops_per_token(matrix_params: int, epochs: int, fuse_score: bool, context: int = 1, stride: int = 1,
+                        sequences: bool = False) -> float:
+    """FLOPs per scored target: a window of `context` inputs scores `stride` targets (context/stride positions run
+    per target), and the adaptation runs each epoch over the scoring windows (the same again) or, with
+    `sequences`, over the targets as context-long sequences (one position per target)."""
+    per_window = context / max(1, stride)
+    fused = fuse_score and epochs > 0 and (not sequences or stride >= context)
+    score = 0.0 if fused else 2.0 * matrix_params * per_window  # fused: the first epoch's forward scores
+    return score + 6.0 * matrix_params * epochs * (1.0 if sequences else per_window)
 
 
 @dataclass
@@ -51,10 +59,12 @@ class SettingCost:
 
 
 def setting_cost(label: str, tokens: int, ranks: int, device: str, dtype: str, matrix_params: int, epochs: int,
-                 fuse_score: bool, measured_tps: float | None) -> SettingCost:
+                 fuse_score: bool, measured_tps: float | None, context: int = 1, stride: int = 1,
+                 sequences: bool = False) -> SettingCost:
     if measured_tps:
         return SettingCost(label, tokens, tokens / measured_tps, "measured")
-    rate = ranks * MFU * PEAK_FLOPS[(device, dtype)] / ttt_flops_per_token(matrix_params, epochs, fuse_score)
+    flops = ttt_flops_per_token(matrix_params, epochs, fuse_score, context, stride, sequences)
+    rate = ranks * MFU * PEAK_FLOPS[(device, dtype)] / flops
     return SettingCost(label, tokens, tokens / rate, "FLOP model")
 
 

@@ -19,6 +19,7 @@ import tempfile
 from e2ettt.config import ConfigError, override, set_items
 from e2ettt.demo import DEMO_SETTINGS
 from e2ettt.quant.regimes import FORMS, QuantConfig, RegimeError, parse_regime
+from e2ettt.recipes import RECIPES, recipe_updates
 from e2ettt.source import SourceConfig
 from e2ettt.ttt import TTTConfig
 
@@ -44,6 +45,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifact-fn", default="", help="module:function or file.py:function decoding an artifact path to a "
                    "state dict (empty: the built-in formats)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--ttt-recipe", default="", metavar="NAME", help=f"a TTT protocol by name, applied before --set: "
+                   f"{', '.join(RECIPES)} (README: TTT protocols)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted setting, e.g. ttt.epochs=3 or quant.min_numel=4096 (repeatable)")
 
@@ -52,8 +55,12 @@ def build(args: argparse.Namespace) -> CLIConfig:
     updates = {"source.checkpoint": args.checkpoint, "source.data": args.data, "source.tokenizer": args.tokenizer,
                "source.model_fn": args.model_fn, "source.model_output": args.model_output,
                "source.artifacts": tuple(args.artifact), "source.artifact_fn": args.artifact_fn,
-               **({} if args.checkpoint else DEMO_SETTINGS), **set_items(args.set)}
-    return override(CLIConfig(), updates)
+               **({} if args.checkpoint else DEMO_SETTINGS)}
+    if args.ttt_recipe:  # a recipe's grid axes are one setting here: its first chunk size and inner lr
+        for key, value in recipe_updates(args.ttt_recipe).items():
+            key = {"grid.chunks": "ttt.chunk_tokens", "grid.inner_lrs": "ttt.inner_lr"}.get(key, key)
+            updates[key] = value[0] if isinstance(value, tuple) else value
+    return override(CLIConfig(), {**updates, **set_items(args.set)})
 
 
 def cmd_demo(args, cfg: CLIConfig) -> int:

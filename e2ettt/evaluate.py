@@ -82,8 +82,18 @@ class Score:
         return Score(self.nll + other.nll, self.bytes + other.bytes, self.tokens + other.tokens)
 
 
-def plan_windows(first: int, end: int, context: int, stride: int | None = None) -> list[Window]:
-    """Windows scoring targets [first, end) in blocks of `stride` (default: context)."""
+class Span(NamedTuple):
+    """A chunk: target positions [a, b); its windows read no token before `floor` (a document's BOS); `opens`: the
+    first chunk of a document (per-document TTT starts again from the starting weights there)."""
+
+    a: int
+    b: int
+    floor: int = 0
+    opens: bool = False
+
+
+def plan_windows(first: int, end: int, context: int, stride: int | None = None, floor: int = 0) -> list[Window]:
+    """Windows scoring targets [first, end) in blocks of `stride` (default: context), none reading before `floor`."""
     stride = stride or context
     if first < 1:
         raise ValueError("target positions start at 1 (token 0 has no predecessor)")
@@ -92,8 +102,36 @@ def plan_windows(first: int, end: int, context: int, stride: int | None = None) 
     windows = []
     for a in range(first, end, stride):
         b = min(a + stride, end)
-        windows.append(Window(max(0, b - 1 - context), b - 1, b - a))
+        windows.append(Window(max(floor, b - 1 - context), b - 1, b - a))
     return windows
+
+
+def document_spans(ids: np.ndarray, first: int, end: int, chunk_tokens: int, bos: int = 1) -> list[Span]:
+    """Targets [first, end) cut into documents, and each document into chunks of `chunk_tokens`: a document's
+    targets run from the token after its BOS to the next BOS (predicting the next document's start, as the records
+    count it); the stream's first document may have begun before `first`. Windows read back to the document's BOS,
+    never into the document before."""
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    ids = np.asarray(ids)
+    before = np.flatnonzero(ids[:first] == bos)
+    floor = int(before[-1]) if before.size else 0
+    starts = [first] + [int(p) + 1 for p in np.flatnonzero(ids[first : end - 1] == bos) + first if int(p) + 1 > first]
+    out = []
+    for i, s in enumerate(starts):
+        e = starts[i + 1] if i + 1 < len(starts) else end
+        doc_floor = floor if i == 0 else s - 1
+        out += [Span(a, min(a + chunk_tokens, e), doc_floor, a == s) for a in range(s, e, chunk_tokens)]
+    return out
+
+
+def plan_spans(ids, first: int, num_targets: int, chunk_tokens: int, by_document: bool) -> list[Span]:
+    """The chunks a row is scored (and adapted) in: fixed chunks of the stream, or chunks inside each document."""
+    if not by_document:
+        return [Span(a, b) for a, b in chunk_spans(num_targets, chunk_tokens, first)]
+    chunk_spans(num_targets, chunk_tokens, first)  # the same check: a chunk larger than the stream
+    host = ids.cpu().numpy() if isinstance(ids, Tensor) else np.asarray(ids)
+    return document_spans(host, first, first + num_targets, chunk_tokens)
 
 
 def chunk_spans(num_targets: int, chunk_tokens: int, first: int = 1) -> list[tuple[int, int]]:
@@ -204,7 +242,7 @@ def score_windows(
 def static_curve(
     model: nn.Module,
     tokens: Tensor,
-    spans: Sequence[tuple[int, int]],
+    spans: Sequence[tuple[int, int] | Span],
     context: int,
     stride: int | None,
     tables: DeviceTables,
@@ -212,8 +250,11 @@ def static_curve(
     dtype: torch.dtype | None = None,
 ) -> list[Score]:
     """Per-chunk static scores, batched exactly as the TTT loop scores at one rank."""
-    return [score_windows(model, tokens, plan_windows(a, b, context, stride), tables, micro_batch, dtype)
-            for a, b in spans]
+    out = []
+    for span in spans:
+        a, b, floor, _ = Span(*span)
+        out.append(score_windows(model, tokens, plan_windows(a, b, context, stride, floor), tables, micro_batch, dtype))
+    return out
 
 
 def eval_val(

@@ -141,12 +141,17 @@ def dry_run_plan(sweep: Sweep) -> list[str]:
     def measured(ttt) -> float | None:
         if done.empty:
             return None
-        same = done[(done["epochs"] == ttt.epochs) & (done["dtype"] == ttt.dtype) & (done["params"] == ttt.params)]
+        same = done[(done["epochs"] == ttt.epochs) & (done["dtype"] == ttt.dtype) & (done["params"] == ttt.params)
+                    & (done["context"] == ttt.context) & (done["stride"] == ttt.stride)
+                    & (done.get("train_windows", "scored") == ttt.train_windows)
+                    & (done.get("reset", "never") == ttt.reset)]
         return float(same["tokens_per_second"].median()) if len(same) else None
 
     startups = done.groupby("trial_key")["startup_seconds"].min().dropna() if not done.empty else []
     costs = [budget.setting_cost(s.label, len(s.rows) * sweep.row_targets, cfg.ranks, cfg.device, cfg.ttt.dtype,
-                                 matrix_params, s.ttt.epochs, s.ttt.fuse_score, measured(s.ttt)) for s in sweep.settings]
+                                 matrix_params, s.ttt.epochs, s.ttt.fuse_score, measured(s.ttt), s.ttt.context,
+                                 s.ttt.stride or s.ttt.context, s.ttt.train_windows == "sequences")
+             for s in sweep.settings]
     lines = [f"dry run: nothing started. {len(sweep.settings)} settings to run ({len(sweep.todo)} rows) in "
              f"{len(sweep.trials)} trial(s) of {cfg.ranks} {cfg.device.upper()} ranks, {sweep.row_targets:,} tokens per row, "
              f"model {matrix_params:,} matrix parameters"]

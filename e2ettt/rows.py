@@ -69,6 +69,8 @@ class Measured:
     post_quant_eval_val_bpb: float = math.nan
     tokens_scored: int = 0
     bytes_scored: float = 0.0
+    trained_targets: int = 0  # targets the adaptation took a loss on (all epochs and chunks)
+    trained_positions: int = 0  # positions its forward passes ran over: what the adaptation cost
     ttt_seconds: float = math.nan
     tokens_per_second: float = math.nan
     load_seconds: float = math.nan
@@ -138,7 +140,8 @@ def measure(result: TTTResult, static: dict, fp_static: dict, targets: int, text
         pre_quant_bpb=pre.bpb, post_quant_bpb=post.bpb, post_ttt_bpb=post_ttt, damage=damage, recovery=recovery,
         recovery_frac=recovery / damage if damage != 0 else math.nan, first_chunk_delta=result.first_chunk_delta,
         pre_quant_eval_val_bpb=Score(*fp_static["eval_val"]).bpb, post_quant_eval_val_bpb=Score(*static["eval_val"]).bpb,
-        tokens_scored=result.total.tokens, bytes_scored=result.total.bytes, ttt_seconds=result.seconds,
+        tokens_scored=result.total.tokens, bytes_scored=result.total.bytes, trained_targets=result.trained_targets,
+        trained_positions=result.trained_positions, ttt_seconds=result.seconds,
         tokens_per_second=result.tokens_per_second, diverged=result.diverged, diverged_chunk=result.diverged_chunk,
         error=stop_reason if result.stopped else "", alarms=row_alarms(result, static, targets, text_bytes),
         heldout_fp_bpb=heldout_bpb(fp_static), heldout_quant_bpb=heldout_bpb(static),

@@ -180,8 +180,9 @@ class SettingSpec:
     def label(self) -> str:
         """"int3 lr=0.03 chunk=512", with what TTT does differently from the default (params=lora:8, ...)."""
         t = self.ttt
-        other = [f"{k}={v}" for k, v, default in (("params", t.params, "all"), ("optimizer", t.optimizer, "sgd"),
-                                                  ("epochs", t.epochs, 1)) if v != default]
+        other = [f"{k}={v}" for k, v, default in (("recipe", t.recipe, ""), ("params", t.params, "all"),
+                                                  ("optimizer", t.optimizer, "sgd"), ("epochs", t.epochs, 1),
+                                                  ("reset", t.reset, "never")) if v != default]
         return " ".join([f"{self.regime} lr={t.inner_lr:g} chunk={t.chunk_tokens}", *other])
 
 

@@ -33,11 +33,13 @@ from e2ettt.storage import Store
 TTT_COLUMNS = [
     ("chunk_tokens", pa.int64()), ("context", pa.int64()), ("stride", pa.int64()), ("optimizer", pa.string()),
     ("inner_lr", pa.float64()), ("schedule", pa.string()), ("momentum", pa.float64()),
-    ("weight_decay", pa.float64()), ("epochs", pa.int64()), ("step_windows", pa.int64()),
+    ("weight_decay", pa.float64()), ("decay_to_start", pa.float64()), ("epochs", pa.int64()),
+    ("train_windows", pa.string()), ("reset", pa.string()), ("phase_docs", pa.int64()), ("phase_lr", pa.float64()),
+    ("step_windows", pa.int64()),
     ("micro_batch", pa.int64()), ("grad_clip", pa.float64()), ("params", pa.string()), ("max_tokens", pa.int64()),
     ("heldout_tokens", pa.int64()),
     ("seed", pa.int64()), ("dtype", pa.string()), ("fuse_score", pa.bool_()), ("diverge_bpb", pa.float64()),
-    ("checksum_every", pa.int64()),
+    ("checksum_every", pa.int64()), ("stats_tokens", pa.int64()), ("recipe", pa.string()),
 ]
 QUANT_COLUMNS = [
     ("quant_min_numel", pa.int64()), ("quant_embed_bits", pa.int64()), ("quant_grid", pa.string()),
@@ -72,6 +74,7 @@ TRIAL_SCHEMA = pa.schema([
     ("heldout_fp_bpb", pa.float64()), ("heldout_quant_bpb", pa.float64()), ("heldout_adapted_bpb", pa.float64()),
     ("heldout_requant_bpb", pa.float64()),
     ("tokens_scored", pa.int64()), ("bytes_scored", pa.float64()),
+    ("trained_targets", pa.int64()), ("trained_positions", pa.int64()),  # what the adaptation took a loss on / ran over
     ("ttt_seconds", pa.float64()), ("tokens_per_second", pa.float64()), ("load_seconds", pa.float64()),
     ("stream_tokens", pa.int64()),  # target tokens of the whole validation stream
     ("projected_full_seconds", pa.float64()),  # TTT over the whole stream at this row's tokens/s, same hardware

@@ -39,15 +39,16 @@ from e2ettt.evaluate import (
     Score,
     Window,
     batch_tensors,
-    chunk_spans,
     masked_sums,
     micro_batches,
+    plan_spans,
     plan_windows,
     token_nll,
     window_sums,
 )
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+OPTIMIZERS = ("sgd", "adamw", "dyneval")
 
 
 @dataclass(frozen=True)
@@ -55,12 +56,17 @@ class TTTConfig:
     chunk_tokens: int = 1024  # target positions per chunk (48 in the seed, 32K in the records)
     context: int = 256  # tokens each position may see (earlier chunks included)
     stride: int = 0  # targets per window; 0 = context (non-overlapping), less = sliding
-    optimizer: str = "sgd"  # sgd (with momentum) | adamw
+    optimizer: str = "sgd"  # sgd (with momentum) | adamw | dyneval (RMS-normalised steps, decay toward the start)
     inner_lr: float = 1e-3  # inner learning rate at chunk 0
     schedule: str = "constant"  # constant | cosine (over chunks, to 0 at the last)
     momentum: float = 0.9  # SGD momentum; AdamW beta1
     weight_decay: float = 0.0  # decoupled for AdamW, L2 for SGD
+    decay_to_start: float = 0.0  # dyneval's λ: each step pulls the weights back toward their starting values
     epochs: int = 1  # passes over each chunk after scoring it
+    train_windows: str = "scored"  # what a chunk is adapted on: scored (its scoring windows) | sequences (context-long)
+    reset: str = "never"  # never | document: adapted weights and optimizer state start again at each document (BOS)
+    phase_docs: int = 0  # with reset=document: after every N documents scored, one global SGD pass over them; 0 = none
+    phase_lr: float = 1e-3  # ... its learning rate (SGD, momentum 0.9, cosine over the pass)
     step_windows: int = 0  # windows per optimizer step; 0 = the whole chunk in one step
     micro_batch: int = 16  # windows per forward on one rank (memory, not maths)
     grad_clip: float = 1.0  # global grad-norm clip; 0 = off
@@ -72,13 +78,23 @@ class TTTConfig:
     fuse_score: bool = True  # score chunk k from its first epoch's forward (same θ_k, same windows); saves a forward
     diverge_bpb: float = 1.0  # diverged: running TTT bpb above the running static bpb of the same chunks by this; 0 = never
     checksum_every: int = 1  # compare a weight checksum across ranks every N chunks; 0 = never
+    stats_tokens: int = 16_384  # dyneval: train-split tokens its mean squared gradients are measured on
+    recipe: str = ""  # the protocol preset these settings came from (--ttt-recipe), "" = none; recorded in every row
 
     def validate(self) -> None:
         checks = [
             (self.chunk_tokens > 0, f"ttt.chunk_tokens must be positive, got {self.chunk_tokens}"),
             (self.context > 0, f"ttt.context must be positive, got {self.context}"),
             (0 <= self.stride <= self.context, f"ttt.stride must be in [0, context={self.context}], got {self.stride}"),
-            (self.optimizer in ("sgd", "adamw"), f"ttt.optimizer must be sgd or adamw, got {self.optimizer!r}"),
+            (self.optimizer in OPTIMIZERS, f"ttt.optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
+            (self.train_windows in ("scored", "sequences"),
+             f"ttt.train_windows must be scored or sequences, got {self.train_windows!r}"),
+            (self.reset in ("never", "document"), f"ttt.reset must be never or document, got {self.reset!r}"),
+            (self.phase_docs >= 0 and (self.phase_docs == 0 or self.reset == "document"),
+             f"ttt.phase_docs={self.phase_docs} needs ttt.reset=document (phases come between documents)"),
+            (self.phase_lr >= 0, f"ttt.phase_lr must be >= 0, got {self.phase_lr}"),
+            (self.decay_to_start >= 0, f"ttt.decay_to_start must be >= 0, got {self.decay_to_start}"),
+            (self.stats_tokens > 0, f"ttt.stats_tokens must be positive, got {self.stats_tokens}"),
             (self.schedule in ("constant", "cosine"), f"ttt.schedule must be constant or cosine, got {self.schedule!r}"),
             (self.inner_lr >= 0 and math.isfinite(self.inner_lr),
              f"ttt.inner_lr must be a finite number >= 0, got {self.inner_lr}"),
@@ -130,6 +146,8 @@ class TTTResult:
     first_chunk_delta: float = float("nan")  # ttt_bpb(chunk 0) - static_bpb(chunk 0); must be 0
     seconds: float = 0.0
     world_size: int = 1
+    trained_targets: int = 0  # targets the adaptation took a loss on, over all epochs and chunks
+    trained_positions: int = 0  # ... positions its forward passes ran over (its cost)
 
     @property
     def bpb(self) -> float:
@@ -146,10 +164,70 @@ def lr_at(cfg: TTTConfig, k: int, num_chunks: int) -> float:
     return cfg.inner_lr
 
 
-def make_optimizer(cfg: TTTConfig, params: Sequence[Tensor]) -> torch.optim.Optimizer:
+class DynEval(torch.optim.Optimizer):
+    """Dynamic evaluation's update (Krause et al. 2018, 2019): a gradient step normalised by the root of the mean
+    squared gradient MS that the starting weights have on training data, then a pull back toward the starting
+    weights θ₀ at a rate proportional to each weight's RMS (normalised to mean 1), at most all the way:
+
+        θ ← θ − η · g / (√MS + ε) + min(1, λ · √MS / mean(√MS)) ⊙ (θ₀ − θ_prev)
+    """
+
+    EPS = 1e-8
+
+    def __init__(self, params: Sequence[Tensor], lr: float, decay: float, ms: Sequence[Tensor]):
+        params = list(params)
+        super().__init__(params, {"lr": lr})
+        rms = [m.sqrt() for m in ms]
+        mean = torch.cat([r.flatten() for r in rms]).mean().clamp_min(self.EPS)
+        for p, r in zip(params, rms):
+            self.state[p].update(start=p.detach().clone(), denom=r + self.EPS, decay=(decay * r / mean).clamp(max=1.0))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                pull = st["decay"] * (st["start"] - p)
+                p.addcdiv_(p.grad, st["denom"], value=-group["lr"])
+                p.add_(pull)
+
+
+def make_optimizer(cfg: TTTConfig, params: Sequence[Tensor], stats: Sequence[Tensor] | None = None
+                   ) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.inner_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "dyneval":
+        if stats is None:
+            raise ValueError("ttt.optimizer=dyneval needs the mean squared gradients of the train split (gradient_stats)")
+        return DynEval(params, cfg.inner_lr, cfg.decay_to_start, stats)
     return torch.optim.AdamW(params, lr=cfg.inner_lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
+
+
+def gradient_stats(model: nn.Module, params: Sequence[Tensor], sequences: Tensor, dtype: torch.dtype | None = None
+                   ) -> list[Tensor]:
+    """Dynamic evaluation's MS: the mean over train sequences (n, L) of the squared gradient of each sequence's mean
+    NLL, at the current weights; summed over ranks when each holds a share of the sequences."""
+    sums = [torch.zeros_like(p) for p in params]
+    for row in sequences:
+        for p in params:
+            p.grad = None
+        x, y = row[None, :-1], row[None, 1:]
+        token_nll(model, x, y, dtype).mean().backward()
+        for acc, p in zip(sums, params):
+            if p.grad is not None:
+                acc.add_(p.grad.square())
+    count = torch.tensor([float(len(sequences))], dtype=torch.float64, device=sequences.device)
+    flat = all_reduce_sum_(torch.cat([a.flatten() for a in sums]))
+    n = float(all_reduce_sum_(count))
+    for p in params:
+        p.grad = None
+    out, at = [], 0
+    for a in sums:
+        out.append(flat[at : at + a.numel()].view_as(a) / max(n, 1.0))
+        at += a.numel()
+    return out
 
 
 def sync_gradients_(params: Sequence[Tensor], global_count: int) -> None:
@@ -194,6 +272,58 @@ def finish_step_(params: Sequence[Tensor], global_count: int, cfg: TTTConfig) ->
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
 
 
+def adapt_(model: nn.Module, opt: torch.optim.Optimizer, params: Sequence[Tensor], tokens: Tensor,
+           windows: Sequence[Window], cfg: TTTConfig, lr: float, epochs: int, fused_first: bool = False) -> Tensor:
+    """`epochs` passes over `windows` in steps of `cfg.step_windows` (0: all at once), in lockstep over the ranks;
+    with `fused_first`, the first step's gradients are already accumulated (the scoring forward's). Returns whether
+    any step's gradient norm was not finite (a device tensor: the caller decides when to wait for it)."""
+    rank, world_size = world()
+    for group in opt.param_groups:
+        group["lr"] = lr
+    bad = torch.zeros((), dtype=torch.bool, device=tokens.device)
+    step_size = cfg.step_windows or len(windows)
+    for epoch in range(epochs):
+        for s in range(0, len(windows), step_size):
+            step = windows[s : s + step_size]
+            if not (fused_first and epoch == 0 and s == 0):
+                opt.zero_grad(set_to_none=True)
+                backward_share_(model, tokens, share(step, [w.scored for w in step], rank, world_size), cfg)
+            bad |= ~torch.isfinite(finish_step_(params, sum(w.scored for w in step), cfg))
+            opt.step()
+    return bad
+
+
+PHASE_STEP_WINDOWS = 32  # sequences per step of a global pass, as the records batch them
+
+
+def global_pass_(model: nn.Module, tokens: Tensor, first: int, end: int, cfg: TTTConfig, adapted: Sequence[Tensor]) -> Tensor:
+    """A phase (#1695): one epoch of SGD (momentum 0.9, cosine lr from `cfg.phase_lr` over its steps) on every weight
+    that per-document TTT does not adapt, over the already scored targets [first, end) as context-long sequences,
+    in lockstep. Returns whether a gradient norm was not finite."""
+    rank, world_size = world()
+    mine = {id(p) for p in adapted}
+    base = [p for p in model.parameters() if id(p) not in mine and p.is_floating_point()] or list(adapted)
+    frozen = [p.requires_grad for p in base]
+    for p in base:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(base, lr=cfg.phase_lr, momentum=0.9)
+    windows = plan_windows(first, end, cfg.context, cfg.context)
+    steps = list(range(0, len(windows), PHASE_STEP_WINDOWS))
+    bad = torch.zeros((), dtype=torch.bool, device=tokens.device)
+    for i, s in enumerate(steps):
+        for group in opt.param_groups:
+            group["lr"] = cfg.phase_lr * 0.5 * (1 + math.cos(math.pi * i / max(1, len(steps) - 1)))
+        step = windows[s : s + PHASE_STEP_WINDOWS]
+        opt.zero_grad(set_to_none=True)
+        backward_share_(model, tokens, share(step, [w.scored for w in step], rank, world_size), cfg)
+        bad |= ~torch.isfinite(finish_step_(base, sum(w.scored for w in step), cfg))
+        opt.step()
+    for p, f in zip(base, frozen):
+        p.requires_grad_(f)
+        p.grad = None
+    return bad
+
+
 def run_ttt(
     model: nn.Module,
     tokens: Tensor,
@@ -203,12 +333,21 @@ def run_ttt(
     on_chunk: Callable[[ChunkRecord], bool | None] | None = None,
     signal: Callable[[], float] | None = None,
     prefix: int = 0,
+    grad_stats: Sequence[Tensor] | None = None,
 ) -> TTTResult:
     """Score-first TTT of `model` (adapted in place) over the targets of `tokens` after its first `prefix` tokens.
 
     `tokens` is the stream to evaluate (apply any cap before calling); its
     first `prefix` tokens are context only (earlier text of the stream,
-    never scored). `static`, if given, is the per-chunk static score of the
+    never scored). Its targets are cut into chunks (`evaluate.plan_spans`):
+    of the stream, or, with `reset=document`, inside each document, whose
+    first chunk starts again from the starting weights and optimizer state
+    (and whose windows read nothing of the document before). Each chunk is
+    scored, then (unless it ends the stream, or its document) adapted on:
+    its scoring windows, or (`train_windows=sequences`) its targets as
+    non-overlapping context-long sequences. With `phase_docs`, every N
+    documents scored are followed by a global SGD pass over them.
+    `static`, if given, is the per-chunk static score of the
     same windows with the starting weights, for the curves, first_chunk_delta
     and divergence: a run diverges when a loss or gradient is not finite, or
     when its running bpb exceeds the static running bpb of the same chunks by
@@ -221,25 +360,37 @@ def run_ttt(
     report progress, whether to stop) at no extra collective. `on_chunk`
     returning True ends the run after that chunk (`result.stopped`); every
     rank must return the same, which a decision read off `signal` ensures.
+    `grad_stats`: dynamic evaluation's mean squared gradients (`gradient_stats`), for `optimizer=dyneval`.
     """
     cfg.validate()
     rank, world_size = world()
     params = select_params(model, cfg.params, cfg.seed)
-    opt = make_optimizer(cfg, params)
-    spans = chunk_spans(tokens.numel() - 1 - prefix, cfg.chunk_tokens, first=prefix + 1)
+    opt = make_optimizer(cfg, params, grad_stats)
+    by_document = cfg.reset == "document"
+    spans = plan_spans(tokens, prefix + 1, tokens.numel() - 1 - prefix, cfg.chunk_tokens, by_document)
     if static is not None and len(static) != len(spans):
         raise ValueError(f"static curve has {len(static)} chunks, the stream has {len(spans)}")
+    start = [p.detach().clone() for p in params] if by_document else None
     result = TTTResult(world_size=world_size)
     static_run = Score(0.0, 0.0, 0)
+    docs_done, phase_from = 0, spans[0].a
     model.eval()
     t0 = time.perf_counter()
-    for k, (a, b) in enumerate(spans):
-        windows = plan_windows(a, b, cfg.context, cfg.stride or None)
+    for k, span in enumerate(spans):
+        a, b = span.a, span.b
+        if by_document and span.opens and k > 0:  # a new document: the starting weights, a fresh optimizer
+            with torch.no_grad():
+                for p, p0 in zip(params, start):
+                    p.copy_(p0)
+            opt = make_optimizer(cfg, params, grad_stats)
+        windows = plan_windows(a, b, cfg.context, cfg.stride or None, span.floor)
+        train = windows if cfg.train_windows == "scored" else plan_windows(a, b, cfg.context, cfg.context, span.floor)
         mine = share(windows, [w.scored for w in windows], rank, world_size)
-        last = k == len(spans) - 1
-        step_size = cfg.step_windows or len(windows)
-        # Fused: chunk k's first epoch is one step over all its windows with θ_k, so its forward is the score.
-        fused = cfg.fuse_score and not last and cfg.epochs > 0 and step_size >= len(windows)
+        ends_doc = by_document and (k + 1 == len(spans) or spans[k + 1].opens)
+        last = k == len(spans) - 1 or ends_doc  # nothing after it learns from an update on it
+        # Fused: the first step of chunk k's first epoch is over exactly its scoring windows, with θ_k: its forward is the score.
+        fused = (cfg.fuse_score and not last and cfg.epochs > 0 and train is windows
+                 and (cfg.step_windows or len(windows)) >= len(windows))
         t_chunk = time.perf_counter()
         if fused:
             opt.zero_grad(set_to_none=True)
@@ -260,20 +411,24 @@ def run_ttt(
         diverged = not math.isfinite(score.nll) or (
             static is not None and cfg.diverge_bpb > 0 and result.total.bpb - static_run.bpb > cfg.diverge_bpb)
         if not diverged and not last:
-            for group in opt.param_groups:
-                group["lr"] = lr
-            bad = torch.zeros((), dtype=torch.bool, device=tokens.device)
-            for epoch in range(cfg.epochs):
-                for s in range(0, len(windows), step_size):
-                    step = windows[s : s + step_size]
-                    if not (fused and epoch == 0):
-                        opt.zero_grad(set_to_none=True)
-                        backward_share_(model, tokens, share(step, [w.scored for w in step], rank, world_size), cfg)
-                    bad |= ~torch.isfinite(finish_step_(params, sum(w.scored for w in step), cfg))
-                    opt.step()
+            result.trained_targets += cfg.epochs * sum(w.scored for w in train)
+            result.trained_positions += cfg.epochs * sum(w.stop - w.start for w in train)
+            bad = adapt_(model, opt, params, tokens, train, cfg, lr, cfg.epochs, fused)
             diverged = bool(bad)  # host read 2 of 2: a non-finite gradient norm in any step of this chunk
             if not diverged and cfg.checksum_every and (k + 1) % cfg.checksum_every == 0:
                 assert_same_weights(params, f"after chunk {k}")
+        elif fused:
+            opt.zero_grad(set_to_none=True)
+        if not diverged and ends_doc and cfg.phase_docs and k + 1 < len(spans):
+            docs_done += 1
+            if docs_done % cfg.phase_docs == 0:  # a phase: every scored document since the last one, globally
+                with torch.no_grad():  # from the starting adapters (LoRA: the plain model), as the next document starts
+                    for p, p0 in zip(params, start):
+                        p.copy_(p0)
+                diverged = bool(global_pass_(model, tokens, phase_from, b, cfg, params))
+                phase_from = b
+                start = [p.detach().clone() for p in params]  # all weights adapted: the pass moved the start
+                opt = make_optimizer(cfg, params, grad_stats)
         record = ChunkRecord(
             chunk=k, tokens=score.tokens, tokens_seen=result.total.tokens, nll=score.nll, bytes=score.bytes,
             ttt_bpb=score.bpb, static_bpb=static_bpb, running_ttt_bpb=result.total.bpb, inner_lr=lr,
@@ -284,7 +439,7 @@ def run_ttt(
         if diverged:
             result.diverged, result.diverged_chunk = True, k
             break
-        if stop and not last:
+        if stop and k + 1 < len(spans):
             result.stopped = True
             break
     result.seconds = time.perf_counter() - t0

@@ -23,16 +23,16 @@ from collections.abc import Callable, Mapping
 import torch
 
 from e2ettt import data, faults
-from e2ettt.adapt import merge_
+from e2ettt.adapt import merge_, select_params
 from e2ettt.artifacts import Windowing, heldout_score, load_regime_model, scores
-from e2ettt.distributed import all_reduce_sum_, world
+from e2ettt.distributed import all_reduce_sum_, share, world
 from e2ettt.evaluate import DeviceTables, as_tensor
 from e2ettt.quant.apply import requantize_
 from e2ettt.rows import CurvePoint, Measured, measure
 from e2ettt.source import load_split, load_tables, load_target_bytes, set_threads
 from e2ettt.sweep import RowSpec, SettingSpec, TrialSpec
 from e2ettt.tokenizer import decoded_bytes, load_tokenizer
-from e2ettt.ttt import ChunkRecord, run_ttt
+from e2ettt.ttt import ChunkRecord, gradient_stats, run_ttt
 
 
 def device_name(device: torch.device) -> str:
@@ -92,6 +92,7 @@ def run_trial_on_rank(spec: TrialSpec, artifacts: Mapping, device: torch.device 
              **(where or {})}
     out = []
     weights, base = None, None
+    grad_stats: dict = {}
     for setting in spec.settings:
         fault = faults.for_regime(setting.regime)
         stopped = False
@@ -122,8 +123,15 @@ def run_trial_on_rank(spec: TrialSpec, artifacts: Mapping, device: torch.device 
                 faults.inject(fault, rank, rec.chunk)
                 return progress.chunk(setting, row, rec)
 
+            stats = None
+            if cfg.optimizer == "dyneval":  # the train split's mean squared gradients, once per weights and choice
+                key = (row.weights, cfg.params, cfg.context, cfg.stats_tokens, cfg.dtype,
+                       cfg.seed if cfg.params.startswith("lora") else None)  # LoRA's A is drawn per seed
+                if key not in grad_stats:
+                    grad_stats[key] = dyneval_stats(spec, copy.deepcopy(base), cfg, device)
+                stats = grad_stats[key]
             result = run_ttt(model, tokens, tables.for_stream(sidecar), cfg, scores(static), chunk_done, progress.signal,
-                             row.prefix)
+                             row.prefix, stats)
             stopped = result.stopped
             measured = curve = None
             if rank == 0:
@@ -146,3 +154,15 @@ def run_trial_on_rank(spec: TrialSpec, artifacts: Mapping, device: torch.device 
                 out.append((row, measured, curve))
             progress.row_done(setting, row, measured, curve)
     return out if rank == 0 else None
+
+
+def dyneval_stats(spec: TrialSpec, model, cfg, device) -> list:
+    """Dynamic evaluation's mean squared gradients of `cfg.params` at the regime's weights, over `cfg.stats_tokens` of
+    the train split in context-long sequences spread across it (never validation), each rank a share."""
+    rank, world_size = world()
+    n = max(1, cfg.stats_tokens // cfg.context)
+    seqs = torch.as_tensor(data.spread_sequences(spec.inputs.data, "train", n, cfg.context + 1, spec.inputs.vocab_size))
+    rows = share(list(seqs.view(-1, cfg.context + 1)), [1] * n, rank, world_size)
+    params = select_params(model, cfg.params, cfg.seed)
+    mine = torch.stack(rows).to(device) if rows else torch.zeros(0, cfg.context + 1, dtype=torch.long, device=device)
+    return gradient_stats(model, params, mine, cfg.autocast_dtype)

@@ -30,6 +30,7 @@ from e2ettt.demo import DEMO_SETTINGS
 from e2ettt.orchestrate import run
 from e2ettt.provenance import code_root
 from e2ettt.quant.regimes import RegimeError
+from e2ettt.recipes import describe, recipe_updates
 from e2ettt.sweep import SweepConfig
 
 HERE = Path(__file__).resolve().parent  # the grid presets (ladder.yaml, capacity.yaml) live beside this recipe
@@ -93,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid", help="YAML or JSON file of settings (dotted keys or nested), applied before flags; or a "
                    f"preset in sweeps/: {', '.join(sorted(x.stem for x in HERE.glob('*.yaml')))}")
     p.add_argument("--smoke", action="store_true", help="minimal grid: fp + int3, lr 0.03, chunk 256, 2,048 tokens")
+    p.add_argument("--ttt-recipe", metavar="NAME", help=f"a TTT protocol by name, applied before flags: {describe()}")
     p.add_argument("--dry-run", action="store_true", help="print the plan (trials, tokens, time, GPU-hours, cost) and exit")
     p.add_argument("--verbose", action="store_true", help="let Ray and Tune print their own status output (default: quiet)")
     p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard and export live per-trial metrics to it")
@@ -117,6 +119,8 @@ def build_config(args: argparse.Namespace) -> SweepConfig:
     updates: dict[str, Any] = settings_file(grid) if grid else {}
     if args.smoke:
         updates = {**SMOKE, **updates}
+    if args.ttt_recipe:
+        updates.update(recipe_updates(args.ttt_recipe))
     for switch in ("dry_run", "verbose", "dashboard", "rerun_stopped"):
         if getattr(args, switch):
             updates[switch] = True

@@ -245,7 +245,7 @@ def test_subsets_adapt_only_what_they_name(random_gpt, tokens, tables, spec):
 
 
 def test_bad_settings_fail_clearly():
-    with pytest.raises(ValueError, match="ttt.optimizer must be sgd or adamw"):
+    with pytest.raises(ValueError, match="ttt.optimizer must be one of sgd, adamw"):
         TTTConfig(optimizer="lion").validate()
     with pytest.raises(ValueError, match="ttt.params: unknown adapted-parameter spec 'some'"):
         TTTConfig(params="some").validate()
