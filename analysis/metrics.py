@@ -132,12 +132,23 @@ def alarm_names(values) -> str:
     return ", ".join(sorted({a for v in values if isinstance(v, str) for a in v.split(",") if a}))
 
 
+def seed_list(seeds) -> str:
+    """Seeds as runs of consecutive numbers: "1-4, 7, 9-20"."""
+    seeds, parts = sorted({int(s) for s in seeds}), []
+    for s in seeds:
+        if parts and s == parts[-1][1] + 1:
+            parts[-1][1] = s
+        else:
+            parts.append([s, s])
+    return ", ".join(f"{a}" if a == b else f"{a}, {b}" if b == a + 1 else f"{a}-{b}" for a, b in parts)
+
+
 def lost_seeds(g: pd.DataFrame) -> str:
-    """Which seeds of a setting did not finish, and why: "3 diverged (chunk 5); 4, 5 stopped"."""
+    """Which seeds of a setting did not finish, and why: "3 diverged (chunk 5); 4-9 stopped"."""
     bad = g[g["status"] != "ok"].sort_values("seed")
     parts = []
     for status, rows in bad.groupby("status", sort=False):
-        seeds = ", ".join(str(int(s)) for s in rows["seed"])
+        seeds = seed_list(rows["seed"])
         why = f" (chunk {int(rows['diverged_chunk'].iloc[0])})" if status == "diverged" and "diverged_chunk" in rows else ""
         parts.append(f"{seeds} {status}{why if len(rows) == 1 else ''}")
     return "; ".join(parts)
@@ -285,7 +296,7 @@ def tokens_to_heal(trials: pd.DataFrame, curves: pd.DataFrame, within: float = 0
 
 def sanity_flags(trials: pd.DataFrame, tol: float = 1e-5) -> pd.DataFrame:
     """One row per problem (a problem shared by many settings is one row that counts them)."""
-    flags = []
+    flags, lost = [], {}
     for _, r in trials.iterrows():
         where = f"{r['regime']} lr={r['inner_lr']:g} chunk={r['chunk_tokens']} seed={r['seed']}"
         if r["status"] == "ok" and abs(r["first_chunk_delta"]) > tol:
@@ -294,13 +305,18 @@ def sanity_flags(trials: pd.DataFrame, tol: float = 1e-5) -> pd.DataFrame:
         if r["status"] in ("diverged", "stopped", "error"):
             detail = {"diverged": f"at chunk {r.get('diverged_chunk', '?')}", "stopped": str(r.get("error", "")),
                       "error": str(r.get("error", ""))[:200]}[r["status"]]
-            flags.append({"what": where, "flag": r["status"], "detail": detail})
+            setting = f"{r['regime']} lr={r['inner_lr']:g} chunk={r['chunk_tokens']}"
+            lost.setdefault((setting, r["status"], detail), []).append(r["seed"])  # one line per setting and reason
         if alarm_names([r.get("alarms")]):
             flags.append({"what": where, "flag": "alarms", "detail": f"row alarms {alarm_names([r.get('alarms')])}: the "
                           "pipeline that wrote this row is broken (README: row alarms); never chosen as best"})
         if r["status"] == "ok" and r["recovery_frac"] > 1:
             flags.append({"what": where, "flag": "recovery_frac>1",
                           "detail": f"{r['recovery_frac']:.2f}: TTT beat the pre-quant model; part of it is adaptation"})
+    for (setting, status, detail), seeds in lost.items():
+        flags.append({"what": f"{setting} seed={seeds[0]}" if len(seeds) == 1 else f"{setting} seeds {seed_list(seeds)}",
+                      "flag": status,
+                      "detail": detail})
     settings = by_setting(trials)
     for flag, text in (("hurts", "TTT made the model worse (mean recovery <= 0); never chosen as best"),
                        ("healing_out_of_range", f"healing fraction outside {list(HEALING_RANGE)}; never chosen as best"),

@@ -57,6 +57,23 @@ def count(v) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{int(round(v)):,}"
 
 
+def signed(v) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:+.4f}"
+
+
+def share(v) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.0%}"
+
+
+def formatted(df: pd.DataFrame, how: dict) -> pd.DataFrame:
+    """`df` with the columns named in `how` turned into text by their formatter."""
+    out = df.copy()
+    for col, fmt in how.items():
+        if col in out:
+            out[col] = out[col].map(fmt).astype(object)
+    return out
+
+
 def seconds(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
@@ -189,8 +206,13 @@ def write_report(run: Run) -> Path:
         ("Damage per regime (every segment)", damage_view),
         ("Every setting (n: finished seeds / seeds run)", settings_table(run.trials)),
         ("Tokens to heal by damage family (median over the chosen setting's seeds)",
-         families.tokens_to_heal_by_family(run.trials, run.curves)),
-        ("Repair or tracking: persistence on the held-out slice (reported seeds)", families.persistence(run.trials)),
+         formatted(families.tokens_to_heal_by_family(run.trials, run.curves),
+                   {"damage": bpb, "tokens to recover half": count, "tokens to within 0.01 of fp": count,
+                    "tokens per row": count})),
+        ("Repair or tracking: persistence on the held-out slice (reported seeds)",
+         formatted(families.persistence(run.trials),
+                   {c: signed for c in ("in-stream recovery", "persistent recovery", "persistent after re-quantization")}
+                   | {"share surviving re-quantization": share})),
         ("Sanity flags", metrics.sanity_flags(run.trials)),
     ]
     meta = run.manifest

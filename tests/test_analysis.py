@@ -184,6 +184,15 @@ def test_sanity_flags(trials):
     assert kinds["diverged"] == ["int2 lr=0.01 chunk=256 seed=0"]
     assert any("int5" in t for t in kinds["recovery_frac>1"])
     assert kinds["few_seeds"] == ["3 of 5 settings"]  # one line, however many settings it concerns
+    stopped = table([trial("int3", s, status="stopped", tid=f"s{s}") for s in (1, 2, 3, 5)])
+    stopped["error"] = "TTT hurting"
+    lines = metrics.sanity_flags(stopped)
+    assert lines[lines["flag"] == "stopped"]["what"].tolist() == ["int3 lr=0.01 chunk=256 seeds 1-3, 5"]  # one line
+
+
+def test_seed_lists_are_runs_of_consecutive_seeds():
+    assert metrics.seed_list([5, 1, 2, 3, 9, 10, 12]) == "1-3, 5, 9, 10, 12"
+    assert metrics.seed_list(range(1, 21)) == "1-20"
 
 
 def test_tokens_to_heal_pairs_each_row_with_its_own_control():
@@ -328,7 +337,7 @@ def jitter(center: float, n: int = 20, sd: float = 0.01, seed: int = 0) -> list[
 def test_the_report_says_structure_matters_only_when_the_paired_tests_say_so():
     apart = families.findings(ladder(jitter(1.75), jitter(2.50, seed=1)))  # recovered 95% vs ~20%: far apart
     assert apart[1].startswith("Size or structure: structured damage recovered more of its damage than unstructured "
-                               "noise of the same size at the one of the matched levels"), apart[1]
+                               "noise of the same size at the matched damage level"), apart[1]
     assert "p = " in apart[1] and "Holm, n = 10" in apart[1]  # chosen on seeds 0-9, reported on 10-19
     close = families.findings(ladder(jitter(2.0, sd=0.3), jitter(2.07, sd=0.3, seed=1)))  # noisy seeds, same fractions
     assert "at no matched damage level does the recovered fraction" in close[1], close[1]
