@@ -115,7 +115,7 @@ def climbing(trials: pd.DataFrame, curves: pd.DataFrame, setting_key: str, tail:
     out = []
     for rid in rows["row_id"]:
         c = curves[curves["row_id"] == rid].sort_values("chunk")
-        if len(c) < 8:
+        if len(c) < 4:
             continue
         gain = (c["static_bpb"] - c["ttt_bpb"]).to_numpy()
         seen = c["tokens_seen"].to_numpy() / c["tokens_seen"].iloc[-1]
@@ -199,7 +199,7 @@ def findings(trials: pd.DataFrame, curves: pd.DataFrame | None = None) -> list[s
                          f"structured {word}, difference in recovered fraction {c.text()}")
         if all(s > 0 for s in signs) or all(s < 0 for s in signs):
             head = (f"structured damage recovered {'more' if signs[0] > 0 else 'less'} of its damage than unstructured "
-                    f"noise of the same size at {'every one' if len(signs) > 1 else 'the one'} of the matched levels")
+                    f"noise of the same size at {'every one of the' if len(signs) > 1 else 'the'} matched damage level{'s' if len(signs) > 1 else ''}")
         elif not any(signs):
             head = ("at no matched damage level does the recovered fraction of structured and unstructured damage "
                     "differ after correction: on this run, what can be recovered follows the size of the damage")
@@ -254,7 +254,8 @@ def persistence(trials: pd.DataFrame) -> pd.DataFrame:
         v = segment_values(trials, b["setting_key"])
         if v["persistent"].isna().all():
             continue
-        kept = v["requant_persistent"].mean() / v["persistent"].mean() if v["persistent"].mean() else math.nan
+        kept = (v["requant_persistent"].mean() / v["persistent"].mean()  # a share of a repair there is
+                if v["persistent"].mean() > 0 and b["regime"] != "fp" else math.nan)
         rows.append({"regime": b["regime"], "in-stream recovery": v["recovery"].mean(),
                      "persistent recovery": v["persistent"].mean(),
                      "persistent after re-quantization": v["requant_persistent"].mean(),

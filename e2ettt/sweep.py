@@ -48,12 +48,15 @@ if TYPE_CHECKING:  # the tables (pandas, pyarrow) are the driver's: trial worker
 
 @dataclass(frozen=True)
 class Grid:
-    # fp is the control; GPTQ and RTN int3 (~0.01-0.03 bpb of damage on the demo); a broken model of the SpinQuant
-    # failure class (rotated weights decoded with another rotation, ~+2.3 bpb) and noise of about the same damage
-    regimes: tuple = ("fp", "gptq-int3", "int3", "hadamard-int6-mismatch", "noise-1.85")
-    inner_lrs: tuple = (0.01, 0.03, 0.1, 0.3, 1.0)  # the best lr grows with the damage (0.01 for fp, 0.3 broken)
+    # fp is the control; GPTQ and RTN int3 (~0.12 and ~0.19 bpb of damage on the reference model); a broken model of
+    # the SpinQuant failure class (rotated weights decoded with another rotation, ~+3 bpb) and noise of about the same
+    regimes: tuple = ("fp", "gptq-int3", "int3", "hadamard-int6-mismatch", "noise-0.93")
+    inner_lrs: tuple = (0.03, 0.1, 0.3, 1.0, 3.0)  # the best lr grows with the damage (0.1 for fp, 1 and more broken)
     chunks: tuple = (512,)  # chunk_tokens; >= 2 windows of context each, so both ranks have work
-    seeds: tuple = (0, 1, 2, 3, 4, 5)  # validation segments (under a cap), run in turn in one trial; best: chosen on 0-2
+    # validation segments (under a cap), run in turn in one trial; the best setting is chosen on the first half and
+    # reported on the second (10 and 10: enough for a paired test to survive a correction); seed 0, the stream's
+    # opening scored without context, is left out
+    seeds: tuple = tuple(range(1, 21))
     epochs: tuple = (1,)
     optimizers: tuple = ("sgd",)
     params: tuple = ("all",)  # all | norms | lora:R

@@ -61,7 +61,7 @@ SCALAR_FLAGS = {
     "workers": ("workers", "ranks per trial on CPU"),
     "cpus_per_worker": ("cpus_per_worker", "CPU threads per rank and per preparation task"),
     "gpus_per_trial": ("gpus_per_trial", "N ranks with one GPU each (NCCL); 0 = CPU"),
-    "max_tokens": ("ttt.max_tokens", "validation tokens per row (0 = the whole stream; demo 8,192)"),
+    "max_tokens": ("ttt.max_tokens", "validation tokens per row (0 = the whole stream; demo 2,048)"),
     "context": ("ttt.context", "tokens of context per scored position"),
     "out": ("out", "parent directory of run directories on this machine (default: runs/ of this repository, wherever the"
             " command runs from)"),

@@ -9,6 +9,8 @@ from e2ettt.sweep import make_trial, needs, plan_settings, segments
 from e2ettt.ttt import TTTConfig
 from e2ettt.worker import run_trial_on_rank
 
+from .trials import trial_rows
+
 WINDOWINGS = {"lr 0": (0.0, 32, "fp32"), "sliding": (0.05, 32, "fp32"), "bf16": (0.05, 0, "bf16")}  # inner_lr, stride, dtype
 
 
@@ -18,16 +20,10 @@ def windowing_rows(assets) -> list[tuple[str, int, object]]:
     the sweep makes them, artifacts included."""
     inputs = resolve(SourceConfig(checkpoint=str(assets.checkpoint), data=str(assets.data_dir),
                                   tokenizer=str(assets.tokenizer)))
-    starts = segments(load_split(inputs, "val"), 512, [0, 1], [128])
     ttts = [TTTConfig(inner_lr=lr, chunk_tokens=128, context=64, stride=stride, dtype=dtype, max_tokens=512)
             for lr, stride, dtype in WINDOWINGS.values()]
-    quant = QuantConfig(min_numel=1024)
-    settings = plan_settings(fingerprint(inputs), "fp", ttts, starts, quant, "cpu", 1)
-    values, _ = artifacts.prepare_local(needs(settings, fingerprint(inputs), quant, "cpu", "fp32"), inputs, quant)
-    names = {s.setting_key: name for s, name in zip(settings, WINDOWINGS)}
-    setting_of = {r.row_id: s.setting_key for s in settings for r in s.rows}
-    rows = run_trial_on_rank(make_trial(settings, inputs, 1), values)
-    return [(names[setting_of[row.row_id]], row.seed, m) for row, m, _ in rows]
+    names = list(WINDOWINGS)
+    return [(names[i], seed, m) for i, seed, m in trial_rows(inputs, "fp", ttts, [0, 1], QuantConfig(min_numel=1024))]
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +69,7 @@ def test_rows_of_every_windowing_raise_no_alarm_and_lr_0_gives_the_static_number
     assert all(m.status == "ok" and m.tokens_scored == 512 for _, _, m in rows)
     assert all(m.post_ttt_bpb == m.post_quant_bpb for name, _, m in rows if name == "lr 0")
     assert all(m.post_ttt_bpb != m.post_quant_bpb for name, _, m in rows if name != "lr 0")
+    # the held-out slice: the fp control's quantized weights are its own; lr 0 leaves them as they were, to the bit
+    assert all(m.heldout_quant_bpb == m.heldout_fp_bpb > 0 for _, _, m in rows)
+    assert all(m.heldout_adapted_bpb == m.heldout_quant_bpb for name, _, m in rows if name == "lr 0")
+    assert all(m.heldout_adapted_bpb != m.heldout_quant_bpb for name, _, m in rows if name != "lr 0")

@@ -130,7 +130,7 @@ class QuantConfig:
     linear_types: str = "torch.nn.Linear"  # module classes (and subclasses) whose weights are quantized, comma-separated
     keep_float: str = CONTROL_PATTERNS  # name substrings never quantized, comma-separated
     min_share: float = 0.9  # a regime must reach this share of the matrix parameters above min_numel, or it is refused
-    draw_per_seed: bool = False  # damage families draw their shares, rotations and noise anew per seed (rotation_seed + seed)
+    draw_per_seed: bool = True  # damage families draw their shares, rotations and noise anew per seed (rotation_seed + seed)
 
     def validate(self) -> None:
         if self.grid not in GRIDS:
