@@ -198,8 +198,9 @@ def findings(trials: pd.DataFrame, curves: pd.DataFrame | None = None) -> list[s
                          f"{r['second']} ({r['damage_second']:.3g} bpb) {r['frac_second']:.0%} of their damage: "
                          f"structured {word}, difference in recovered fraction {c.text()}")
         if all(s > 0 for s in signs) or all(s < 0 for s in signs):
+            where = "every one of the matched damage levels" if len(signs) > 1 else "the matched damage level"
             head = (f"structured damage recovered {'more' if signs[0] > 0 else 'less'} of its damage than unstructured "
-                    f"noise of the same size at {'every one of the' if len(signs) > 1 else 'the'} matched damage level{'s' if len(signs) > 1 else ''}")
+                    f"noise of the same size at {where}")
         elif not any(signs):
             head = ("at no matched damage level does the recovered fraction of structured and unstructured damage "
                     "differ after correction: on this run, what can be recovered follows the size of the damage")

@@ -41,7 +41,7 @@ def ttt_throughput(dtype: str, tokens: torch.Tensor, tables, cfg) -> tuple[float
     torch.manual_seed(0)
     model = GPT(cfg).cuda()
     chunk = (tokens.numel() - 1) // 4
-    ttt = TTTConfig(chunk_tokens=chunk, context=1024, inner_lr=1e-3, epochs=1, micro_batch=16, dtype=dtype, diverge_nats=1e9)
+    ttt = TTTConfig(chunk_tokens=chunk, context=1024, inner_lr=1e-3, epochs=1, micro_batch=16, dtype=dtype, diverge_bpb=1e9)
     run_ttt(copy.deepcopy(model), tokens[: chunk + 1025], tables, ttt)  # warm-up
     torch.cuda.reset_peak_memory_stats()
     seconds = timed(lambda: run_ttt(copy.deepcopy(model), tokens, tables, ttt), "cuda")
@@ -59,7 +59,7 @@ def first_chunk_delta(dtype: str, tables, cfg) -> float:
     torch.manual_seed(1)
     model = GPT(cfg).cuda().eval()
     tokens = torch.randint(4, cfg.vocab_size, (8193,), device="cuda")
-    ttt = TTTConfig(chunk_tokens=2048, context=1024, inner_lr=1e-3, dtype=dtype, diverge_nats=1e9)
+    ttt = TTTConfig(chunk_tokens=2048, context=1024, inner_lr=1e-3, dtype=dtype, diverge_bpb=1e9)
     with torch.no_grad():
         static = static_curve(model, tokens, chunk_spans(8192, 2048), 1024, None, tables, ttt.micro_batch, ttt.autocast_dtype)
     return run_ttt(copy.deepcopy(model), tokens, tables, ttt, static).first_chunk_delta

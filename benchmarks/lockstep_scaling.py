@@ -76,7 +76,7 @@ def main() -> None:
     model = GPT(cfg_m)
     tokens = torch.randint(4, 1024, (args.tokens + 1,))
     tables = DeviceTables.from_tables(ByteTables(np.ones(1024, np.int16), np.zeros(1024, bool), np.zeros(1024, bool)))
-    cfg = ttt.TTTConfig(chunk_tokens=4 * T, context=T, inner_lr=1e-3, micro_batch=2, diverge_nats=1e9)
+    cfg = ttt.TTTConfig(chunk_tokens=4 * T, context=T, inner_lr=1e-3, micro_batch=2, diverge_bpb=1e9)
     rows = []
     base = None
     for world, threads in ((1, 2), (2, 1)):

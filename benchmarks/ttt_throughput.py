@@ -102,7 +102,7 @@ def main() -> None:
                              "engine/naive": "-", "engine GFLOP/s": "-", "of matmul rate": "-", "naive of matmul rate": "-"})
                 continue
             ttt_cfg = TTTConfig(chunk_tokens=chunk, context=T, inner_lr=1e-3, epochs=args.epochs, micro_batch=16,
-                                dtype=dtype_name, diverge_nats=1e9)
+                                dtype=dtype_name, diverge_bpb=1e9)
             m = copy.deepcopy(model)
             run_ttt(m, tokens[: chunk + T + 1], tables, ttt_cfg)  # warm-up: one adapted chunk, one scored window
             t_engine = timed(lambda m=model, x=tokens, c=ttt_cfg: run_ttt(copy.deepcopy(m), x, tables, c), dev)

@@ -86,10 +86,6 @@ def override(cfg: Any, updates: Mapping[str, Any], _prefix: str = "") -> Any:
     return out
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
 def config_hash(obj: Any, length: int = 12) -> str:
     """Stable short hash of a dataclass or JSON-able object."""
     if dataclasses.is_dataclass(obj):

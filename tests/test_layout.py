@@ -61,3 +61,19 @@ def test_analysis_reads_tables_without_the_library_beyond_them():
             assert {d for d in deps if d.startswith("e2ettt")} <= allowed, f"{m} imports {deps}"
     for m in allowed:
         assert graph[m] <= allowed, f"{m}, read by analysis, imports {graph[m]}"
+
+
+def test_the_top_level_is_the_fixed_one_and_every_library_module_is_in_the_design():
+    import re
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    top = {p.split("/")[0] for p in tracked} - {".ci", ".gitignore", "BENCHMARKS.md"}
+    assert top == {"e2ettt", "sweeps", "analysis", "tests", "benchmarks", "docs", "cluster.yaml", "pyproject.toml",
+                   "README.md"}
+    design = (REPO / "docs" / "design.md").read_text()
+    layout = (REPO / "README.md").read_text().split("## Layout", 1)[1]
+    for path in (REPO / "e2ettt").rglob("*.py"):
+        if path.name != "__init__.py" and path.name != "__main__.py":
+            assert re.search(rf"\b{path.stem}\b", layout), f"README's layout does not name {path.relative_to(REPO)}"
+    assert "score-first" in design.lower() and "tables.py" in design

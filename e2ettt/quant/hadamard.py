@@ -63,16 +63,6 @@ class Rotation:
         return self.apply(self.apply(H).T).T
 
 
-def rotate_weight(W: Tensor, R: Rotation) -> Tensor:
-    """W R: the weight that consumes rotated activations."""
-    return R.apply(W)
-
-
-def unrotate_weight(WR: Tensor, R: Rotation) -> Tensor:
-    """(W R) Rᵀ: fold the run-time activation rotation back into a plain weight."""
-    return R.inverse(WR)
-
-
 class RotatedLinear(nn.Module):
     """y = (x R)(W R)ᵀ: the run-time form of an input-side rotated layer."""
 
