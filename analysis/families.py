@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import metrics
-from analysis.stats import ALPHA, Paired, holm, paired
+from analysis.stats import ALPHA, Paired, holm, paired, smallest_holm_p
 
 # Public results, drawn beside ours as labelled references (other models, other pipelines).
 # damage and recovery in bpb; recovery_frac = recovery / damage.
@@ -186,6 +186,11 @@ def findings(trials: pd.DataFrame, curves: pd.DataFrame | None = None) -> list[s
     out = [f"Every comparison below is a paired test over the reported seeds (per-segment differences: mean, 95% "
            f"bootstrap interval, sign-flip permutation p-value), Holm-corrected across the {n} comparisons of this "
            f"report at family-wise {ALPHA:g}."]
+    sizes = [c.n for v in found.values() for _, c in v if c.n]
+    if sizes and smallest_holm_p(min(sizes), n) >= ALPHA:
+        out[0] += (f" With {min(sizes)} paired segments and {n} comparisons the smallest corrected p-value any "
+                   f"comparison can reach is {smallest_holm_p(min(sizes), n):.3g}: no finding below can be called "
+                   "significant, whatever the data; read the intervals, or run more seeds.")
     if not found["structure"]:
         out.append("Size or structure: no structured and unstructured regimes of matched damage (within 25%) in this "
                    "run, so structure cannot be told from size here.")

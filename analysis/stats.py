@@ -27,7 +27,7 @@ from scipy import stats
 
 ALPHA = 0.05
 RESAMPLES = 9_999
-EXACT_UP_TO = 13  # segments: all 2^n sign patterns of the permutation test
+EXACT_UP_TO = 16  # segments: all 2^n sign patterns of the permutation test
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,12 @@ def paired(diffs, what: str = "", seed: int = 0) -> Paired:
                                   permutation_type="samples", vectorized=True, alternative="two-sided",
                                   n_resamples=np.inf if n <= EXACT_UP_TO else RESAMPLES, random_state=rng)
     return Paired(what, n, mean, low, high, float(test.pvalue))
+
+
+def smallest_holm_p(n: int, comparisons: int) -> float:
+    """The smallest corrected p-value a report of `comparisons` sign-flip tests over `n` segments can reach: with
+    too few segments for its comparisons, no finding can be significant, whatever the data."""
+    return min(1.0, comparisons * 2.0 ** (1 - n)) if n >= 1 else 1.0
 
 
 def holm(results: list[Paired]) -> list[Paired]:

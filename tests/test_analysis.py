@@ -396,3 +396,14 @@ def test_the_figure_draws_other_models_as_labelled_references(tmp_path):
     plots.recovery_vs_damage(ladder([1.75, 1.76, 1.74], [2.50, 2.51, 2.49]), tmp_path, "r")
     svg = (tmp_path / "recovery_vs_damage.svg").read_text()
     assert "PR #1837" in svg and "PR #1818" in svg and "PR #1341" in svg and "structured" in svg and "unstructured" in svg
+
+
+def test_a_report_says_when_its_seeds_are_too_few_for_its_comparisons():
+    from analysis.stats import smallest_holm_p
+
+    assert smallest_holm_p(10, 11) == pytest.approx(11 * 2 / 1024)  # the default grid: 0.0215, can be significant
+    assert smallest_holm_p(10, 35) > 0.05 > smallest_holm_p(14, 35)  # the ladder needs 14 reported seeds
+    few = families.findings(ladder(jitter(1.75)[:3], jitter(2.50, seed=1)[:3]))
+    assert "no finding below can be called significant" in few[0]
+    enough = families.findings(ladder(jitter(1.75), jitter(2.50, seed=1)))
+    assert "no finding below" not in enough[0]
