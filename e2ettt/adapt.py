@@ -19,8 +19,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from e2ettt.matrices import Matrix, bare_candidates, trace
-
-CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight")
+from e2ettt.model import CONTROL_PATTERNS
 
 
 class LoRA(nn.Module):

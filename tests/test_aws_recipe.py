@@ -8,7 +8,6 @@ on a launch, so this file does. Ray's file mounts, run with rsync on a laptop-li
 import copy
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from e2ettt.launch import free_port
 from tests.iam_policy import allowed, missing
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,12 +28,6 @@ REGION = "us-east-1"
 PIN_IMAGE = r"s/(ImageId: &ami )ami-[0-9A-Za-z]+/\1{ami}/"  # the README's pinning sed, $AMI filled in
 P_QUOTA_VCPUS = 768  # README: the "Running On-Demand P instances" quota that max_workers p5 nodes take
 SSM_IMAGE = "resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fresh_boto() -> None:

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -17,17 +16,12 @@ import yaml
 
 from e2ettt import faults
 from e2ettt.cluster import capacity_from_config
+from e2ettt.launch import free_port
 from e2ettt.testing import fake_autoscaling_config
 from sweeps import healing_grid
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = yaml.safe_load((REPO / "cluster.yaml").read_text())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ray_cli(*args: str, env: dict | None = None, prefix: list[str] | None = None) -> None:

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from e2ettt.evaluate import autocast
 from e2ettt.matrices import Matrix, bare_candidates, matrix_numel, matrix_view, trace, watch
+from e2ettt.model import CONTROL_PATTERNS
 from e2ettt.quant import artifact, pg_int8
 from e2ettt.quant.gptq import gptq, proxy_loss
 from e2ettt.quant.hadamard import Rotation
@@ -194,7 +195,7 @@ def require_targets(model: nn.Module, cfg: QuantConfig, regime: str) -> dict[str
 
 def stored_passthrough(name: str, t: Tensor) -> Tensor:
     """A passthrough tensor as parameter-golf stores it (control fp32, other floats fp16)."""
-    if not t.is_floating_point() or any(p in name for p in pg_int8.CONTROL_PATTERNS):
+    if not t.is_floating_point() or any(p in name for p in CONTROL_PATTERNS):
         return t
     return t.to(torch.float16)
 

@@ -14,11 +14,9 @@ import zlib
 import torch
 from torch import Tensor
 
+from e2ettt.model import CONTROL_PATTERNS
+
 FORMAT = "int8_clean_per_row_v1"
-CONTROL_PATTERNS = (
-    "attn_scale", "attn_scales", "mlp_scale", "mlp_scales",
-    "resid_mix", "resid_mixes", "q_gain", "skip_weight", "skip_weights",
-)
 KEEP_FLOAT_MAX_NUMEL = 65_536
 CLIP_Q = 99.99984 / 100.0
 

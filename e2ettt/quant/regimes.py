@@ -31,6 +31,8 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from e2ettt import model
+
 FORMS = ("fp, pg-int8, intN, gptq-intN, hadamard-intN, hadamard-gptq-intN (N = 2..8; ternary in place of intN), each "
          "with an optional share -S (0 < S < 1); hadamard-[gptq-]intN-mismatch[-S] and -unrotated[-S]; noise-X (0 < X <= 10); "
          "the NAME of an --artifact NAME=PATH")
@@ -38,7 +40,7 @@ _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
 _PATTERN = re.compile(rf"^(?P<rot>hadamard-)?(?P<gptq>gptq-)?(?:int(?P<bits>\d+)|(?P<ternary>ternary))"
                       rf"(?:-(?P<decode>mismatch|unrotated))?(?:-(?P<share>{_NUMBER}))?$")
 _NOISE = re.compile(rf"^noise-(?P<size>{_NUMBER})$")
-CONTROL_PATTERNS = "attn_scale,mlp_scale,resid_mix,q_gain,skip_weight"  # parameter-golf's control tensors
+CONTROL_PATTERNS = ",".join(model.CONTROL_PATTERNS)  # parameter-golf's control tensors, as a setting's text
 GRIDS = ("symmetric", "midrise")
 
 
