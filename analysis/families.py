@@ -260,8 +260,8 @@ def persistence(trials: pd.DataFrame) -> pd.DataFrame:
         v = segment_values(trials, b["setting_key"])
         if v["persistent"].isna().all():
             continue
-        kept = (v["requant_persistent"].mean() / v["persistent"].mean()  # a share of a repair there is
-                if v["persistent"].mean() > 0 and b["regime"] != "fp" else math.nan)
+        kept = (v["requant_persistent"].mean() / v["persistent"].mean()  # a share of a repair there is (fp: no grid, NaN)
+                if v["persistent"].mean() > 0 else math.nan)
         rows.append({"regime": b["regime"], "in-stream recovery": v["recovery"].mean(),
                      "persistent recovery": v["persistent"].mean(),
                      "persistent after re-quantization": v["requant_persistent"].mean(),

@@ -314,9 +314,8 @@ def sanity_flags(trials: pd.DataFrame, tol: float = 1e-5) -> pd.DataFrame:
             flags.append({"what": where, "flag": "recovery_frac>1",
                           "detail": f"{r['recovery_frac']:.2f}: TTT beat the pre-quant model; part of it is adaptation"})
     for (setting, status, detail), seeds in lost.items():
-        flags.append({"what": f"{setting} seed={seeds[0]}" if len(seeds) == 1 else f"{setting} seeds {seed_list(seeds)}",
-                      "flag": status,
-                      "detail": detail})
+        what = f"{setting} seed={seeds[0]}" if len(seeds) == 1 else f"{setting} seeds {seed_list(seeds)}"
+        flags.append({"what": what, "flag": status, "detail": detail})
     settings = by_setting(trials)
     for flag, text in (("hurts", "TTT made the model worse (mean recovery <= 0); never chosen as best"),
                        ("healing_out_of_range", f"healing fraction outside {list(HEALING_RANGE)}; never chosen as best"),

@@ -41,28 +41,33 @@ COLUMNS = {
 }
 
 
+def missing(v) -> bool:
+    """None or NaN: a cell the table shows as "—"."""
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
 def bpb(v) -> str:
-    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+    return "—" if missing(v) else f"{v:.4f}"
 
 
 def with_ci(mean, low, high, digits: int = 4) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+    if missing(mean):
         return "—"
-    if low is None or (isinstance(low, float) and math.isnan(low)):
+    if missing(low):
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {(high - low) / 2:.{digits}f}"
 
 
 def count(v) -> str:
-    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{int(round(v)):,}"
+    return "—" if missing(v) else f"{int(round(v)):,}"
 
 
 def signed(v) -> str:
-    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:+.4f}"
+    return "—" if missing(v) else f"{v:+.4f}"
 
 
 def share(v) -> str:
-    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.0%}"
+    return "—" if missing(v) else f"{v:.0%}"
 
 
 def formatted(df: pd.DataFrame, how: dict) -> pd.DataFrame:
@@ -75,7 +80,7 @@ def formatted(df: pd.DataFrame, how: dict) -> pd.DataFrame:
 
 
 def seconds(v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if missing(v):
         return "—"
     return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
 

@@ -309,7 +309,11 @@ def test_your_record_through_the_sweep_paired_with_the_same_fp_rows(record, tiny
         damage = (plain_bpb(own.forward_logits, str(tiny_inputs.tokenizer), seg, prefix + 1, 128)
                   - plain_bpb(fp_model.forward_logits, str(tiny_inputs.tokenizer), seg, prefix + 1, 128))
         assert abs(row["damage"] - damage) < 1e-6, (row["seed"], row["damage"], damage)
-    assert (rows.loc[rows["regime"] == "int6", "damage"] > 0).all()
+    # e2ettt's own int6 of the same float model is a different file from the record's: it moves the scores
+    # (its sign on a tiny model's 1,024-token segments is noise), and it is not the artifact's damage
+    int6 = rows[rows["regime"] == "int6"].set_index("control_key")["damage"]
+    assert (int6.abs() > 0).all()
+    assert not np.allclose(int6.sort_index(), mine.set_index("control_key")["damage"].sort_index())
 
 
 def readme_block(marker: str) -> list[str]:
