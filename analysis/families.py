@@ -59,6 +59,7 @@ def segment_values(trials: pd.DataFrame, setting_key: str, healed: pd.DataFrame 
                         "fp_gain": (g["pre_quant_bpb"] - g["fp_post_ttt_bpb"]).to_numpy()}, index=g["seed"].to_numpy())
     for col in ("heldout_quant_bpb", "heldout_adapted_bpb", "heldout_requant_bpb"):
         out[col] = g[col].to_numpy() if col in g else math.nan
+    out["healing"] = out["recovery"] - out["fp_gain"]  # repair beyond what fp gains on the same windows, in bpb
     out["persistent"] = out["heldout_quant_bpb"] - out["heldout_adapted_bpb"]
     out["requant_persistent"] = out["heldout_quant_bpb"] - out["heldout_requant_bpb"]
     return out
@@ -92,18 +93,25 @@ def matched(pts: pd.DataFrame, first: list[str], second: list[str]) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
-def capacity_points(trials: pd.DataFrame) -> pd.DataFrame:
-    """Per regime and adapted-parameter choice, the best setting over the rest (largest mean recovery on the
-    selection seeds): regime, params, setting_key, inner_lr."""
-    if "params" not in trials or trials["params"].nunique() < 2:
+def choice_points(trials: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Per damaged regime and value of `column` (`params`: the adapted parameters; `recipe`: the TTT protocol), the
+    best setting over the rest (largest mean recovery on the selection seeds): regime, column, setting_key, inner_lr.
+    Empty unless the run tried at least two values of `column`."""
+    if column not in trials or trials[column].fillna("").nunique() < 2:
         return pd.DataFrame()
     select = metrics.seed_split(trials)[0]
     sel = metrics.by_setting(trials, select)
     sel = sel[sel["eligible"] & (sel["regime"] != "fp")]
-    if sel.empty:
+    if sel.empty or column not in sel:
         return pd.DataFrame()
-    best = sel.sort_values("recovery_mean", ascending=False).drop_duplicates(["regime", "params"])
-    return best[["regime", "params", "setting_key", "inner_lr", "damage_mean"]].reset_index(drop=True)
+    sel = sel.assign(**{column: sel[column].fillna("")})
+    best = sel.sort_values("recovery_mean", ascending=False).drop_duplicates(["regime", column])
+    return best[["regime", column, "setting_key", "inner_lr", "damage_mean"]].reset_index(drop=True)
+
+
+def protocol_name(recipe) -> str:
+    """A row's `recipe` as the report names it ("" or missing: the settings were given without a recipe)."""
+    return recipe if isinstance(recipe, str) and recipe else "no recipe"
 
 
 def climbing(trials: pd.DataFrame, curves: pd.DataFrame, setting_key: str, tail: float = 0.25) -> np.ndarray:
@@ -131,8 +139,8 @@ def comparisons(trials: pd.DataFrame, curves: pd.DataFrame | None = None, min_da
     seeds, Holm-corrected together: kind -> [(context, Paired)]."""
     pts = points(trials)
     healed = metrics.with_healing(trials)
-    found: dict[str, list] = {k: [] for k in ("structure", "trend", "gptq", "healing", "capacity", "flattening",
-                                               "persistence")}
+    found: dict[str, list] = {k: [] for k in ("structure", "trend", "gptq", "healing", "capacity", "protocol",
+                                               "flattening", "persistence")}
 
     def want(kind: str) -> bool:
         return kinds is None or kind in kinds
@@ -160,14 +168,17 @@ def comparisons(trials: pd.DataFrame, curves: pd.DataFrame | None = None, min_da
         if curves is not None and not curves.empty and want("flattening"):
             for _, p in pts[pts["damage_mean"] >= min_damage].iterrows():
                 found["flattening"].append((p, paired(climbing(trials, curves, p["setting_key"]), "flattening")))
-    cap = capacity_points(trials) if want("capacity") else pd.DataFrame()
-    for regime, g in (cap.groupby("regime", sort=False) if len(cap) else []):
-        g = g.reset_index(drop=True)
-        for i in range(len(g)):
-            for j in range(i + 1, len(g)):
-                a, b = g.iloc[i], g.iloc[j]
-                found["capacity"].append(((regime, a, b), _paired(trials, "capacity", a["setting_key"], b["setting_key"],
-                                                                  "recovery", healed=healed)))
+    # capacity compares what each adapted-parameter choice recovers; protocols, what each heals beyond its own fp gain
+    # (protocols score different windows, so their raw recoveries start from different static curves)
+    for kind, column, value in (("capacity", "params", "recovery"), ("protocol", "recipe", "healing")):
+        choice = choice_points(trials, column) if want(kind) else pd.DataFrame()
+        for regime, g in (choice.groupby("regime", sort=False) if len(choice) else []):
+            g = g.reset_index(drop=True)
+            for i in range(len(g)):
+                for j in range(i + 1, len(g)):
+                    a, b = g.iloc[i], g.iloc[j]
+                    found[kind].append(((regime, a, b), _paired(trials, kind, a["setting_key"], b["setting_key"], value,
+                                                                healed=healed)))
     flat = [(k, i) for k, items in found.items() for i in range(len(items))]
     corrected = holm([found[k][i][1] for k, i in flat])
     for (k, i), c in zip(flat, corrected):
@@ -176,8 +187,8 @@ def comparisons(trials: pd.DataFrame, curves: pd.DataFrame | None = None, min_da
 
 
 def findings(trials: pd.DataFrame, curves: pd.DataFrame | None = None) -> list[str]:
-    """Sentences on size vs structure, GPTQ vs RTN (#1341), healing beyond plain adaptation, capacity, flattening and
-    persistence, each worded by its Holm-corrected paired test over the reported seeds."""
+    """Sentences on size vs structure, GPTQ vs RTN (#1341), healing beyond plain adaptation, capacity, protocols,
+    flattening and persistence, each worded by its Holm-corrected paired test over the reported seeds."""
     pts = points(trials)
     if pts.empty:
         return ["No damaged regime has a best setting: nothing to compare."]
@@ -237,6 +248,14 @@ def findings(trials: pd.DataFrame, curves: pd.DataFrame | None = None) -> list[s
             word = {1: "recovered more than", -1: "recovered less than", 0: "recovered as much as (no difference detected)"}
             texts.append(f"{regime}: {a['params']} {word[c.sign]} {b['params']} ({c.text(4)} bpb)")
         out.append("Capacity (each adapted-parameter choice at its own best lr): " + "; ".join(texts) + ".")
+    if found["protocol"]:
+        texts = []
+        for (regime, a, b), c in found["protocol"]:
+            word = {1: "healed more than", -1: "healed less than", 0: "healed as much as (no difference detected)"}
+            texts.append(f"{regime}: {protocol_name(a['recipe'])} (lr {a['inner_lr']:g}) {word[c.sign]} "
+                         f"{protocol_name(b['recipe'])} (lr {b['inner_lr']:g}) ({c.text(4)} bpb)")
+        out.append("Protocols (each at its own best lr; healing: recovery − the same protocol's fp gain on its own "
+                   "windows): " + "; ".join(texts) + ".")
     if found["flattening"]:
         texts = [f"{p['regime']} {'still climbing' if c.sign > 0 else 'flat'} (last quarter's per-chunk gain − the "
                  f"quarter before: {c.text(4)} bpb)" for p, c in found["flattening"]]

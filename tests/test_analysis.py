@@ -407,3 +407,33 @@ def test_a_report_says_when_its_seeds_are_too_few_for_its_comparisons():
     assert "no finding below can be called significant" in few[0]
     enough = families.findings(ladder(jitter(1.75), jitter(2.50, seed=1)))
     assert "no finding below" not in enough[0]
+
+
+def test_protocols_are_compared_on_healing_each_at_its_own_best_lr():
+    """Two protocols over the same segments: chunked-sgd scores other windows and gains more on fp, so it recovers
+    more of the damage (0.40 vs 0.32 bpb) but heals less beyond its own fp gain (0.15 vs 0.30). Compared on healing,
+    and only at each protocol's best lr (an lr that hurts is never the one compared)."""
+    rng = np.random.default_rng(0)
+    text = rng.normal(0, 0.02, 20)  # what each segment does to both protocols
+    rows = []
+    for s in range(20):
+        for recipe, static, fp_gain, heal in (("stream", 1.70, 0.02, 0.30), ("chunked-sgd", 1.60, 0.25, 0.15)):
+            for lr, scale in ((0.1, 1.0), (3.0, -0.5)):  # lr 3 hurts: never chosen
+                fp_ttt = static - scale * fp_gain + text[s]
+                q_ttt = static + 1.0 - scale * (heal + fp_gain) + text[s] + rng.normal(0, 0.005)
+                for regime, post, ttt in (("fp", static, fp_ttt), ("int3", static + 1.0, q_ttt)):
+                    rows.append({**trial(regime, s, lr=lr, pre=static, post=post, ttt=ttt,
+                                         tid=f"{recipe}-{regime}-{lr}-{s}"),
+                                 "recipe": recipe, "stride": 64 if recipe == "chunked-sgd" else 256})
+    t = table(rows)
+    found = families.comparisons(t, kinds=("protocol",))["protocol"]
+    assert len(found) == 1
+    (regime, a, b), c = found[0]
+    assert regime == "int3" and {a["inner_lr"], b["inner_lr"]} == {0.1}
+    assert {a["recipe"], b["recipe"]} == {"stream", "chunked-sgd"}
+    assert a["recipe"] == "chunked-sgd"  # the larger raw recovery comes first ...
+    assert c.sign == -1 and abs(c.mean + 0.15) < 0.01, (c.mean, c.sign)  # ... and heals less
+    text_out = " ".join(families.findings(t))
+    assert "int3: chunked-sgd (lr 0.1) healed less than stream (lr 0.1)" in text_out, text_out
+    one = families.comparisons(t[t["recipe"] == "stream"], kinds=("protocol",))["protocol"]
+    assert one == []  # one protocol: nothing to compare
