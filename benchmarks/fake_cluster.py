@@ -27,12 +27,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, record
 
-from e2ettt.testing import fake_autoscaling_config
-
-
-def ray(*args: str, env: dict | None = None) -> None:
-    subprocess.run([str(Path(sys.executable).parent / "ray"), *args], check=True, capture_output=True,
-                   env={**os.environ, **(env or {})})
+from e2ettt.launch import free_port
+from e2ettt.testing import fake_autoscaling_config, ray_node
 
 
 def in_flight(trials: pd.DataFrame) -> int:
@@ -60,21 +56,17 @@ def main() -> None:
     args = p.parse_args()
     import ray as ray_module
 
-    port = 6390
+    port = free_port()
     work = Path(tempfile.mkdtemp(prefix="e2ettt-fake-cluster-"))
     config = work / "autoscaler.yaml"
     gcs = f"{ray_module._private.services.get_node_ip_address()}:{port}"
     config.write_text(yaml.safe_dump(fake_autoscaling_config(gcs, worker_cpus=2, max_workers=args.nodes)))
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray("stop", "--force")
-    try:
-        ray("start", "--head", f"--port={port}", f"--autoscaling-config={config}", "--num-cpus=0",
-            "--resources={\"trial_driver\": 8}", "--include-dashboard=false", "--disable-usage-stats",
-            env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
+    with ray_node("--head", f"--port={port}", f"--autoscaling-config={config}", "--num-cpus=0",
+                  "--resources={\"trial_driver\": 8}", "--include-dashboard=false", "--disable-usage-stats",
+                  env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}):
         cold, cold_wall = sweep("cold", port, config, work)
         warm, warm_wall = sweep("warm", port, config, work)
-    finally:
-        ray("stop", "--force")
     rows = []
     runs = (("cold: nodes added by the autoscaler", cold, cold_wall), ("warm: nodes already up", warm, warm_wall))
     for label, trials, wall in runs:

@@ -1,6 +1,15 @@
-"""Helpers for tests and benchmarks: rank functions for multi-process runs (importable by spawned ranks)
-and the config of a fake autoscaling cluster on this machine."""
+"""Helpers for tests and benchmarks: rank functions for multi-process runs (importable by spawned ranks),
+the config of a fake autoscaling cluster on this machine, and Ray nodes stopped by their own PIDs."""
 from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import torch
 
@@ -50,3 +59,30 @@ def long_curve(n: int) -> list[dict] | None:
     rank, _ = world()
     curve = [{"chunk": k, "tokens_seen": 48 * (k + 1), "ttt_bpb": 1.0, "static_bpb": 1.0} for k in range(n)]
     return curve if rank == 0 else None
+
+
+@contextlib.contextmanager
+def ray_node(*args: str, env: dict | None = None, prefix: list[str] | None = None, cwd: str | os.PathLike | None = None,
+             timeout: float = 180.0):
+    """A Ray node of `ray start --block ARGS` (a head or a worker), up when this enters, stopped when it leaves by
+    SIGTERM to its own `ray start`, whose handler stops the processes that node started. Never `ray stop`, which
+    stops every Ray on the host, a user's running sweep included. `prefix` wraps the command (it must exec it)."""
+    cmd = [*(prefix or []), str(Path(sys.executable).parent / "ray"), "start", "--block", *args]
+    env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **(env or {})}
+    with tempfile.NamedTemporaryFile("w+", prefix="ray-node-", suffix=".log") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while "block forever" not in Path(log.name).read_text():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"ray start {' '.join(args)} did not come up:\n{Path(log.name).read_text()[-3000:]}")
+                time.sleep(0.2)
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()

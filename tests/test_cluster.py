@@ -1,6 +1,7 @@
 """The cluster path on this machine: cluster.yaml against Ray's schema and the EC2 API model, a multi-node
 Ray whose worker nodes cannot see the driver's disk, autoscaling from zero with Ray's fake node provider,
 a storage URI on a local S3 server, and trials that ask for nodes that never come."""
+import contextlib
 import json
 import os
 import re
@@ -17,20 +18,11 @@ import yaml
 from e2ettt import faults
 from e2ettt.cluster import capacity_from_config
 from e2ettt.launch import free_port
-from e2ettt.testing import fake_autoscaling_config
+from e2ettt.testing import fake_autoscaling_config, ray_node
 from sweeps import healing_grid
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = yaml.safe_load((REPO / "cluster.yaml").read_text())
-
-
-def ray_cli(*args: str, env: dict | None = None, prefix: list[str] | None = None) -> None:
-    cmd = [str(Path(sys.executable).parent / "ray"), *args]
-    subprocess.run((prefix or []) + cmd, check=True, capture_output=True, env={**os.environ, **(env or {})}, timeout=120)
-
-
-def ray_stop() -> None:
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, timeout=120)
 
 
 def namespaces_allowed() -> bool:
@@ -118,13 +110,13 @@ def test_sweep_on_nodes_that_cannot_see_the_drivers_disk(tmp_path, tiny_demo, ca
     hidden = tmp_path / "out"
     hidden.mkdir()
     port = free_port()
-    ray_stop()
-    try:
-        ray_cli("start", "--head", f"--port={port}", "--num-cpus=0", "--resources={\"trial_driver\": 4}",
-                "--include-dashboard=false", "--disable-usage-stats")
+    with contextlib.ExitStack() as nodes:
+        nodes.enter_context(ray_node("--head", f"--port={port}", "--num-cpus=0", "--resources={\"trial_driver\": 4}",
+                                     "--include-dashboard=false", "--disable-usage-stats"))
         for _ in range(2):  # each worker node: its own mount namespace, the run directory replaced by an empty tmpfs
             private = ["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs {shlex.quote(str(hidden))} && exec \"$0\" \"$@\""]
-            ray_cli("start", f"--address=127.0.0.1:{port}", "--num-cpus=2", "--disable-usage-stats", prefix=private)
+            nodes.enter_context(ray_node(f"--address=127.0.0.1:{port}", "--num-cpus=2", "--disable-usage-stats",
+                                         prefix=private))
         marker = hidden / "written-by-the-driver"
         marker.write_text("x")
         assert not any(probe_workers(port, marker))  # the environment is right: workers cannot see the driver's files
@@ -135,8 +127,6 @@ def test_sweep_on_nodes_that_cannot_see_the_drivers_disk(tmp_path, tiny_demo, ca
         # Without --address the sweep starts its own Ray, although a cluster is up and `ray start` left its address.
         capsys.readouterr()
         assert healing_grid.main(smoke_args(tiny_demo, tmp_path / "local", "--seeds", "0,1", "--name", "nofs")) == 0
-    finally:
-        ray_stop()
     local = pd.read_parquet(tmp_path / "local" / "nofs" / "trials.parquet").set_index(["regime", "seed"]).sort_index()
     assert list(remote["status"]) == ["ok"] * 4 and len(set(remote["node_id"])) >= 1
     assert not set(local["node_id"]) & set(remote["node_id"])  # the local run did not join the cluster
@@ -156,16 +146,12 @@ def test_trials_run_in_parallel_on_nodes_the_autoscaler_adds(tmp_path, tiny_demo
     config.write_text(yaml.safe_dump(fake_autoscaling_config(f"{ray._private.services.get_node_ip_address()}:{port}")))
     # set before `ray start`: the nodes the autoscaler adds inherit the head's environment
     monkeypatch.setenv(faults.ENV, json.dumps({"fp": {"hold_seconds": 6}, "int3": {"hold_seconds": 6}}))
-    ray_stop()
-    try:
-        ray_cli("start", "--head", f"--port={port}", f"--autoscaling-config={config}", "--num-cpus=0",
-                "--resources={\"trial_driver\": 4}", "--include-dashboard=false", "--disable-usage-stats",
-                env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
+    with ray_node("--head", f"--port={port}", f"--autoscaling-config={config}", "--num-cpus=0",
+                  "--resources={\"trial_driver\": 4}", "--include-dashboard=false", "--disable-usage-stats",
+                  env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}):
         code = healing_grid.main(smoke_args(tiny_demo, tmp_path, "--name", "autoscale", "--address", f"127.0.0.1:{port}",
                                             "--cluster-config", str(config), "--set", "progress_seconds=5"))
         out = capsys.readouterr().out
-    finally:
-        ray_stop()
     assert code == 0, out
     assert "up to 2 worker nodes" in out and "hold 2 trial(s) at once" in out
     assert "node(s) up with" in out  # while nodes come up, the sweep says where it stands
@@ -258,15 +244,11 @@ def test_a_sweep_asking_for_gpus_a_cpu_cluster_lacks_waits_aloud_then_ends_with_
     """No autoscaler config tells what the cluster could hold: the sweep waits for a node with a GPU, says so every
     progress_seconds, and ends after --start-timeout with one line naming what no node offered."""
     port = free_port()
-    ray_stop()
-    try:
-        ray_cli("start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0", "--resources={\"trial_driver\": 4}",
-                "--include-dashboard=false", "--disable-usage-stats")
+    with ray_node("--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0", "--resources={\"trial_driver\": 4}",
+                  "--include-dashboard=false", "--disable-usage-stats"):
         code = healing_grid.main(smoke_args(tiny_demo, tmp_path, "--name", "nogpu", "--address", f"127.0.0.1:{port}",
                                             "--gpus-per-trial", "1", "--start-timeout", "6", "--set", "progress_seconds=2"))
         out, err = capsys.readouterr()
-    finally:
-        ray_stop()
     assert code == 2
     assert "waiting for nodes: " in out and "with 0 GPU" in out
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in out + err
@@ -310,20 +292,48 @@ def test_the_readmes_smoke_job_runs_on_a_head_with_a_job_server_and_leaves_its_t
     port, dashboard = free_port(), free_port()
     elsewhere = tmp_path / "where-ray-start-ran"
     elsewhere.mkdir()
-    ray_stop()
-    try:
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
-                        "--resources={\"trial_driver\": 4}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                        f"--dashboard-port={dashboard}", "--disable-usage-stats"],
-                       check=True, capture_output=True, timeout=180, cwd=elsewhere)
+    with ray_node("--head", f"--port={port}", "--num-cpus=2", "--resources={\"trial_driver\": 4}",
+                  "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                  "--disable-usage-stats", cwd=elsewhere):
         cmd[0] = str(Path(sys.executable).parent / "ray")
         cmd[cmd.index("--address") + 1] = f"http://127.0.0.1:{dashboard}"  # the tunnel's end
         job = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    finally:
-        ray_stop()
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "Job 'raysubmit_" in job.stdout + job.stderr and "succeeded" in job.stdout + job.stderr
     fetched = Path(shlex.split(fetch)[-2].replace("/home/ubuntu", str(home)))  # ray rsync-down cluster.yaml SRC DST
     rows = pd.read_parquet(fetched / "trials.parquet")
     assert sorted(rows["regime"]) == ["fp", "int3"] and set(rows["status"]) == {"ok"}
     assert not (elsewhere / "runs").exists()  # nothing landed in the directory `ray start` ran from
+
+
+def readme_pod_lines() -> tuple[list[str], list[str]]:
+    """The README's one-machine `ray start --head` line and the sweep line that joins it."""
+    section = (REPO / "README.md").read_text().split("## One GPU machine", 1)[1].split("\n## ", 1)[0]
+    lines = [ln.strip() for ln in section.splitlines()]
+    head = next(ln for ln in lines if ln.startswith("ray start --head"))
+    sweep = next(ln for ln in lines if ln.startswith("python sweeps/healing_grid.py --address auto"))
+    return shlex.split(head), shlex.split(sweep)
+
+
+@pytest.mark.slow
+def test_the_readmes_one_machine_head_takes_a_sweep_at_address_auto_and_a_plain_head_is_refused(
+        tmp_path, tiny_demo, capsys, monkeypatch):
+    """The head as the README starts it (its flags and a port of the test's own, so that no other Ray on the host
+    is touched) and the sweep line as printed, on the tiny demo. A head started without the line's resources ends
+    the sweep with one line saying what to add, where Tune would wait for ever."""
+    head, sweep = readme_pod_lines()
+    assert head[:3] == ["ray", "start", "--head"] and sweep[:2] == ["python", "sweeps/healing_grid.py"]
+    tiny = ["--checkpoint", str(tiny_demo.checkpoint), "--data", str(tiny_demo.data_dir), "--tokenizer",
+            str(tiny_demo.tokenizer), "--out", str(tmp_path), "--set", "quant.min_numel=1024", "--max-tokens", "1024",
+            "--context", "128", "--chunks", "256", "--seeds", "0"]
+    port = free_port()
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # where 'auto' looks first: this test's head
+    with ray_node("--head", f"--port={port}", "--disable-usage-stats"):
+        assert healing_grid.main(sweep[2:] + tiny + ["--name", "plain"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no node of this cluster has the 'trial_driver' resource" in err, err
+    assert "ray start --head --resources='{\"trial_driver\": 8}'" in err
+    with ray_node(*head[2:], f"--port={port}"):
+        assert healing_grid.main(sweep[2:] + tiny + ["--name", "pod"]) == 0
+    rows = pd.read_parquet(tmp_path / "pod" / "trials.parquet")
+    assert sorted(rows["regime"]) == ["fp", "int3"] and set(rows["status"]) == {"ok"}
