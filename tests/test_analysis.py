@@ -437,3 +437,41 @@ def test_protocols_are_compared_on_healing_each_at_its_own_best_lr():
     assert "int3: chunked-sgd (lr 0.1) healed less than stream (lr 0.1)" in text_out, text_out
     one = families.comparisons(t[t["recipe"] == "stream"], kinds=("protocol",))["protocol"]
     assert one == []  # one protocol: nothing to compare
+
+
+def test_the_key_table_by_the_readmes_formulas_on_damage_that_varies_by_seed():
+    """Three segments whose damages differ (0.02, 0.05, 0.20 bpb), so a ratio of means and a mean of per-seed ratios
+    disagree: every number of the key table's row, recomputed here from the README's definitions with plain sums."""
+    damage, recovery, fp_gain = [0.02, 0.05, 0.20], [0.01, 0.01, 0.10], [0.01, 0.02, 0.005]
+    rows = []
+    for s in range(3):
+        rows.append(trial("fp", s, pre=1.70, post=1.70, ttt=1.70 - fp_gain[s]))
+        rows.append(trial("int3", s, pre=1.70, post=1.70 + damage[s], ttt=1.70 + damage[s] - recovery[s]))
+    t2 = stats.t.ppf(0.975, 2)
+
+    def mean(v):
+        return sum(v) / len(v)
+
+    def t_half(v):  # 95% Student-t half-width of the mean
+        m = mean(v)
+        return t2 * (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 / len(v) ** 0.5
+
+    def ratio_half(x, y):  # delta method for mean(x) / mean(y)
+        mx, my, n = mean(x), mean(y), len(x)
+        r = mx / my
+        sxx = sum((a - mx) ** 2 for a in x) / (n - 1)
+        syy = sum((b - my) ** 2 for b in y) / (n - 1)
+        sxy = sum((a - mx) * (b - my) for a, b in zip(x, y)) / (n - 1)
+        return t2 * ((sxx - 2 * r * sxy + r * r * syy) / (n * my * my)) ** 0.5
+
+    gap = [damage[s] - recovery[s] + fp_gain[s] for s in range(3)]  # post-TTT − fp's post-TTT, per segment
+    recovered, healing = mean(recovery) / mean(damage), 1 - mean(gap) / mean(damage)
+    assert abs(recovered - mean([r / d for r, d in zip(recovery, damage)])) > 0.04  # the two estimators disagree
+    assert abs(healing - (1 - mean([g / d for g, d in zip(gap, damage)]))) > 0.2
+    row = report.key_table(table(rows)).set_index("regime").loc["int3"]
+    assert row["damage"] == f"{mean(damage):.4f} ± {t_half(damage):.4f}"
+    assert row["recovery"] == f"{mean(recovery):.4f} ± {t_half(recovery):.4f}"
+    assert row["recovered"] == f"{recovered:.2f} ± {ratio_half(recovery, damage):.2f}"
+    assert row["fp gain"] == f"{mean(fp_gain):.4f}"
+    assert row["healing"] == f"{healing:.2f} ± {ratio_half(gap, damage):.2f}"
+    assert row["post-TTT"] == f"{mean([1.70 + d - r for d, r in zip(damage, recovery)]):.4f}" and row["n"] == 3
