@@ -14,10 +14,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def real_run_args(demo, out, *extra):
-    """The 'real checkpoint' path, pointed at the tiny demo's files."""
+    """The 'real checkpoint' path, pointed at the tiny demo's files, on a local Ray of 2 CPUs whatever the machine
+    has (the trials a local Ray holds at once, and so the packing, follow from its CPUs)."""
     return ["--checkpoint", str(demo.checkpoint), "--data", str(demo.data_dir), "--tokenizer", str(demo.tokenizer),
             "--out", str(out), "--set", "quant.min_numel=1024", "--max-tokens", "1024", "--context", "128",
-            "--chunks", "256", "--lrs", "0.03", *extra]
+            "--chunks", "256", "--lrs", "0.03", "--local-cpus", "2", *extra]
 
 
 @pytest.mark.parametrize("args, message", [
