@@ -114,6 +114,23 @@ def protocol_name(recipe) -> str:
     return recipe if isinstance(recipe, str) and recipe else "no recipe"
 
 
+def by_protocol(trials: pd.DataFrame) -> pd.DataFrame:
+    """Per damaged regime and protocol (`recipe`), at the protocol's own best lr: recovery, the protocol's fp gain on
+    its own windows and the healing beyond it (bpb), means with bootstrap intervals over the reported seeds. Empty
+    unless the run tried at least two protocols."""
+    rows = []
+    for _, c in choice_points(trials, "recipe").iterrows() if "recipe" in trials else []:
+        v = segment_values(trials, c["setting_key"])
+        rows.append({"regime": c["regime"], "protocol": protocol_name(c["recipe"]), "lr": c["inner_lr"],
+                     "n": len(v), "damage": v["damage"].mean(), "recovery": paired(v["recovery"].to_numpy()),
+                     "fp gain": v["fp_gain"].mean(), "healing": paired(v["healing"].to_numpy())})
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    order = out.groupby("regime")["damage"].transform("mean")  # regimes by their damage, protocols together
+    return out.assign(_order=order).sort_values(["_order", "regime", "protocol"]).drop(columns="_order").reset_index(drop=True)
+
+
 def climbing(trials: pd.DataFrame, curves: pd.DataFrame, setting_key: str, tail: float = 0.25) -> np.ndarray:
     """Per reported seed of a setting: mean per-chunk gain (static − TTT bpb of the chunk) over the last quarter of
     its tokens minus that over the quarter before. Positive: the gain was still growing when the segment ended."""

@@ -116,6 +116,19 @@ def key_table(trials: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def protocol_table(trials: pd.DataFrame) -> pd.DataFrame:
+    """`families.by_protocol`, formatted: bpb with its 95% bootstrap interval."""
+    t = families.by_protocol(trials)
+    if t.empty:
+        return t
+
+    def interval(c) -> str:
+        return "—" if c.n == 0 else f"{c.mean:+.4f}" if missing(c.low) else f"{c.mean:+.4f} [{c.low:+.4f}, {c.high:+.4f}]"
+
+    return formatted(t, {"lr": lambda v: f"{v:g}", "damage": bpb, "recovery": interval, "fp gain": bpb,
+                         "healing": interval})
+
+
 def selection_note(trials: pd.DataFrame) -> str:
     best = metrics.best_setting(trials)
     return best["chosen_on"].iloc[0] if len(best) else ""
@@ -214,6 +227,8 @@ def write_report(run: Run) -> Path:
          formatted(families.tokens_to_heal_by_family(run.trials, run.curves),
                    {"damage": bpb, "tokens to recover half": count, "tokens to within 0.01 of fp": count,
                     "tokens per row": count})),
+        ("Protocols: each at its own best lr (reported seeds; healing = recovery − the protocol's fp gain)",
+         protocol_table(run.trials)),
         ("Repair or tracking: persistence on the held-out slice (reported seeds)",
          formatted(families.persistence(run.trials),
                    {c: signed for c in ("in-stream recovery", "persistent recovery", "persistent after re-quantization")}

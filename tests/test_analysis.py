@@ -475,3 +475,16 @@ def test_the_key_table_by_the_readmes_formulas_on_damage_that_varies_by_seed():
     assert row["fp gain"] == f"{mean(fp_gain):.4f}"
     assert row["healing"] == f"{healing:.2f} ± {ratio_half(gap, damage):.2f}"
     assert row["post-TTT"] == f"{mean([1.70 + d - r for d, r in zip(damage, recovery)]):.4f}" and row["n"] == 3
+
+
+def test_the_report_tables_each_protocol_at_its_own_best_lr(tmp_path):
+    rows = []
+    for s in range(6):
+        for recipe, heal in (("stream", 0.30), ("dyneval", 0.10)):
+            rows.append({**trial("fp", s, post=1.70, ttt=1.69, tid=f"{recipe}-fp-{s}"), "recipe": recipe})
+            for lr, ttt in ((0.1, 1.70 + 1.0 - heal - 0.01 - 0.001 * s), (1.0, 2.9)):  # lr 1 hurts
+                rows.append({**trial("int3", s, lr=lr, post=2.70, ttt=ttt, tid=f"{recipe}-{lr}-{s}"), "recipe": recipe})
+    t = report.protocol_table(table(rows))
+    assert list(t["protocol"]) == ["dyneval", "stream"] and list(t["lr"]) == ["0.1", "0.1"] and list(t["n"]) == [3, 3]
+    assert t["healing"].str.startswith("+0.1").tolist() == [True, False] and t["healing"].iloc[1].startswith("+0.30")
+    assert report.protocol_table(table([r for r in rows if r["recipe"] == "stream"])).empty

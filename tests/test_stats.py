@@ -1,0 +1,49 @@
+"""The paired statistics by their definitions, on numbers small enough to count by hand."""
+import math
+
+import numpy as np
+import pytest
+
+from analysis.stats import ALPHA, Paired, holm, paired, smallest_holm_p
+
+
+def test_the_sign_flip_p_value_is_the_share_of_sign_patterns_at_least_as_extreme():
+    # six positive differences: only all-plus and all-minus reach |mean| 3.5, so p = 2 / 2^6
+    assert paired([1, 2, 3, 4, 5, 6]).p == pytest.approx(2 / 64)
+    # [1, 1, 1, -1]: |mean| >= 0.5 for the patterns with at least three of one sign: 2 * (1 + 4) of 16
+    assert paired([1.0, 1.0, 1.0, -1.0]).p == pytest.approx(10 / 16)
+    r = paired([0.5, 1.5, 1.0, 2.0, 0.7, 1.3], what="x")
+    assert r.what == "x" and r.n == 6 and r.mean == pytest.approx(7.0 / 6)
+    assert r.low < r.mean < r.high and 0.5 <= r.low and r.high <= 2.0  # a bootstrap interval of the mean
+
+
+def test_degenerate_inputs_are_said_as_such():
+    empty = paired([])
+    assert (empty.n, empty.text()) == (0, "no paired segments") and math.isnan(empty.mean) and math.isnan(empty.p)
+    one = paired([0.3, math.nan])  # NaNs are dropped: one segment
+    assert (one.n, one.mean, one.p) == (1, 0.3, 1.0) and math.isnan(one.low) and one.text() == "+0.30"
+    same = paired([0.2] * 5)  # no spread: the interval is the point, p that of five equal signs
+    assert (same.low, same.high) == (0.2, 0.2) and same.p == pytest.approx(2 / 32)
+    assert paired([0.0] * 5).p == 1.0
+    assert paired(np.array([1, 2, 3], dtype=np.int64)).mean == 2.0
+
+
+def test_holm_steps_down_and_never_lowers_a_later_p():
+    rs = [Paired("a", 6, 1, 0, 2, 0.01), Paired("b", 6, 1, 0, 2, 0.04), Paired("c", 6, 1, 0, 2, 0.03),
+          Paired("d", 6, 1, 0, 2, math.nan)]
+    out = holm(rs)
+    # sorted p 0.01, 0.03, 0.04 times 3, 2, 1; running maximum; NaN untouched and uncounted
+    assert [o.p_holm for o in out[:3]] == pytest.approx([0.03, 0.06, 0.06])
+    assert math.isnan(out[3].p_holm) and [o.p for o in out[:3]] == [0.01, 0.04, 0.03]  # raw p kept
+    assert [o.sign for o in out[:3]] == [1, 0, 0]
+    assert Paired("e", 6, -0.2, -0.3, -0.1, 0.01, p_holm=ALPHA / 2).sign == -1
+    assert Paired("f", 6, 0.2, 0.1, 0.3, 0.01, p_holm=ALPHA).sign == 0  # significant means below ALPHA
+
+
+def test_text_and_the_smallest_reachable_p():
+    r = Paired("g", 10, 0.1234, 0.05, 0.2, 0.001, p_holm=0.0215)
+    assert r.text() == "+0.12, 95% interval [+0.05, +0.20], p = 0.0215 (Holm, n = 10)"
+    assert r.text(3) == "+0.123, 95% interval [+0.050, +0.200], p = 0.0215 (Holm, n = 10)"
+    assert Paired("h", 3, -0.5, math.nan, math.nan, 0.5).text() == "-0.50"
+    assert smallest_holm_p(10, 11) == pytest.approx(11 / 512)
+    assert smallest_holm_p(1, 3) == 1.0 and smallest_holm_p(0, 3) == 1.0 and smallest_holm_p(20, 1) == 2.0 ** -19
