@@ -78,8 +78,8 @@ def mutate(module: str, tests: list[str], children: int) -> tuple[dict, list[str
         tree_copy(work)
         with open(work / "pyproject.toml", "a") as f:
             f.write(mutmut_section(module, tests))
-        # processes the tests start (ranks, CLIs) import the mutated tree too, not the installed one
-        env = {**os.environ, "PYTHONPATH": f"{work / 'mutants'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        # mutmut runs the tests from mutants/, so processes they start (ranks, CLIs) import the mutated tree too
+        env = dict(os.environ)
         t0 = time.perf_counter()
         run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=work, env=env,
                              capture_output=True, text=True)
