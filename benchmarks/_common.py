@@ -1,16 +1,22 @@
-"""Shared by the benchmark scripts: machine description and appending figures to BENCHMARKS.md."""
+"""Shared by the benchmark scripts: machine description, appending figures to BENCHMARKS.md, the smoke runs' model."""
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from e2ettt.model import GPTConfig
+
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
+SMOKE_MODEL = GPTConfig(vocab_size=1024, num_layers=2, model_dim=64, num_heads=2, num_kv_heads=1)  # the tests' tiny GPT
 
 
 def machine() -> str:
@@ -37,12 +43,15 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def record(title: str, rows: list[dict], notes: list[str] = ()) -> None:
-    """Print the table and append it, with machine, command and date, to BENCHMARKS.md."""
+def record(title: str, rows: list[dict], notes: list[str] = (), append: bool = True) -> None:
+    """Print the table and, if `append`, append it with machine, command and date to BENCHMARKS.md."""
     table = markdown(rows)
     print(table)
     for n in notes:
         print(n)
+    if not append:
+        print("(a smoke run: not appended to BENCHMARKS.md)")
+        return
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
     block = [f"\n## {title}\n", f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
              f"- machine: {machine()}", f"- command: `{command}`", "", table, ""]
@@ -51,6 +60,21 @@ def record(title: str, rows: list[dict], notes: list[str] = ()) -> None:
         BENCHMARKS_MD.write_text("# Benchmarks\n\nFigures appended by the scripts in `benchmarks/` (newest last).\n")
     with open(BENCHMARKS_MD, "a") as f:
         f.write("\n".join(block) + "\n")
+
+
+@contextlib.contextmanager
+def scratch(smoke: bool, runs: Path = REPO / "runs") -> Iterator[Path]:
+    """Where a benchmark's sweeps write: `runs` for a real run; for a smoke run, a temporary directory removed after."""
+    if not smoke:
+        yield runs
+        return
+    with tempfile.TemporaryDirectory(prefix="e2ettt-bench-smoke-") as tmp:
+        yield Path(tmp)
+
+
+def shown(path: Path) -> str:
+    """`path` relative to the repository if it lies in it."""
+    return str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
 
 
 def matmul_rate(n: int = 2048, dtype: torch.dtype = torch.float32, device: str = "cpu", repeat: int = 5) -> float:

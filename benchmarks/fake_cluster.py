@@ -9,7 +9,11 @@ the most trials seen running at once (from the rows' worker-side start and
 end times), and the per-trial start-up (trial driver start until rank 0
 runs: placement, node boot, worker-group start).
 
-    python benchmarks/fake_cluster.py [--nodes 2]
+    python benchmarks/fake_cluster.py [--nodes 2] [healing_grid flags]
+    python benchmarks/fake_cluster.py --smoke [--checkpoint F --data DIR --tokenizer F ...]
+
+--smoke: at most 1 node (unless --nodes says otherwise) and healing_grid's smoke grid as it is (fp and
+int3, one seed); the table is printed, not recorded. Other flags go on to healing_grid.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import pandas as pd
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, record
+from _common import REPO, record, scratch
 
 from e2ettt.launch import free_port
 from e2ettt.testing import fake_autoscaling_config, ray_node
@@ -42,43 +46,55 @@ def in_flight(trials: pd.DataFrame) -> int:
     return best
 
 
-def sweep(name: str, port: int, config: Path, out: Path) -> tuple[pd.DataFrame, float]:
+def sweep(name: str, port: int, config: Path, out: Path, flags: list[str]) -> tuple[pd.DataFrame, float]:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, str(REPO / "sweeps" / "healing_grid.py"), "--smoke", "--regimes", "fp,int3,int4,int2",
-                    "--seeds", "0,1", "--name", name, "--out", str(out), "--address", f"127.0.0.1:{port}",
-                    "--cluster-config", str(config), "--settings-per-trial", "1"], check=True, cwd=REPO)
+    subprocess.run([sys.executable, str(REPO / "sweeps" / "healing_grid.py"), "--smoke", *flags, "--name", name,
+                    "--out", str(out), "--address", f"127.0.0.1:{port}", "--cluster-config", str(config),
+                    "--settings-per-trial", "1"], check=True, cwd=REPO)
     return pd.read_parquet(out / name / "trials.parquet"), time.perf_counter() - t0
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--nodes", type=int, default=2, help="most worker nodes the autoscaler may add")
-    args = p.parse_args()
+    p.add_argument("--nodes", type=int, help="most worker nodes the autoscaler may add (default 2; --smoke: 1)")
+    p.add_argument("--smoke", action="store_true", help="1 node, healing_grid's smoke grid; print, do not record")
+    args, flags = p.parse_known_args(argv)
+    args.nodes = args.nodes or (1 if args.smoke else 2)
+    grid = ([] if args.smoke else ["--regimes", "fp,int3,int4,int2", "--seeds", "0,1"]) + flags
+    if args.smoke:
+        with scratch(True) as work:
+            measure(args.nodes, grid, work, smoke=True)
+    else:
+        measure(args.nodes, grid, Path(tempfile.mkdtemp(prefix="e2ettt-fake-cluster-")), smoke=False)
+
+
+def measure(nodes: int, grid: list[str], work: Path, smoke: bool) -> None:
+    """The cold and the warm run on a fake cluster of at most `nodes` worker nodes, and their table."""
     import ray as ray_module
 
     port = free_port()
-    work = Path(tempfile.mkdtemp(prefix="e2ettt-fake-cluster-"))
     config = work / "autoscaler.yaml"
     gcs = f"{ray_module._private.services.get_node_ip_address()}:{port}"
-    config.write_text(yaml.safe_dump(fake_autoscaling_config(gcs, worker_cpus=2, max_workers=args.nodes)))
+    config.write_text(yaml.safe_dump(fake_autoscaling_config(gcs, worker_cpus=2, max_workers=nodes)))
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     with ray_node("--head", f"--port={port}", f"--autoscaling-config={config}", "--num-cpus=0",
                   "--resources={\"trial_driver\": 8}", "--include-dashboard=false", "--disable-usage-stats",
                   env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}):
-        cold, cold_wall = sweep("cold", port, config, work)
-        warm, warm_wall = sweep("warm", port, config, work)
+        cold, cold_wall = sweep("cold", port, config, work, grid)
+        warm, warm_wall = sweep("warm", port, config, work, grid)
     rows = []
     runs = (("cold: nodes added by the autoscaler", cold, cold_wall), ("warm: nodes already up", warm, warm_wall))
     for label, trials, wall in runs:
         per_trial = trials.groupby("trial_key")["startup_seconds"].min()
-        rows.append({"run": label, "trials": len(per_trial), "capacity (trials at once)": args.nodes,
+        rows.append({"run": label, "trials": len(per_trial), "capacity (trials at once)": nodes,
                      "most in flight": in_flight(trials), "worker nodes used": trials["node_id"].nunique(),
                      "start-up s/trial (median)": float(per_trial.median()), "start-up s/trial (max)": float(per_trial.max()),
                      "wall s": wall})
-    record(f"Fake autoscaling cluster (0 to {args.nodes} worker nodes of 2 CPUs, demo smoke grid × 4 regimes × 2 seeds)",
-           rows, ["start-up = trial driver start until rank 0 runs the trial (placement group, node start, worker group)",
-                  "most in flight: from the rows' worker-side start and end times; capacity: what the sweep sized itself "
-                  "to from the autoscaler config"])
+    regimes, seeds = cold["regime"].nunique(), cold["seed"].nunique()
+    record(f"Fake autoscaling cluster (0 to {nodes} worker nodes of 2 CPUs, demo smoke grid × {regimes} regimes × {seeds} "
+           f"seeds)", rows, ["start-up = trial driver start until rank 0 runs the trial (placement group, node start, worker "
+                             "group)", "most in flight: from the rows' worker-side start and end times; capacity: what the "
+                             "sweep sized itself to from the autoscaler config"], append=not smoke)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Reports tokens/s, the fraction of each rank's time spent in collectives
 targets each rank processed (the seed's redundant lockstep had every rank
 process every token; here each rank's share halves as W doubles).
 
-    python benchmarks/lockstep_scaling.py [--tokens 16384] [--model demo|17m]
+    python benchmarks/lockstep_scaling.py [--tokens 16384] [--model demo|17m|tiny]
+    python benchmarks/lockstep_scaling.py --smoke     # seconds: --model tiny --tokens 1024; not recorded
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import record
+from _common import SMOKE_MODEL, record
 
 import e2ettt.distributed as D
 from e2ettt import ttt
@@ -66,12 +67,15 @@ def rank_run(model, tokens, tables, cfg, threads: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--model", choices=["demo", "17m"], default="demo")
+    p.add_argument("--tokens", type=int, help="validation tokens (default 16,384; --smoke: 1,024)")
+    p.add_argument("--model", choices=["demo", "17m", "tiny"], help="default demo; --smoke: tiny (the tests' GPT)")
+    p.add_argument("--smoke", action="store_true", help="the tiny model on 1,024 tokens; print, do not record")
     args = p.parse_args()
-    demo = GPTConfig(vocab_size=1024, num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2)
-    cfg_m = GPTConfig() if args.model == "17m" else demo
-    T = 1024 if args.model == "17m" else 256
+    args.tokens = args.tokens or (1024 if args.smoke else 16384)
+    args.model = args.model or ("tiny" if args.smoke else "demo")
+    models = {"demo": (GPTConfig(vocab_size=1024, num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2), 256),
+              "17m": (GPTConfig(), 1024), "tiny": (SMOKE_MODEL, 64)}
+    cfg_m, T = models[args.model]
     torch.manual_seed(0)
     model = GPT(cfg_m)
     tokens = torch.randint(4, 1024, (args.tokens + 1,))
@@ -87,7 +91,7 @@ def main() -> None:
                      "collective share (max rank)": max(r[0] for r in out["per_rank"]),
                      "targets per rank": " / ".join(f"{int(r[1]):,}" for r in out["per_rank"]), "bpb": out["bpb"]})
     record(f"Lockstep scaling ({args.model}, {args.tokens:,} tokens, chunk {4 * T}, gloo on one machine)", rows,
-           ["targets per rank counts scored + trained targets (1 epoch): they halve from W=1 to W=2"])
+           ["targets per rank counts scored + trained targets (1 epoch): they halve from W=1 to W=2"], append=not args.smoke)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 one at a time, must be caught by a named test or a row alarm.
 
     python benchmarks/mutants.py [--quick] [--only NAME ...] [--append BENCHMARKS.md] [--list]
+    python benchmarks/mutants.py --smoke     # every mutant still applies and names tests that exist; one run end to end
 
 A mutant is a few exact source replacements (each `old` text must occur exactly once in its file, so a mutant
 cannot silently stop applying when the code moves), the mistake it stands for, the tests expected to kill it
@@ -214,6 +215,7 @@ MUTANTS = [
         "    if p.seed_fraction >= rule.min_fraction")],
       ["tests/test_stopping.py::test_verdicts_are_taken_at_checkpoints_of_the_text_never_at_reports_of_the_clock"]),
 ]
+SMOKE = "hadamard_on_weights_only"  # what --smoke runs end to end: killed in seconds, no rows to run
 QUICK = ("first_chunk_delta_wired_to_0", "leading_space_dropped_on_device", "hadamard_on_weights_only",
          "report_on_selection_seeds")  # one per area, each killed in seconds; the bpb one also shows a row alarm
 
@@ -225,6 +227,16 @@ def check_edits(root: Path, mutants: list[Mutant]) -> None:
             count = (root / e.path).read_text().count(e.old)
             if count != 1:
                 raise ValueError(f"mutant {mutant.name}: its old text occurs {count} times in {e.path}, not once")
+
+
+def check_tests(root: Path, mutants: list[Mutant]) -> None:
+    """Every test a mutant names is defined in its file under `root`: a renamed test is an error."""
+    for mutant in mutants:
+        for node in mutant.tests:
+            path, name = node.split("::")
+            file = root / path
+            if not file.is_file() or not re.search(rf"^def {re.escape(name.split('[')[0])}\(", file.read_text(), re.M):
+                raise ValueError(f"mutant {mutant.name}: no test {node}")
 
 
 def copy_source(dest: Path, source: Path = REPO) -> Path:
@@ -381,16 +393,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="+", metavar="NAME", help="these mutants only")
     p.add_argument("--append", metavar="FILE", help="append the table, machine, command and date to FILE")
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
+    p.add_argument("--smoke", action="store_true", help="check that every mutant applies and names tests that exist, then "
+                   f"run one ({SMOKE}, or --only's) end to end; never appends")
     p.add_argument("--row-smoke", metavar="CACHE", help=argparse.SUPPRESS)  # run inside a copy by the harness
     args = p.parse_args(argv)
     if args.row_smoke:
         smoke_main(args.row_smoke)
         return 0
-    chosen = [x for x in MUTANTS if (not args.quick or x.name in QUICK) and (not args.only or x.name in args.only)]
+    if args.smoke and args.append:
+        p.error("--smoke never appends: drop --append")
+    only = args.only or ([SMOKE] if args.smoke else None)
+    chosen = [x for x in MUTANTS if (not args.quick or x.name in QUICK) and (not only or x.name in only)]
     unknown = set(args.only or ()) - {x.name for x in MUTANTS}
     if unknown or not chosen:
         p.error(f"no such mutant: {', '.join(sorted(unknown))}" if unknown else "no mutant selected")
     check_edits(REPO, MUTANTS)
+    if args.smoke:
+        check_tests(REPO, MUTANTS)
+        print(f"all {len(MUTANTS)} mutants: every edit applies exactly once, every named test exists", flush=True)
     if args.list:
         for x in chosen:
             print(f"{x.name:<34} {x.area:<20} {x.mistake}")

@@ -20,6 +20,10 @@ over trials of each part of a trial's start-up:
   `load_seconds`), and the set-up of every later row.
 
     python benchmarks/sweep_overhead.py [healing_grid flags]     # default: the grid of issue 22
+    python benchmarks/sweep_overhead.py --smoke [--checkpoint F --data DIR --tokenizer F ...]
+
+--smoke is healing_grid's own (its minimal grid), passed on with the rest; here it also sends the runs to a
+temporary directory and prints the table without recording it.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, record
+from _common import REPO, record, scratch, shown
 
 GRID = ["--regimes", "fp,int3", "--lrs", "0.01,0.03,0.1", "--chunks", "512", "--seeds", "0,1,2"]
 CLOSING = re.compile(r"(\d+) of (\d+) rows written in (\d+) s wall \((\d+) s of it inside TTT\)")
@@ -58,15 +62,14 @@ def controller_parts(since: float) -> dict[str, float]:
     return {part: float(pd.Series(v).median()) if v else float("nan") for part, v in found.items()}
 
 
-def sweep(name: str, extra: list[str]) -> dict:
+def sweep(name: str, runs: Path, flags: list[str], extra: list[str]) -> dict:
     t0 = time.time()
-    cmd = [sys.executable, str(REPO / "sweeps" / "healing_grid.py"), "--name", name, "--out", str(REPO / "runs"),
-           *(sys.argv[1:] or GRID), *extra]
+    cmd = [sys.executable, str(REPO / "sweeps" / "healing_grid.py"), "--name", name, "--out", str(runs), *flags, *extra]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"sweep failed ({out.returncode}):\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
     rows_done, rows_todo, wall, ttt = (int(v) for v in CLOSING.search(out.stdout).groups())
-    rows = pd.read_parquet(REPO / "runs" / name / "trials.parquet")
+    rows = pd.read_parquet(runs / name / "trials.parquet")
     ran = rows[rows["tokens_scored"] > 0].sort_values("ended_at")
     first = ran.groupby("trial_key").head(1)  # a trial's first row carries its start-up and model build
     later = ran.drop(first.index)
@@ -87,21 +90,24 @@ def sweep(name: str, extra: list[str]) -> dict:
             "row set-up s (later rows)": float(later["load_seconds"].median()) if len(later) else float("nan"),
             "TTT s/row": float(ran["ttt_seconds"].median()),
             "trial s (median)": float(rows.groupby("trial_key")["trial_seconds"].max().median()),
-            "run": f"runs/{name}"}
+            "run": shown(runs / name)}
 
 
-def main() -> None:
+def main(flags: list[str]) -> None:
+    flags = flags or GRID
+    smoke = "--smoke" in flags
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    runs = [("one setting per trial", sweep(f"bench-one-{stamp}", ["--set", "settings_per_trial=1"])),
-            ("packed (default)", sweep(f"bench-packed-{stamp}", []))]
+    with scratch(smoke) as out:
+        runs = [("one setting per trial", sweep(f"bench-one-{stamp}", out, flags, ["--set", "settings_per_trial=1"])),
+                ("packed (default)", sweep(f"bench-packed-{stamp}", out, flags, []))]
     table = [{"part": k, **{label: v[k] for label, v in runs}} for k in runs[0][1]]
-    record(f"Sweep overhead: `{' '.join(sys.argv[1:] or GRID)}` (demo cached)", table, [
+    record(f"Sweep overhead: `{' '.join(flags)}` (demo cached)", table, [
         "wall and TTT s: the sweep's own closing line; fixed share = (wall - TTT) / wall",
         "start-up s/trial: from Tune starting the trial to rank 0 entering it (median over trials), split by the "
         "rows' timestamps; the (Ray: ...) lines are Ray Train's own timings from its controller log, which overlap them",
         "trial s: from Tune starting the trial to its last row",
-    ])
+    ], append=not smoke)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -10,6 +10,7 @@ tied head) + causal attention 2 · 2 · d · (T+1)/2 per layer; backward = 2 × 
 The naive loop executes (1 + 3 · epochs) forwards per trained token, the engine one fewer.
 
     python benchmarks/ttt_throughput.py [--tokens 8192] [--device cpu|cuda]
+    python benchmarks/ttt_throughput.py --smoke     # seconds: the tests' tiny GPT, 1,024 tokens, 256³ matmuls; not recorded
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
-from _common import matmul_rate, record
+from _common import SMOKE_MODEL, matmul_rate, record
 
 from e2ettt.evaluate import DeviceTables
 from e2ettt.model import GPT, GPTConfig
@@ -74,17 +75,23 @@ def timed(fn, device: str) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--tokens", type=int, help="tokens per run, in 4 chunks (default 8,192; --smoke: 1,024)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--smoke", action="store_true", help="the tests' tiny GPT, 1,024 tokens, small matmuls; print, do not record")
     args = p.parse_args()
+    args.tokens = args.tokens or (1024 if args.smoke else 8192)
     dev = args.device
     models = {
         "demo-592K (T=256)": (GPTConfig(vocab_size=1024, num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2), 256),
         "baseline-17M (T=1024)": (GPTConfig(), 1024),
     }
-    rate32 = matmul_rate(2048, torch.float32, dev)
-    rate16 = matmul_rate(512 if dev == "cpu" else 2048, torch.bfloat16, dev, repeat=2)
+    if args.smoke:
+        models = {"tiny-2L-64d (T=64)": (SMOKE_MODEL, 64)}
+    n = 256 if args.smoke else 2048
+    rate32 = matmul_rate(n, torch.float32, dev)
+    rate16 = matmul_rate(min(n, 512) if dev == "cpu" else n, torch.bfloat16, dev, repeat=2)
+    skip16 = rate16 < rate32 and not args.smoke  # no figure worth recording; a smoke run still runs the bf16 code
     tables = DeviceTables.from_tables(ByteTables(np.ones(1024, np.int16), np.zeros(1024, bool), np.zeros(1024, bool)), dev)
     rows = []
     for name, (cfg, T) in models.items():
@@ -97,12 +104,13 @@ def main() -> None:
         naive_per_tok = fwd * (1 + 3 * args.epochs * trained)  # separate score forward + fwd/bwd per epoch
         engine_per_tok = fwd * (1 + 3 * args.epochs * trained - trained)  # fused: the first epoch's forward scores
         for dtype_name, dtype, rate in (("fp32", None, rate32), ("bf16", torch.bfloat16, rate16)):
-            if dtype is not None and rate16 < rate32:
+            ttt_cfg = TTTConfig(chunk_tokens=chunk, context=T, inner_lr=1e-3, epochs=args.epochs, micro_batch=16,
+                                dtype=dtype_name, diverge_bpb=1e9)
+            ttt_cfg.validate()
+            if dtype is not None and skip16:
                 rows.append({"model": name, "dtype": dtype_name, "engine tok/s": "skipped", "naive tok/s": "skipped",
                              "engine/naive": "-", "engine GFLOP/s": "-", "of matmul rate": "-", "naive of matmul rate": "-"})
                 continue
-            ttt_cfg = TTTConfig(chunk_tokens=chunk, context=T, inner_lr=1e-3, epochs=args.epochs, micro_batch=16,
-                                dtype=dtype_name, diverge_bpb=1e9)
             m = copy.deepcopy(model)
             run_ttt(m, tokens[: chunk + T + 1], tables, ttt_cfg)  # warm-up: one adapted chunk, one scored window
             t_engine = timed(lambda m=model, x=tokens, c=ttt_cfg: run_ttt(copy.deepcopy(m), x, tables, c), dev)
@@ -115,12 +123,12 @@ def main() -> None:
                          "naive of matmul rate": args.tokens / t_naive * naive_per_tok / rate})
             print(rows[-1], flush=True)
     record(f"TTT throughput ({dev}, {args.tokens:,} tokens in 4 chunks, {args.epochs} epoch)", rows, [
-        f"measured matmul rate: fp32 {rate32 / 1e9:.1f} GFLOP/s (2048³), bf16 {rate16 / 1e9:.1f} GFLOP/s"
-        + (" (512³): this CPU has no native bf16 matmul, so bf16 TTT is skipped" if rate16 < rate32 else ""),
+        f"measured matmul rate: fp32 {rate32 / 1e9:.1f} GFLOP/s ({n}³), bf16 {rate16 / 1e9:.1f} GFLOP/s"
+        + (f" ({min(n, 512)}³): this CPU has no native bf16 matmul, so bf16 TTT is skipped" if skip16 else ""),
         "FLOPs are those each loop executes: forward 2·(matrix params incl. tied head) + causal attention per token; "
         "fwd+bwd = 3 forwards; the naive loop scores with a separate forward, the engine scores from the first "
         "epoch's forward (fuse_score), so it executes one forward less per trained token",
-    ])
+    ], append=not args.smoke)
 
 
 if __name__ == "__main__":
