@@ -60,7 +60,9 @@ def m(name: str, area: str, mistake: str, edits: list[tuple[str, str, str]], tes
     return Mutant(name, area, mistake, tuple(Edit(*e) for e in edits), tuple(tests), alarms, equivalent)
 
 
-TTT, BPB, QUANT, ANALYSIS = "TTT", "static curve / bpb", "quantization", "sweep / analysis"
+TTT, BPB, QUANT, ANALYSIS, MODEL = "TTT", "static curve / bpb", "quantization", "sweep / analysis", "model"
+REF_FORWARD = ("tests/test_reference_forward.py::test_gpt_computes_parameter_golfs_function_on_weights_where_every_part_"
+               "matters[tied-gqa-odd]")
 UNFUSED = ("e2ettt/ttt.py", "        fused = (cfg.fuse_score and not last",
            "        fused = False and (cfg.fuse_score and not last")
 T = "tests/test_ttt.py::"
@@ -209,6 +211,26 @@ MUTANTS = [
     m("dyneval_decays_toward_zero", TTT, "dynamic evaluation's decay toward zero instead of toward the starting weights",
       [("e2ettt/ttt.py", "pull = st[\"decay\"] * (st[\"start\"] - p)", "pull = st[\"decay\"] * (0 - p)")],
       ["tests/test_protocols.py::test_each_recipe_matches_a_loop_written_plainly[dyneval]"]),
+    m("softcap_dropped", MODEL, "the output layer's logit soft cap left out (a different function under the same names)",
+      [("e2ettt/model.py", "        return c * torch.tanh(logits / c)", "        return logits")], [REF_FORWARD]),
+    m("q_gain_dropped", MODEL, "attention's per-head q_gain never applied",
+      [("e2ettt/model.py", "        q = q * self.q_gain.to(q.dtype)[None, :, None, None]\n", "")], [REF_FORWARD]),
+    m("resid_mix_ignores_x0", MODEL, "resid_mix mixing the stream with itself instead of with the embedding output",
+      [("e2ettt/model.py", "mix[1][None, None] * x0", "mix[1][None, None] * x")], [REF_FORWARD]),
+    m("skip_weights_dropped", MODEL, "U-Net skips added without their per-channel weights",
+      [("e2ettt/model.py", "x = x + self.skip_weights[j].to(x.dtype)[None, None] * skips.pop()", "x = x + skips.pop()")],
+      [REF_FORWARD]),
+    m("untied_head_ignored", MODEL, "the output layer always the embedding, an untied lm_head never used",
+      [("e2ettt/model.py", "weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight",
+        "weight = self.tok_emb.weight")], [REF_FORWARD.replace("tied-gqa-odd", "untied-mha")]),
+    m("lora_starts_away_from_zero", TTT, "LoRA's B initialised nonzero: the adapters change the model before any step",
+      [("e2ettt/adapt.py", "        self.B = nn.Parameter(torch.zeros(out_features, rank))",
+        "        self.B = nn.Parameter(torch.full((out_features, rank), 1e-3))")],
+      [T + "test_lr_zero_leaves_scores_and_weights_as_they_were_for_every_adapted_choice[sgd-lora:4]"]),
+    m("recovered_as_mean_of_ratios", ANALYSIS, "recovered and healing as the mean of per-seed ratios, not the ratio of "
+      "means the README defines",
+      [("analysis/metrics.py", "    r = mx / my\n", "    r = float((pair[\"x\"] / pair[\"y\"]).mean())\n")],
+      ["tests/test_analysis.py::test_the_key_table_by_the_readmes_formulas_on_damage_that_varies_by_seed"]),
     m("judged_on_the_clock", ANALYSIS, "early stopping judged at whatever report the clock sends (statuses that depend "
       "on the machine's speed)",
       [("e2ettt/stopping.py", "    if p.checkpoint and p.seed_fraction >= rule.min_fraction",
