@@ -239,7 +239,7 @@ MUTANTS = [
 ]
 SMOKE = "hadamard_on_weights_only"  # what --smoke runs end to end: killed in seconds, no rows to run
 QUICK = ("first_chunk_delta_wired_to_0", "leading_space_dropped_on_device", "hadamard_on_weights_only",
-         "report_on_selection_seeds")  # one per area, each killed in seconds; the bpb one also shows a row alarm
+         "report_on_selection_seeds", "softcap_dropped")  # one per area, each killed in seconds; the bpb one also shows a row alarm
 
 
 def check_edits(root: Path, mutants: list[Mutant]) -> None:
