@@ -238,8 +238,9 @@ MUTANTS = [
       ["tests/test_stopping.py::test_verdicts_are_taken_at_checkpoints_of_the_text_never_at_reports_of_the_clock"]),
 ]
 SMOKE = "hadamard_on_weights_only"  # what --smoke runs end to end: killed in seconds, no rows to run
+# one per area, each killed in seconds; the bpb one also shows a row alarm
 QUICK = ("first_chunk_delta_wired_to_0", "leading_space_dropped_on_device", "hadamard_on_weights_only",
-         "report_on_selection_seeds", "softcap_dropped")  # one per area, each killed in seconds; the bpb one also shows a row alarm
+         "report_on_selection_seeds", "softcap_dropped")
 
 
 def check_edits(root: Path, mutants: list[Mutant]) -> None:
