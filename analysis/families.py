@@ -119,7 +119,7 @@ def by_protocol(trials: pd.DataFrame) -> pd.DataFrame:
     its own windows and the healing beyond it (bpb), means with bootstrap intervals over the reported seeds. Empty
     unless the run tried at least two protocols."""
     rows = []
-    for _, c in choice_points(trials, "recipe").iterrows() if "recipe" in trials else []:
+    for _, c in choice_points(trials, "recipe").iterrows():
         v = segment_values(trials, c["setting_key"])
         rows.append({"regime": c["regime"], "protocol": protocol_name(c["recipe"]), "lr": c["inner_lr"],
                      "n": len(v), "damage": v["damage"].mean(), "recovery": paired(v["recovery"].to_numpy()),

@@ -126,15 +126,15 @@ def concurrency(cfg: SweepConfig, resources_now: dict | None = None, log=None) -
         if log:
             log(f"  cluster: up to {nodes} worker nodes ({path}) hold {trials} trial(s) at once; running {n} at a time")
         return n
+    drivers = int(resources_now.get("trial_driver", 0)) if resources_now is not None else None
+    if cfg.address and drivers == 0:  # Tune would wait for it forever, --max-concurrent or not
+        raise ConfigError(f"--address {cfg.address}: no node of this cluster has the 'trial_driver' resource that trial "
+                          "drivers run in; start its head with ray start --head --resources='{\"trial_driver\": 8}' "
+                          "(README: One GPU machine)")
     if cfg.max_concurrent:
         return cfg.max_concurrent
     if resources_now is None:
         return None if cfg.address else max(1, int(local_cpus(cfg) // demand["CPU"]))
-    drivers = int(resources_now.get("trial_driver", 0))
-    if cfg.address and drivers < 1:  # Tune would wait for it forever
-        raise ConfigError(f"--address {cfg.address}: no node of this cluster has the 'trial_driver' resource that trial "
-                          "drivers run in; start its head with ray start --head --resources='{\"trial_driver\": 8}' "
-                          "(README: One GPU machine)")
     up = max(1, min([int(resources_now.get(r, 0) // need) for r, need in demand.items()] + [drivers], default=1))
     if cfg.address and log:
         log(f"  cluster: no autoscaler config found ({BOOTSTRAP_CONFIG} or --cluster-config); sizing from the "
