@@ -86,6 +86,14 @@ def override(cfg: Any, updates: Mapping[str, Any], _prefix: str = "") -> Any:
     return out
 
 
+GPU_DEFAULTS = {"ttt.dtype": "bf16"}  # on CUDA: bf16 autocast for static curves, calibration and TTT, as records run
+
+
+def with_device_defaults(updates: Mapping[str, Any], cuda: bool) -> dict[str, Any]:
+    """`updates` over the CUDA defaults when the run is on GPUs (what the user set wins), else `updates` as they are."""
+    return {**GPU_DEFAULTS, **updates} if cuda else dict(updates)
+
+
 def config_hash(obj: Any, length: int = 12) -> str:
     """Stable short hash of a dataclass or JSON-able object."""
     if dataclasses.is_dataclass(obj):

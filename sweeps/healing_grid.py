@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis.report import trial_summary
-from e2ettt.config import ConfigError, override, set_items, settings_file, split_list
+from e2ettt.config import ConfigError, override, set_items, settings_file, split_list, with_device_defaults
 from e2ettt.demo import DEMO_SETTINGS
 from e2ettt.orchestrate import run
 from e2ettt.provenance import code_root
@@ -140,6 +140,7 @@ def build_config(args: argparse.Namespace) -> SweepConfig:
     updates.setdefault("out", str(RUNS))  # not the working directory: a cluster job's is the home of whoever ran `ray start`
     if not updates.get("source.checkpoint"):
         updates = {**DEMO_SETTINGS, **updates}
+    updates = with_device_defaults(updates, bool(updates.get("gpus_per_trial", SweepConfig().gpus_per_trial)))
     try:
         return override(SweepConfig(), updates)
     except ValueError as exc:

@@ -24,12 +24,12 @@ def test_quantize_prints_damage_and_sizes(tiny_demo, capsys):
 
 
 def test_ttt_on_two_processes_prints_result_and_curve(tiny_demo, tmp_path, capsys):
-    code = main(["ttt", *files(tiny_demo), "--regime", "int3", "--lr", "0.03", "--workers", "2",
+    code = main(["ttt", *files(tiny_demo), "--regime", "int3", "--lr", "0.03", "--ranks", "2",
                  "--work-dir", str(tmp_path), "--set", "quant.min_numel=1024", "--set", "ttt.max_tokens=1024",
                  "--set", "ttt.chunk_tokens=256", "--set", "ttt.context=128"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "int3: pre-quant" in out and "on 2 rank(s)" in out and "first_chunk_delta" in out
+    assert "int3: pre-quant" in out and "on 2 cpu rank(s), fp32" in out and "first_chunk_delta" in out
     assert len([ln for ln in out.splitlines() if ln.strip()[:1].isdigit()]) >= 4  # curve rows
 
 
@@ -57,6 +57,16 @@ def test_mismatched_tokenizer_and_bad_regime_are_one_line_errors(tiny_inputs, tm
     assert main(["quantize", *files(tiny_inputs), "--regimes", "int3,q4"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("e2ettt quantize: error: unknown quantization regime 'q4'") and len(err.splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asserts the refusal on a machine without enough GPUs")
+@pytest.mark.parametrize("cmd", [["ttt", "--regime", "int3", "--ranks", "64"], ["quantize", "--regimes", "int3"]])
+def test_device_cuda_without_the_gpus_is_one_line_before_any_work(tiny_inputs, cmd, capsys):
+    assert main([*cmd[:1], *files(tiny_inputs), *cmd[1:], "--device", "cuda"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith(f"e2ettt {cmd[0]}: error: --device cuda: rank ") and "GPU" in err, err
+    assert len(err.splitlines()) == 1 and "regime" not in captured.out  # refused before quantizing anything
 
 
 def test_corrupt_shard_in_data_dir_is_named(tiny_inputs, tmp_path, capsys):

@@ -42,6 +42,15 @@ def test_bad_flags_fail_before_ray(args, message, capsys):
     assert not ray.is_initialized()
 
 
+def test_on_gpus_the_dtype_defaults_to_the_records_bf16_and_a_given_dtype_wins():
+    def dtype(*argv):
+        return healing_grid.build_config(healing_grid.parse_args(list(argv))).ttt.dtype
+
+    assert dtype() == "fp32"
+    assert dtype("--gpus-per-trial", "1") == "bf16"
+    assert dtype("--gpus-per-trial", "8", "--set", "ttt.dtype=fp32") == "fp32"
+
+
 def test_paths_with_a_tilde_and_the_default_out_do_not_depend_on_a_shell_or_the_working_directory(
         tmp_path, tiny_inputs, monkeypatch):
     """A Ray job's command line reaches the head without a shell that would expand `~`, and runs in whatever
