@@ -35,6 +35,7 @@ import pandas as pd
 from scipy import stats
 
 from analysis.runs import DISPLAY_SETTINGS, with_keys
+from e2ettt.quant.regimes import RegimeError, parse_regime
 
 HEALING_RANGE = (-1.0, 2.0)  # outside it a healing fraction is an artefact of tiny damage, not a finding
 MIN_SEEDS = 3
@@ -192,16 +193,12 @@ def by_setting(trials: pd.DataFrame, seeds: list | None = None) -> pd.DataFrame:
 
 
 def family_of(regime: str) -> str:
-    """The damage family of a regime, for tables written before rows carried it (the sweep's own rule, restated)."""
-    if regime == "fp":
-        return "control"
-    if regime == "pg-int8":
-        return "pg-int8"
-    if regime.startswith("noise-"):
-        return "unstructured"
-    if "-mismatch" in regime or "-unrotated" in regime:
-        return "structured"
-    return ("hadamard-" if regime.startswith("hadamard-") else "") + ("gptq" if "gptq-" in regime else "rtn")
+    """The damage family of a regime by the sweep's own rule (`Regime.family`), for a table without the column; a
+    name that is no built-in regime is the user's own artifact."""
+    try:
+        return parse_regime(regime).family
+    except RegimeError:
+        return "own"
 
 
 def seed_split(trials: pd.DataFrame) -> tuple[list, list]:

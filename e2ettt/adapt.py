@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from e2ettt.matrices import Matrix, bare_candidates, trace
-from e2ettt.model import CONTROL_PATTERNS
+from e2ettt.quant.regimes import CONTROL_PATTERNS
 
 
 class LoRA(nn.Module):

@@ -14,10 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# parameter-golf's control tensors (per-channel scales, mixes, gains, skip weights; singular or plural names):
-# kept in float by its int8 export, never quantized, and what `norms` adapts beside the 1-D parameters
-CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight")
-
 
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))

@@ -46,11 +46,10 @@ from torch import Tensor, nn
 
 from e2ettt.evaluate import autocast
 from e2ettt.matrices import Matrix, bare_candidates, matrix_numel, matrix_view, trace, watch
-from e2ettt.model import CONTROL_PATTERNS
 from e2ettt.quant import artifact, pg_int8
 from e2ettt.quant.gptq import gptq, proxy_loss
 from e2ettt.quant.hadamard import Rotation
-from e2ettt.quant.regimes import QuantConfig, Regime
+from e2ettt.quant.regimes import CONTROL_PATTERNS, QuantConfig, Regime
 from e2ettt.quant.rtn import Quantized, quantize_with_scales, rtn
 
 

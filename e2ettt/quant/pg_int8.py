@@ -14,7 +14,7 @@ import zlib
 import torch
 from torch import Tensor
 
-from e2ettt.model import CONTROL_PATTERNS
+from e2ettt.quant.regimes import CONTROL_PATTERNS
 
 FORMAT = "int8_clean_per_row_v1"
 KEEP_FLOAT_MAX_NUMEL = 65_536

@@ -31,8 +31,6 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from e2ettt import model
-
 FORMS = ("fp, pg-int8, intN, gptq-intN, hadamard-intN, hadamard-gptq-intN (N = 2..8; ternary in place of intN), each "
          "with an optional share -S (0 < S < 1); hadamard-[gptq-]intN-mismatch[-S] and -unrotated[-S]; noise-X (0 < X <= 10); "
          "the NAME of an --artifact NAME=PATH")
@@ -40,7 +38,9 @@ _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
 _PATTERN = re.compile(rf"^(?P<rot>hadamard-)?(?P<gptq>gptq-)?(?:int(?P<bits>\d+)|(?P<ternary>ternary))"
                       rf"(?:-(?P<decode>mismatch|unrotated))?(?:-(?P<share>{_NUMBER}))?$")
 _NOISE = re.compile(rf"^noise-(?P<size>{_NUMBER})$")
-CONTROL_PATTERNS = ",".join(model.CONTROL_PATTERNS)  # parameter-golf's control tensors, as a setting's text
+# parameter-golf's control tensors (per-channel scales, mixes, gains, skip weights; singular or plural names):
+# kept in float by its int8 export, never quantized, and what `norms` adapts beside the 1-D parameters
+CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight")
 GRIDS = ("symmetric", "midrise")
 
 
@@ -130,7 +130,7 @@ class QuantConfig:
     act_order: bool = True  # quantize columns by decreasing diag(H)
     rotation_seed: int = 0  # seed of the Hadamard signs, of the shares of weights treated, and of the noise
     linear_types: str = "torch.nn.Linear"  # module classes (and subclasses) whose weights are quantized, comma-separated
-    keep_float: str = CONTROL_PATTERNS  # name substrings never quantized, comma-separated
+    keep_float: str = ",".join(CONTROL_PATTERNS)  # name substrings never quantized, comma-separated
     min_share: float = 0.9  # a regime must reach this share of the matrix parameters above min_numel, or it is refused
     draw_per_seed: bool = True  # damage families draw their shares, rotations and noise anew per seed (rotation_seed + seed)
 
