@@ -17,7 +17,7 @@ import json
 import sys
 import tempfile
 
-from e2ettt.config import ConfigError, override, set_items, with_device_defaults
+from e2ettt.config import ConfigError, field_help, override, set_items, with_device_defaults
 from e2ettt.demo import DEMO_SETTINGS
 from e2ettt.quant.regimes import FORMS, QuantConfig, RegimeError, parse_regime
 from e2ettt.recipes import RECIPES, recipe_updates
@@ -33,18 +33,15 @@ class CLIConfig:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", default="", help="the float model: final_model.pt or any weights file e2ettt reads "
-                   "(empty: the embedded demo)")
-    p.add_argument("--data", default="", help="directory with *_train_*.bin and *_val_*.bin shards")
-    p.add_argument("--tokenizer", default="", help="SentencePiece .model matching the checkpoint's vocabulary")
-    p.add_argument("--model-fn", default="", help="module:function or path/file.py:function building the model from the "
-                   "checkpoint path")
-    p.add_argument("--model-output", default="logits", help="what the model's forward returns: logits, method:NAME "
-                   "(model.NAME(ids) gives logits), tuple:K")
+    def doc(key: str) -> str:
+        return field_help(CLIConfig(), key)
+
+    for flag in ("checkpoint", "data", "tokenizer", "model_fn"):
+        p.add_argument(f"--{flag.replace('_', '-')}", default="", help=doc(f"source.{flag}"))
+    p.add_argument("--model-output", default="logits", help=doc("source.model_output"))
     p.add_argument("--artifact", action="append", default=[], metavar="NAME=PATH",
-                   help="your own quantized file as regime NAME (repeatable)")
-    p.add_argument("--artifact-fn", default="", help="module:function or file.py:function decoding an artifact path to a "
-                   "state dict (empty: the built-in formats)")
+                   help=f"{doc('source.artifacts')} (repeatable)")
+    p.add_argument("--artifact-fn", default="", help=doc("source.artifact_fn"))
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where models quantize, score and train; "
                    "cuda defaults ttt.dtype to bf16 (autocast), as the records run")
@@ -154,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated regimes ({FORMS}); fp is measured first, each --artifact is added")
     t = sub.add_parser("ttt", help="static eval + score-first TTT for one regime and setting", formatter_class=fmt)
     _common(t)
-    t.add_argument("--regime", default="int3", help="the quantization regime to heal")
+    t.add_argument("--regime", default="int3", help=f"the quantization regime to heal: {FORMS}")
     t.add_argument("--inner-lr", "--lr", dest="lr", type=float, default=None, help="inner learning rate (default: ttt.inner_lr)")
     t.add_argument("--ranks", "--workers", dest="workers", type=int, default=1,
                    help="ranks in one process group on this machine (gloo on CPU, NCCL with --device cuda: one GPU each)")

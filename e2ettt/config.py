@@ -5,13 +5,20 @@ The CLI flags, grid files and sweep trials all change settings through
 the wrong type is a `ConfigError` naming the key. `settings_file`,
 `set_items` and `split_list` turn what a user typed (a YAML file,
 `--set KEY=VALUE`, a comma-separated flag) into such updates, for every
-entry point alike.
+entry point alike. A setting's meaning is written once, as the comment on
+its field's line; `field_help` reads it from there for every flag's help.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
 import hashlib
+import inspect
+import io
 import json
+import textwrap
+import tokenize
 import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -22,6 +29,29 @@ import yaml
 
 class ConfigError(ValueError):
     """A setting that does not exist or does not parse; the message names it."""
+
+
+@functools.cache
+def _field_comments(cls: type) -> dict[str, str]:
+    """Field name -> the comment on the line where the field's definition ends, in the class's source."""
+    src = textwrap.dedent(inspect.getsource(cls))
+    comments = {t.start[0]: t.string.lstrip("#").strip()
+                for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT}
+    body = ast.parse(src).body[0].body
+    return {n.target.id: comments[n.end_lineno] for n in body
+            if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name) and n.end_lineno in comments}
+
+
+def field_help(cfg: Any, key: str) -> str:
+    """The comment on the line of dotted `key`'s field in `cfg`'s dataclass (or a nested one): the setting's one
+    description, which flag help texts are made of. A field without one is a `ConfigError` naming it."""
+    *parents, name = key.split(".")
+    for part in parents:
+        cfg = getattr(cfg, part)
+    text = _field_comments(type(cfg)).get(name)
+    if not text:
+        raise ConfigError(f"{key}: {type(cfg).__name__}.{name} has no comment to be its help")
+    return text
 
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:

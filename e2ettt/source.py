@@ -49,11 +49,11 @@ _ARTIFACT_NAME = re.compile(r"^[A-Za-z][\w.]*$")
 
 @dataclass(frozen=True)
 class SourceConfig:
-    checkpoint: str = ""  # float model: a state dict or any format checkpoint.read_weights reads; empty = embedded demo
+    checkpoint: str = ""  # the float model: final_model.pt, .int8.ptz or any weights file e2ettt reads; empty = the demo
     data: str = ""  # directory with *_train_*.bin and *_val_*.bin token shards (and *_val_bytes_*.bin sidecars, if any)
     tokenizer: str = ""  # SentencePiece .model matching the checkpoint's vocabulary
     model_fn: str = ""  # "module:function" or "path/file.py:function" building the model from the checkpoint path
-    model_output: str = "logits"  # what the model's forward returns: logits | method:NAME | tuple:K
+    model_output: str = "logits"  # what forward returns: logits | method:NAME (model.NAME(ids) gives logits) | tuple:K
     artifacts: tuple = ()  # "NAME=PATH": your own quantized file, run as regime NAME (family own) beside the built-ins
     artifact_fn: str = ""  # "module:function" or "file.py:function": artifact path -> state dict; empty = built-in formats
     cache_dir: str = ""  # demo cache; empty = $E2ETTT_CACHE or ~/.cache/e2ettt

@@ -50,16 +50,17 @@ if TYPE_CHECKING:  # the tables (pandas, pyarrow) are the driver's: trial worker
 class Grid:
     # fp is the control; GPTQ and RTN int3 (~0.12 and ~0.19 bpb of damage on the reference model); a broken model of
     # the SpinQuant failure class (rotated weights decoded with another rotation, ~+3 bpb) and noise of about the same
-    regimes: tuple = ("fp", "gptq-int3", "int3", "hadamard-int6-mismatch", "noise-0.93")
-    inner_lrs: tuple = (0.03, 0.1, 0.3, 1.0, 3.0)  # the best lr grows with the damage (0.1 for fp, 1 and more broken)
-    chunks: tuple = (512,)  # chunk_tokens; >= 2 windows of context each, so both ranks have work
-    # validation segments (under a cap), run in turn in one trial; the best setting is chosen on the first half and
-    # reported on the second (10 and 10: enough for a paired test to survive a correction); seed 0, the stream's
-    # opening scored without context, is left out
-    seeds: tuple = tuple(range(1, 21))
-    epochs: tuple = (1,)
-    optimizers: tuple = ("sgd",)
-    params: tuple = ("all",)  # all | norms | lora:R
+    regimes: tuple = ("fp", "gptq-int3", "int3", "hadamard-int6-mismatch", "noise-0.93")  # quantization regimes
+    # log-spaced: the best lr grows with the damage (0.1 for fp, 1 and more broken)
+    inner_lrs: tuple = (0.03, 0.1, 0.3, 1.0, 3.0)  # inner learning rates
+    # >= 2 windows of context each, so both ranks have work
+    chunks: tuple = (512,)  # chunk sizes in target tokens (ttt.chunk_tokens)
+    # run in turn in one trial; the best setting is chosen on the first half and reported on the second (10 and 10:
+    # enough for a paired test to survive a correction); seed 0, the stream's opening scored without context, is left out
+    seeds: tuple = tuple(range(1, 21))  # segments of the validation stream (distinct, non-overlapping; need max_tokens)
+    epochs: tuple = (1,)  # passes over each chunk after scoring it
+    optimizers: tuple = ("sgd",)  # inner optimizers (ttt.optimizer)
+    params: tuple = ("all",)  # adapted parameters: all, norms, lora:R
 
     def validate(self) -> None:
         """The grid's own checks; its regimes are checked with the sweep's artifacts (`check_regimes`)."""
@@ -89,7 +90,7 @@ def check_regimes(regimes, own: tuple[str, ...] = ()) -> None:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    name: str = "demo"  # runs/<name>/
+    name: str = "demo"  # run name: tables go to OUT/NAME/
     out: str = "runs"  # parent directory of runs on the driver's machine
     storage: str = ""  # Tune/Train state and copies of artifacts and tables: a path or s3://, gs://, ... URI; empty = out
     source: SourceConfig = field(default_factory=SourceConfig)

@@ -71,7 +71,7 @@ class TTTConfig:
     micro_batch: int = 16  # windows per forward on one rank (memory, not maths)
     grad_clip: float = 1.0  # global grad-norm clip; 0 = off
     params: str = "all"  # all | norms | lora:R
-    max_tokens: int = 0  # cap on scored target tokens; 0 = the whole stream
+    max_tokens: int = 0  # scored validation tokens (a sweep's: per row); 0 = the whole stream
     heldout_tokens: int = 2048  # under a cap: the stream's last N targets, in no segment, where persistence is measured
     seed: int = 0  # picks the stream segment under a cap, and LoRA init
     dtype: str = "fp32"  # fp32 | bf16 autocast

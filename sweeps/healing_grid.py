@@ -25,61 +25,47 @@ from pathlib import Path
 from typing import Any
 
 from analysis.report import trial_summary
-from e2ettt.config import ConfigError, override, set_items, settings_file, split_list, with_device_defaults
+from e2ettt.config import ConfigError, field_help, override, set_items, settings_file, split_list, with_device_defaults
 from e2ettt.demo import DEMO_SETTINGS
 from e2ettt.orchestrate import run
 from e2ettt.provenance import code_root
-from e2ettt.quant.regimes import RegimeError
+from e2ettt.quant.regimes import FORMS, RegimeError
 from e2ettt.recipes import describe, recipe_updates
 from e2ettt.sweep import SweepConfig
+from e2ettt.ttt import OPTIMIZERS
 
 HERE = Path(__file__).resolve().parent  # the grid presets (ladder.yaml, capacity.yaml) live beside this recipe
 RUNS = HERE.parent / "runs"  # where run directories go unless --out says otherwise
 SMOKE = {"grid.regimes": ("fp", "int3"), "grid.inner_lrs": (0.03,), "grid.chunks": (256,), "grid.seeds": (0,),
          "ttt.max_tokens": 2048, "name": "smoke"}
 
-# flag -> (type, dotted key, help); defaults are read off SweepConfig
+# flag -> (type, dotted key) and flag -> dotted key; help texts are the fields' own comments (config.field_help),
+# defaults are read off SweepConfig
 LIST_FLAGS = {
-    "regimes": (str, "grid.regimes", "quantization regimes: fp, pg-int8, intN, gptq-intN, hadamard-intN, hadamard-gptq-intN"),
-    "inner_lrs": (float, "grid.inner_lrs", "inner learning rates"),
-    "chunks": (int, "grid.chunks", "chunk sizes in target tokens"),
-    "seeds": (int, "grid.seeds", "segments of the validation stream (distinct, non-overlapping; need --max-tokens)"),
-    "epochs": (int, "grid.epochs", "passes over each chunk after scoring it"),
-    "optimizers": (str, "grid.optimizers", "inner optimizers: sgd, adamw"),
-    "params": (str, "grid.params", "adapted parameters: all, norms, lora:R"),
+    "regimes": (str, "grid.regimes"),
+    "inner_lrs": (float, "grid.inner_lrs"),
+    "chunks": (int, "grid.chunks"),
+    "seeds": (int, "grid.seeds"),
+    "epochs": (int, "grid.epochs"),
+    "optimizers": (str, "grid.optimizers"),
+    "params": (str, "grid.params"),
 }
+CHOICES = {"regimes": FORMS, "optimizers": ", ".join(OPTIMIZERS)}  # valid values, from where they are defined
 SCALAR_FLAGS = {
-    "checkpoint": ("source.checkpoint", "parameter-golf final_model.pt or .int8.ptz (empty: the embedded demo)"),
-    "data": ("source.data", "directory with *_train_*.bin and *_val_*.bin shards"),
-    "tokenizer": ("source.tokenizer", "SentencePiece .model matching the checkpoint's vocabulary"),
-    "model_fn": ("source.model_fn", "module:function or path/file.py:function building the model from the checkpoint path"),
-    "model_output": ("source.model_output", "what the model's forward returns: logits, method:NAME (model.NAME(ids) gives"
-                     " logits), tuple:K"),
-    "artifact_fn": ("source.artifact_fn", "module:function or file.py:function decoding an --artifact path to a state"
-                    " dict (empty: the built-in formats)"),
-    "cache_dir": ("source.cache_dir", "demo cache (empty: $E2ETTT_CACHE or ~/.cache/e2ettt)"),
-    "workers": ("workers", "ranks per trial on CPU"),
-    "cpus_per_worker": ("cpus_per_worker", "CPU threads per rank and per preparation task"),
-    "gpus_per_trial": ("gpus_per_trial", "N ranks with one GPU each (NCCL); 0 = CPU"),
-    "max_tokens": ("ttt.max_tokens", "validation tokens per row (0 = the whole stream; demo 2,048)"),
-    "context": ("ttt.context", "tokens of context per scored position"),
-    "out": ("out", "parent directory of run directories on this machine (default: runs/ of this repository, wherever the"
-            " command runs from)"),
-    "name": ("name", "run name: tables go to OUT/NAME/"),
-    "storage": ("storage", "path or URI (s3://, gs://, ...) for Tune/Train state and copies of artifacts and tables"
-                " (empty: OUT)"),
-    "address": ("address", "Ray address; 'auto' joins this machine's cluster (empty: start a local Ray)"),
-    "max_concurrent": ("max_concurrent", "trials in flight (0: what the cluster holds at its largest)"),
-    "cluster_config": ("cluster_config", "autoscaler config to size concurrency from"
-                       " (empty: ~/ray_bootstrap_config.yaml when joining)"),
-    "start_timeout": ("start_timeout", "seconds a trial may wait for its workers (0: 120 locally, 1800 on a cluster)"),
-    "max_worker_failures": ("max_worker_failures", "restarts of a trial's worker group after a killed worker or lost node"),
-    "settings_per_trial": ("settings_per_trial", "settings one trial runs in turn, sharing its start-up"
-                           " (0: as many as keep every trial slot busy; 1: a trial per setting)"),
-    "scheduler": ("scheduler", "fifo, or asha: also cut settings by running recovery at rungs of tokens seen"),
-    "stop_threshold": ("stop_threshold", "end a setting whose running recovery is below -this bpb (TTT hurting); 0 = never"),
-    "local_cpus": ("local_cpus", "logical CPUs of the local Ray (0: the machine's cores)"),
+    "checkpoint": "source.checkpoint", "data": "source.data", "tokenizer": "source.tokenizer",
+    "model_fn": "source.model_fn", "model_output": "source.model_output", "artifact_fn": "source.artifact_fn",
+    "cache_dir": "source.cache_dir", "workers": "workers", "cpus_per_worker": "cpus_per_worker",
+    "gpus_per_trial": "gpus_per_trial", "max_tokens": "ttt.max_tokens", "context": "ttt.context", "out": "out",
+    "name": "name", "storage": "storage", "address": "address", "max_concurrent": "max_concurrent",
+    "cluster_config": "cluster_config", "start_timeout": "start_timeout", "max_worker_failures": "max_worker_failures",
+    "settings_per_trial": "settings_per_trial", "scheduler": "scheduler", "stop_threshold": "stop_threshold",
+    "local_cpus": "local_cpus",
 }
+SWITCHES = ("dry_run", "verbose", "dashboard", "rerun_stopped")  # on/off settings of SweepConfig
+
+
+def _help(key: str) -> str:
+    return field_help(SweepConfig(), key)
 
 
 def _default(key: str) -> Any:
@@ -95,19 +81,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    f"preset in sweeps/: {', '.join(sorted(x.stem for x in HERE.glob('*.yaml')))}")
     p.add_argument("--smoke", action="store_true", help="minimal grid: fp + int3, lr 0.03, chunk 256, 2,048 tokens")
     p.add_argument("--ttt-recipe", metavar="NAME", help=f"a TTT protocol by name, applied before flags: {describe()}")
-    p.add_argument("--dry-run", action="store_true", help="print the plan (trials, tokens, time, GPU-hours, cost) and exit")
-    p.add_argument("--verbose", action="store_true", help="let Ray and Tune print their own status output (default: quiet)")
-    p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard and export live per-trial metrics to it")
-    p.add_argument("--rerun-stopped", action="store_true", help="rerun rows the stopper ended (default: they count as done)")
-    for flag, (_, key, text) in LIST_FLAGS.items():
+    for switch in SWITCHES:
+        p.add_argument(f"--{switch.replace('_', '-')}", action="store_true", help=_help(switch))
+    for flag, (_, key) in LIST_FLAGS.items():
         names = [f"--{flag.replace('_', '-')}"] + (["--lrs"] if flag == "inner_lrs" else [])
-        p.add_argument(*names, dest=flag, metavar="LIST", help=f"comma-separated {text} (default: {_default(key)})")
-    for flag, (key, text) in SCALAR_FLAGS.items():
-        default = "" if flag == "out" else f" (default: {_default(key)!r})"
-        p.add_argument(f"--{flag.replace('_', '-')}", help=f"{text}{default}")
+        choices = f": {CHOICES[flag]}" if flag in CHOICES else ""
+        p.add_argument(*names, dest=flag, metavar="LIST",
+                       help=f"comma-separated {_help(key)}{choices} (default: {_default(key)})")
+    for flag, key in SCALAR_FLAGS.items():
+        default = (" (default: runs/ of this repository, wherever the command runs from)" if flag == "out" else
+                   f" (default: {_default(key)!r})" if _default(key) != "" else "")
+        p.add_argument(f"--{flag.replace('_', '-')}", help=f"{_help(key)}{default}")
     p.add_argument("--artifact", action="append", default=[], metavar="NAME=PATH",
-                   help="your own quantized file, run as regime NAME beside the others (repeatable; added to --regimes; "
-                   "default: none)")
+                   help=f"{_help('source.artifacts')} (repeatable; added to --regimes; default: none)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any setting by dotted key, e.g. --set ttt.optimizer=adamw --set quant.calib_tokens=32768")
     return p.parse_args(argv)
@@ -121,13 +107,13 @@ def build_config(args: argparse.Namespace) -> SweepConfig:
         updates = {**SMOKE, **updates}
     if args.ttt_recipe:
         updates.update(recipe_updates(args.ttt_recipe))
-    for switch in ("dry_run", "verbose", "dashboard", "rerun_stopped"):
+    for switch in SWITCHES:
         if getattr(args, switch):
             updates[switch] = True
-    for flag, (kind, key, _) in LIST_FLAGS.items():
+    for flag, (kind, key) in LIST_FLAGS.items():
         if getattr(args, flag) is not None:
             updates[key] = split_list(getattr(args, flag), kind, flag.replace("_", "-"))
-    for flag, (key, _) in SCALAR_FLAGS.items():
+    for flag, key in SCALAR_FLAGS.items():
         if getattr(args, flag) is not None:
             updates[key] = getattr(args, flag)
     if args.artifact:

@@ -51,6 +51,38 @@ def test_on_gpus_the_dtype_defaults_to_the_records_bf16_and_a_given_dtype_wins()
     assert dtype("--gpus-per-trial", "8", "--set", "ttt.dtype=fp32") == "fp32"
 
 
+def test_every_flag_says_what_its_setting_s_own_comment_says_and_the_regime_help_is_the_grammar(capsys):
+    """A setting is described once, by the comment on its field's line: the flags' help is read from there, and
+    the valid regimes and optimizers from where they are defined."""
+    import dataclasses as dc
+
+    from e2ettt.config import ConfigError, field_help
+    from e2ettt.quant.regimes import FORMS
+    from e2ettt.sweep import SweepConfig
+    from e2ettt.ttt import OPTIMIZERS
+
+    with pytest.raises(SystemExit):
+        healing_grid.parse_args(["--help"])
+    def flat(text):  # argparse wraps lines at spaces and after hyphens
+        return "".join(text.split())
+
+    shown = flat(capsys.readouterr().out)
+    for key in [k for _, k in healing_grid.LIST_FLAGS.values()] + list(healing_grid.SCALAR_FLAGS.values()):
+        assert flat(field_help(SweepConfig(), key)) in shown, key
+    assert flat(FORMS) in shown and "noise-X" in shown and "-mismatch" in shown
+    assert flat(", ".join(OPTIMIZERS)) in shown
+    assert field_help(SweepConfig(), "ttt.max_tokens").startswith("scored validation tokens")
+
+    @dc.dataclass(frozen=True)
+    class Undocumented:
+        said: int = 1  # what it is
+        unsaid: int = 2
+
+    assert field_help(Undocumented(), "said") == "what it is"
+    with pytest.raises(ConfigError, match="unsaid: Undocumented.unsaid has no comment"):
+        field_help(Undocumented(), "unsaid")
+
+
 def test_paths_with_a_tilde_and_the_default_out_do_not_depend_on_a_shell_or_the_working_directory(
         tmp_path, tiny_inputs, monkeypatch):
     """A Ray job's command line reaches the head without a shell that would expand `~`, and runs in whatever
