@@ -26,7 +26,7 @@ from e2ettt.rows import CurvePoint, Measured, Report
 from e2ettt.stopping import SettingProgress
 from e2ettt.sweep import RowSpec, SettingSpec, TrialSpec
 from e2ettt.ttt import ChunkRecord
-from e2ettt.worker import Progress, run_trial_on_rank
+from e2ettt.worker import ChunkSignal, Progress, RowVote, run_trial_on_rank
 
 
 class TrialReporter(Progress):
@@ -87,15 +87,16 @@ class TrialReporter(Progress):
         done = self.tokens_before.get(self.setting_key, 0)
         return any(done + before < r <= done + after for r in self.rungs)
 
-    def signal(self) -> float:
-        """1: report now; 3: report now and end the setting (rank 0 decides; the sum over ranks reaches every rank)."""
+    def signal(self) -> ChunkSignal:
+        """REPORT when a report is due or the chunk is a checkpoint; REPORT | STOP when the board ended the setting
+        (rank 0 decides; the sum over ranks reaches every rank)."""
         if self.rank != 0:
-            return 0.0
+            return ChunkSignal.NONE
         if self.setting_key in self.verdicts:
-            return 3.0
+            return ChunkSignal.REPORT | ChunkSignal.STOP
         self.checkpoint = self._crosses()
         due = time.monotonic() - self.last >= self.every_s or len(self.pending) + 1 >= self.max_chunks
-        return 1.0 if due or self.checkpoint else 0.0
+        return ChunkSignal.REPORT if due or self.checkpoint else ChunkSignal.NONE
 
     def row_started(self, setting: SettingSpec, row: RowSpec, static: dict, fp_static: dict) -> None:
         self.setting_key, self.row_id = setting.setting_key, row.row_id
@@ -114,16 +115,18 @@ class TrialReporter(Progress):
         self.metrics.update(tokens_seen=self.tokens_before.get(setting.setting_key, 0) + rec.tokens_seen,
                             seed_fraction=rec.tokens_seen / self.seed_tokens, running_ttt_bpb=rec.running_ttt_bpb,
                             running_static_bpb=running_static, running_recovery=running_static - rec.running_ttt_bpb)
-        if rec.signal > 0:
+        asked = ChunkSignal(round(rec.signal))
+        if ChunkSignal.REPORT in asked:
             self._send(Report(row.row_id, self.attempt, tuple(self.pending)))
             self._ask_board(self._progress(checkpoint=self.checkpoint))
             self.checkpoint = False
-        return rec.signal >= 2
+        return ChunkSignal.STOP in asked
 
-    def row_vote(self, setting: SettingSpec, row: RowSpec) -> float:
+    def row_vote(self, setting: SettingSpec, row: RowSpec) -> RowVote:
         if self.rank != 0:
-            return 0.0
-        return 2.0 if row.row_id in self.written else 1.0 if setting.setting_key in self.verdicts else 0.0
+            return RowVote.RUN
+        return (RowVote.DONE if row.row_id in self.written else
+                RowVote.STOPPED if setting.setting_key in self.verdicts else RowVote.RUN)
 
     def stop_reason(self, setting: SettingSpec) -> str:
         return self.verdicts.get(setting.setting_key, "stopped by the sweep's stop board")

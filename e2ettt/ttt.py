@@ -133,7 +133,7 @@ class ChunkRecord:
     running_ttt_bpb: float
     inner_lr: float  # inner lr of the adaptation that followed (0 after the last chunk)
     adapt_seconds: float
-    signal: float = 0.0  # the callers' `signal` values of this chunk, summed over ranks
+    signal: float = 0.0  # the callers' `signal` values of this chunk, summed over ranks (worker.ChunkSignal)
 
 
 @dataclass
@@ -397,7 +397,7 @@ def run_ttt(
             nll_sum, byte_sum = backward_share_(model, tokens, mine, cfg, tables)
         else:
             nll_sum, byte_sum, _ = window_sums(model, tokens, mine, tables, cfg.micro_batch, cfg.autocast_dtype)
-        local = torch.stack([nll_sum, byte_sum, torch.tensor(signal() if signal else 0.0, dtype=torch.float64,
+        local = torch.stack([nll_sum, byte_sum, torch.tensor(float(signal()) if signal else 0.0, dtype=torch.float64,
                                                                   device=tokens.device)])
         nll, nbytes, signalled = (float(v) for v in all_reduce_sum_(local).cpu())  # host read 1 of 2
         score = Score(nll, nbytes, b - a)

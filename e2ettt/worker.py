@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import enum
 import platform
 import resource
 import socket
@@ -41,15 +42,32 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+class ChunkSignal(enum.IntFlag):
+    """What rank 0 asks of every rank at a chunk. It rides on the chunk's score all-reduce (a sum, so only rank 0
+    sets it; the others send NONE) and comes back to every rank as the chunk record's `signal`."""
+
+    NONE = 0
+    REPORT = 1  # send the running numbers (and the chunks since the last report) now
+    STOP = 2  # end the setting after this chunk
+
+
+class RowVote(enum.IntEnum):
+    """What rank 0 says before each row, all-reduced (a sum: only rank 0 votes) so that every rank agrees."""
+
+    RUN = 0
+    STOPPED = 1  # the sweep's stop board ended the setting: the row is written as stopped, not run
+    DONE = 2  # an earlier attempt of the trial (a worker group that died) already wrote the row
+
+
 class Progress:
     """What a trial says while it runs; the default says nothing.
 
     Every method is called on every rank, in the same order, so an implementation may run collectives.
     """
 
-    def signal(self) -> float:
-        """This rank's vote, once per chunk, summed over ranks into the chunk record's `signal`."""
-        return 0.0
+    def signal(self) -> ChunkSignal:
+        """This rank's `ChunkSignal`, once per chunk; summed over ranks into the chunk record's `signal`."""
+        return ChunkSignal.NONE
 
     def row_started(self, setting: SettingSpec, row: RowSpec, static: dict, fp_static: dict) -> None:
         pass
@@ -58,10 +76,9 @@ class Progress:
         """Return True to end the setting after this chunk (decided from `record.signal`, the same on every rank)."""
         return False
 
-    def row_vote(self, setting: SettingSpec, row: RowSpec) -> float:
-        """This rank's vote before each row, summed over ranks: 0 run it, 1 the setting was stopped, 2 the row is
-        already done (a restarted worker group)."""
-        return 0.0
+    def row_vote(self, setting: SettingSpec, row: RowSpec) -> RowVote:
+        """This rank's `RowVote` before each row (rank 0's decides: the others vote RUN)."""
+        return RowVote.RUN
 
     def stop_reason(self, setting: SettingSpec) -> str:
         return "stopped"
@@ -98,10 +115,11 @@ def run_trial_on_rank(spec: TrialSpec, artifacts: Mapping, device: torch.device 
         stopped = False
         for row in setting.rows:
             t1 = time.perf_counter()
-            vote = all_reduce_sum_(torch.tensor([progress.row_vote(setting, row)], device=device)).item()
-            if vote >= 2:  # written before a restarted worker group started again
+            vote = RowVote(round(all_reduce_sum_(torch.tensor([float(progress.row_vote(setting, row))],
+                                                               device=device)).item()))
+            if vote is RowVote.DONE:  # written before a restarted worker group started again
                 continue
-            stopped = stopped or vote > 0
+            stopped = stopped or vote is RowVote.STOPPED
             if stopped:  # the sweep's stop board ended this setting: its remaining rows are not run
                 measured = Measured(status="stopped", error=progress.stop_reason(setting), **where) if rank == 0 else None
                 progress.row_done(setting, row, measured, [] if rank == 0 else None)

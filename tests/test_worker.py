@@ -7,7 +7,8 @@ from e2ettt.quant.regimes import QuantConfig
 from e2ettt.source import SourceConfig, fingerprint, load_split, resolve
 from e2ettt.sweep import make_trial, needs, plan_settings, segments
 from e2ettt.ttt import TTTConfig
-from e2ettt.worker import run_trial_on_rank
+from e2ettt.distributed import world
+from e2ettt.worker import ChunkSignal, Progress, RowVote, run_trial_on_rank
 
 from .trials import trial_rows
 
@@ -51,6 +52,49 @@ def test_settings_packed_in_one_trial_give_the_numbers_of_trials_of_their_own(pl
             for col in ("pre_quant_bpb", "post_quant_bpb", "post_ttt_bpb", "first_chunk_delta", "tokens_scored"):
                 assert getattr(packed[row.row_id], col) == pytest.approx(getattr(m, col), abs=1e-9), col
     assert len({m.post_ttt_bpb for m in packed.values()}) == 8  # the settings really differ
+
+
+def same(value):
+    return value
+
+
+class Scripted(Progress):
+    """Rank 0 votes a script (the other ranks send nothing): row `done` was written by an earlier attempt, setting
+    `ended` was ended by the board before its rows, and `halt` is asked to stop at its first chunk."""
+
+    def __init__(self, done: str, ended: str, halt: str):
+        self.done, self.ended, self.halt, self.current = done, ended, halt, ""
+
+    def row_started(self, setting, row, static, fp_static):
+        self.current = setting.setting_key
+
+    def signal(self):
+        if world()[0] != 0 or self.current != self.halt:
+            return ChunkSignal.NONE
+        return ChunkSignal.REPORT | ChunkSignal.STOP
+
+    def chunk(self, setting, row, record):
+        return ChunkSignal.STOP in ChunkSignal(round(record.signal))
+
+    def row_vote(self, setting, row):
+        if world()[0] != 0:
+            return RowVote.RUN
+        return (RowVote.DONE if row.row_id == self.done else
+                RowVote.STOPPED if setting.setting_key == self.ended else RowVote.RUN)
+
+
+def test_rank_0_s_votes_reach_every_rank_a_done_row_is_skipped_an_ended_setting_is_not_run_a_stop_ends_it(planned):
+    inputs, settings, values = planned
+    done, ended, halt, free = settings
+    script = Scripted(done.rows[0].row_id, ended.setting_key, halt.setting_key)
+    out = run_local(run_trial_on_rank, (make_trial(settings, inputs, 2), values, "cpu", same, script), 2)
+    got = {row.row_id: m for row, m, _ in out}
+    assert done.rows[0].row_id not in got and got[done.rows[1].row_id].status == "ok"
+    assert not any(r.row_id in got for r in ended.rows)  # written as stopped through row_done, never run
+    first = got[halt.rows[0].row_id]
+    assert first.status == "stopped" and first.tokens_scored < got[free.rows[0].row_id].tokens_scored
+    assert halt.rows[1].row_id not in got  # the rest of a stopped setting is not run
+    assert all(got[r.row_id].status == "ok" for r in free.rows)
 
 
 def test_a_trial_refuses_to_run_on_another_number_of_ranks_than_planned(planned):
