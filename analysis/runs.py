@@ -12,8 +12,8 @@ from e2ettt.tables import newest_curves, newest_rows, read_parts
 TRIAL_REQUIRED = ["row_id", "regime", "inner_lr", "chunk_tokens", "seed", "pre_quant_bpb", "post_quant_bpb",
                   "post_ttt_bpb", "damage", "recovery", "recovery_frac", "first_chunk_delta", "diverged", "status"]
 CURVE_REQUIRED = ["row_id", "chunk", "tokens_seen", "ttt_bpb", "static_bpb", "running_ttt_bpb"]
-# Settings a table row may carry; tables written before rows carried control and setting keys are matched on
-# every one of these that is present (and, for the control, the seed).
+# Settings a table row may carry; a table without control and setting keys (one made by hand) is matched on every
+# one of these that is present (and, for the control, the seed).
 DISPLAY_SETTINGS = ["inner_lr", "chunk_tokens", "epochs", "optimizer", "params", "recipe", "context", "stride",
                     "max_tokens", "momentum", "weight_decay", "schedule", "grad_clip", "step_windows", "train_windows",
                     "reset", "phase_docs", "phase_lr", "decay_to_start", "dtype", "device", "world_size"]
@@ -22,7 +22,7 @@ MATCH_SETTINGS = DISPLAY_SETTINGS + ["micro_batch", "fuse_score", "diverge_bpb",
 # What TTT does, as opposed to what is scored and how (the windows): the fp reference of a regime row is fp's best
 # choice of these, on the same windows, segment and inputs.
 TTT_SETTINGS = ["inner_lr", "schedule", "momentum", "weight_decay", "epochs", "step_windows", "optimizer", "params",
-                "grad_clip", "fuse_score", "diverge_bpb", "diverge_nats", "checksum_every", "recipe", "train_windows",
+                "grad_clip", "fuse_score", "diverge_bpb", "checksum_every", "recipe", "train_windows",
                 "phase_docs", "phase_lr", "decay_to_start", "stats_tokens"]
 WINDOW_SETTINGS = [c for c in MATCH_SETTINGS if c not in TTT_SETTINGS]  # with the seed: the same segment
 
@@ -41,7 +41,7 @@ class Run:
 
 
 def _read(path: Path, required: list[str]) -> pd.DataFrame:
-    """A table (a directory of parts, or one file from older versions), newest row per trial."""
+    """A table (a directory of parts, or one Parquet file), newest version of each row."""
     if not path.exists():
         raise RunError(f"{path}: table not found (did the sweep write this run?)")
     try:
@@ -73,8 +73,8 @@ def load_run(run_dir: str | Path) -> Run:
 
 
 def with_keys(trials: pd.DataFrame) -> pd.DataFrame:
-    """Rows from tables that predate `control_key`/`setting_key` get them from every setting column present; every
-    row gets `window_key` (its setting columns but those of what TTT does: `WINDOW_SETTINGS`)."""
+    """Rows without `control_key`/`setting_key` (a table made by hand) get them from every setting column present;
+    every row gets `window_key` (its setting columns but those of what TTT does: `WINDOW_SETTINGS`)."""
     trials = trials.copy()
     for col, default in (("epochs", 1), ("optimizer", "sgd"), ("params", "all")):
         if col not in trials:

@@ -285,10 +285,6 @@ def train_reference(out: Path = REFERENCE_DIR, cache_dir: str | os.PathLike | No
     return info
 
 
-def load_demo_model(assets: DemoAssets) -> GPT:
-    return load_model(assets.checkpoint, assets.model, vocab_size=assets.model.vocab_size)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="the embedded demo's reference model")
     p.add_argument("--train-reference", action="store_true", help="run the reference recipe and write e2ettt/reference/")

@@ -146,9 +146,6 @@ class StopBoard:
             self.verdicts[p.setting_key] = why
         return why
 
-    def verdict(self, setting_key: str) -> str:
-        return self.verdicts.get(setting_key, "")
-
     def points(self) -> tuple[float, list[int]]:
         """Where trials must report for a verdict: the share of a seed's tokens it is judged at (None when the rule
         never stops), and the ASHA rungs in tokens of a setting."""

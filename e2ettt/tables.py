@@ -120,19 +120,15 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-OLD_NAMES = {"trial_id": "row_id", "lr": "inner_lr"}  # column names of tables written by earlier versions
-
-
 def read_parts(path: str | os.PathLike) -> pd.DataFrame:
-    """A table written as a directory of parts (or, by older versions, as one file), all rows, under today's
-    column names."""
+    """A table written as a directory of parts (or as one Parquet file, e.g. by pandas), all rows."""
     path = Path(path)
     parts = [path] if path.is_file() else sorted(path.glob("part-*.parquet"))
     frames = []
     for part in parts:
         try:
             frame = pq.read_table(part).to_pandas()
-            frames.append(frame.rename(columns={k: v for k, v in OLD_NAMES.items() if k in frame and v not in frame}))
+            frames.append(frame)
         except FileNotFoundError:  # compacted away by another sweep while we listed
             continue
     frames = [f for f in frames if not f.empty]
@@ -159,11 +155,6 @@ class Dataset:
 
     def __init__(self, path: Path, schema: pa.Schema, store: Store | None = None, key: str = ""):
         self.path, self.schema, self.store, self.key = Path(path), schema, store, key
-        if self.path.is_file():  # a table written as one file by an older version: it becomes the first part
-            tmp = self.path.with_name(f".{self.path.name}.legacy{os.getpid()}")
-            os.replace(self.path, tmp)
-            self.path.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, self.path / "part-legacy.parquet")
         self.path.mkdir(parents=True, exist_ok=True)
 
     def parts(self) -> list[Path]:

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from e2ettt import data
-from e2ettt.demo import load_demo_model, load_documents
+from e2ettt.checkpoint import load_model
+from e2ettt.demo import load_documents
 from e2ettt.evaluate import DeviceTables, as_tensor, chunk_spans, eval_val, plan_windows, score_windows
 from e2ettt.tokenizer import ByteTables, build_byte_tables, load_tokenizer
 
@@ -48,7 +49,7 @@ def test_chunk_larger_than_stream_is_a_clear_error():
 def test_bpb_matches_an_independent_computation(tiny_inputs):
     """Naive per-window loss and bytes from decoded text agree with eval_val."""
     sp = load_tokenizer(tiny_inputs.tokenizer)
-    model = load_demo_model(tiny_inputs)
+    model = load_model(tiny_inputs.checkpoint, tiny_inputs.model, vocab_size=tiny_inputs.model.vocab_size)
     docs = load_documents(30)[:3]
     stream = np.concatenate([[data.BOS_ID] + sp.encode(t) for _, t in docs])
     T = 64

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from e2ettt import data
-from e2ettt.checkpoint import load_state_dict
-from e2ettt.demo import load_demo_model
+from e2ettt.checkpoint import load_model, load_state_dict
 from e2ettt.quant import pg_int8
 from e2ettt.quant.apply import quantize_model
 from e2ettt.quant.artifact import decode, pack_codes, unpack_codes
@@ -74,7 +73,7 @@ def test_gptq_beats_rtn_on_its_proxy_loss_for_correlated_inputs():
 
 @pytest.fixture(scope="module")
 def demo_parts(tiny_demo):
-    model = load_demo_model(tiny_demo)
+    model = load_model(tiny_demo.checkpoint, tiny_demo.model, vocab_size=tiny_demo.model.vocab_size)
     calib = torch.as_tensor(data.load_tokens(tiny_demo.data_dir, "train"))
     return model, calib
 

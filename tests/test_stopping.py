@@ -68,9 +68,9 @@ def test_the_board_holds_verdicts_and_never_stops_a_protected_control():
     assert board.post(progress(key="fp-a", regime="fp", **hurting)) == ""  # the control of regime rows runs on
     assert board.post(progress(key="fp-a", regime="fp", diverged=True)) == ""
     why = board.post(progress(key="int3-a", **hurting))
-    assert why.startswith("TTT hurting") and board.verdict("int3-a") == why
+    assert why.startswith("TTT hurting") and board.verdicts == {"int3-a": why}
     assert board.post(progress(key="int3-a", fraction=1.0, recovery=+0.5)) == why  # a verdict is final
-    assert board.verdict("int3-b") == ""
+    assert "int3-b" not in board.verdicts
 
 
 def test_the_board_cuts_by_rungs_only_with_asha_and_never_a_protected_control():
