@@ -173,7 +173,7 @@ MUTANTS = [
       [("e2ettt/quant/apply.py", "        if is_embedding and not cfg.embed_bits:\n", "        if is_embedding:\n")],
       ["tests/test_quant.py::test_the_embedding_is_stored_as_codes_at_embed_bits_unless_kept_float"]),
     m("control_key_without_seed", ANALYSIS, "the fp control matched without the seed (the sweep's control key)",
-      [("e2ettt/sweep.py", "control_key=config_hash({**base, **at}, 16)", "control_key=config_hash({**base, \"ttt\": d}, 16)")],
+      [("e2ettt/plan.py", "control_key=config_hash({**base, **at}, 16)", "control_key=config_hash({**base, \"ttt\": d}, 16)")],
       ["tests/test_rows.py::test_rows_of_one_setting_differ_only_in_seed_and_segment_and_match_their_control"]),
     m("fp_reference_without_seed", ANALYSIS, "the fp control matched without the seed (analysis: fp's first seed for all)",
       [("analysis/metrics.py", "    out = trials.merge(fp_reference(trials), on=[\"window_key\", \"seed\"], how=\"left\")\n",
@@ -233,7 +233,7 @@ MUTANTS = [
       ["tests/test_analysis.py::test_the_key_table_by_the_readmes_formulas_on_damage_that_varies_by_seed"]),
     m("judged_on_the_clock", ANALYSIS, "early stopping judged at whatever report the clock sends (statuses that depend "
       "on the machine's speed)",
-      [("e2ettt/stopping.py", "    if p.checkpoint and p.seed_fraction >= rule.min_fraction",
+      [("e2ettt/driver/stopping.py", "    if p.checkpoint and p.seed_fraction >= rule.min_fraction",
         "    if p.seed_fraction >= rule.min_fraction")],
       ["tests/test_stopping.py::test_verdicts_are_taken_at_checkpoints_of_the_text_never_at_reports_of_the_clock"]),
 ]

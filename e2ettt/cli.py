@@ -109,9 +109,9 @@ def cmd_quantize(args, cfg: CLIConfig) -> int:
 def cmd_ttt(args, cfg: CLIConfig) -> int:
     from e2ettt import artifacts
     from e2ettt.launch import rank_device, run_local
+    from e2ettt.plan import make_trial, needs, plan_settings, segments
     from e2ettt.source import fingerprint, load_split, resolve
     from e2ettt.storage import Store
-    from e2ettt.sweep import make_trial, needs, plan_settings, segments
     from e2ettt.worker import run_trial_on_rank
 
     parse_regime(args.regime, cfg.source.artifact_names)

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from e2ettt import budget
 from e2ettt.artifacts import scores, total
 from e2ettt.evaluate import Score
+from e2ettt.plan import RowSpec, SettingSpec, Sweep, TrialSpec
 from e2ettt.quant.regimes import parse_regime
-from e2ettt.sweep import RowSpec, SettingSpec, Sweep, TrialSpec
 from e2ettt.ttt import ChunkRecord, TTTResult
 
 

@@ -28,10 +28,10 @@ from e2ettt.adapt import merge_, select_params
 from e2ettt.artifacts import Windowing, heldout_score, load_regime_model, scores
 from e2ettt.distributed import all_reduce_sum_, share, world
 from e2ettt.evaluate import DeviceTables, as_tensor
+from e2ettt.plan import RowSpec, SettingSpec, TrialSpec
 from e2ettt.quant.apply import requantize_
 from e2ettt.rows import CurvePoint, Measured, measure
 from e2ettt.source import load_split, load_tables, load_target_bytes, set_threads
-from e2ettt.sweep import RowSpec, SettingSpec, TrialSpec
 from e2ettt.tokenizer import decoded_bytes, load_tokenizer
 from e2ettt.ttt import ChunkRecord, gradient_stats, run_ttt
 

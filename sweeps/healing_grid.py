@@ -27,11 +27,11 @@ from typing import Any
 from analysis.report import trial_summary
 from e2ettt.config import ConfigError, field_help, override, set_items, settings_file, split_list, with_device_defaults
 from e2ettt.demo import DEMO_SETTINGS
-from e2ettt.orchestrate import run
+from e2ettt.driver.orchestrate import run
+from e2ettt.plan import SweepConfig
 from e2ettt.provenance import code_root
 from e2ettt.quant.regimes import FORMS, RegimeError
 from e2ettt.recipes import describe, recipe_updates
-from e2ettt.sweep import SweepConfig
 from e2ettt.ttt import OPTIMIZERS
 
 HERE = Path(__file__).resolve().parent  # the grid presets (ladder.yaml, capacity.yaml) live beside this recipe
@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help=f"comma-separated {_help(key)}{choices} (default: {_default(key)})")
     for flag, key in SCALAR_FLAGS.items():
         default = (" (default: runs/ of this repository, wherever the command runs from)" if flag == "out" else
-                   f" (default: {_default(key)!r})" if _default(key) != "" else "")
+                   f" (default: {_default(key)!r})")
         p.add_argument(f"--{flag.replace('_', '-')}", help=f"{_help(key)}{default}")
     p.add_argument("--artifact", action="append", default=[], metavar="NAME=PATH",
                    help=f"{_help('source.artifacts')} (repeatable; added to --regimes; default: none)")

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from e2ettt import faults
-from e2ettt.cluster import capacity_from_config
+from e2ettt.driver.cluster import capacity_from_config
 from e2ettt.launch import free_port
 from e2ettt.testing import fake_autoscaling_config, ray_node
 from sweeps import healing_grid

@@ -5,9 +5,9 @@ import shutil
 import numpy as np
 
 from e2ettt import data
+from e2ettt.plan import segments
 from e2ettt.quant.regimes import QuantConfig
 from e2ettt.source import SourceConfig, load_split, resolve
-from e2ettt.sweep import segments
 from e2ettt.ttt import TTTConfig
 
 from .trials import trial_rows

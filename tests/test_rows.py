@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 
 from e2ettt.evaluate import Score
+from e2ettt.plan import Sweep, SweepConfig, make_trial, plan_settings
 from e2ettt.quant.regimes import QuantConfig
 from e2ettt.rows import Assembler, CurvePoint, Measured, Report, RowError, build, error_row, measure, row_alarms, setting_columns
 from e2ettt.source import Inputs
-from e2ettt.sweep import Sweep, SweepConfig, make_trial, plan_settings
 from e2ettt.tables import TRIAL_SCHEMA, to_arrow
 from e2ettt.ttt import ChunkRecord, TTTConfig, TTTResult
 

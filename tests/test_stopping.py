@@ -1,7 +1,7 @@
 """Early stopping's rule, successive halving and the board that holds the verdicts (no Ray: the board is a plain class)."""
 import pytest
 
-from e2ettt.stopping import Rungs, SettingProgress, StopBoard, StopRule, judge
+from e2ettt.driver.stopping import Rungs, SettingProgress, StopBoard, StopRule, judge
 
 
 def progress(key="int3-a", regime="int3", seed=0, tokens=1000, fraction=0.5, recovery=0.0, diverged=False,
@@ -89,6 +89,6 @@ def test_the_board_cuts_by_rungs_only_with_asha_and_never_a_protected_control():
 def test_the_quantile_is_numpys_linear_one(values):
     import numpy as np
 
-    from e2ettt.stopping import _quantile
+    from e2ettt.driver.stopping import _quantile
 
     assert _quantile(values, 2 / 3) == pytest.approx(float(np.quantile(values, 2 / 3)))

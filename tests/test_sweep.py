@@ -57,8 +57,8 @@ def test_every_flag_says_what_its_setting_s_own_comment_says_and_the_regime_help
     import dataclasses as dc
 
     from e2ettt.config import ConfigError, field_help
+    from e2ettt.plan import SweepConfig
     from e2ettt.quant.regimes import FORMS
-    from e2ettt.sweep import SweepConfig
     from e2ettt.ttt import OPTIMIZERS
 
     with pytest.raises(SystemExit):
@@ -143,9 +143,9 @@ def test_a_dry_run_prints_the_plan_and_starts_nothing(tmp_path, tiny_inputs, cap
 
 
 def test_an_fp_control_stays_protected_on_a_resumed_sweep_whose_regime_rows_are_done(tmp_path, tiny_inputs):
+    from e2ettt.driver.stopping import SettingProgress, StopBoard, board_args
+    from e2ettt.plan import open_sweep
     from e2ettt.source import resolve
-    from e2ettt.stopping import SettingProgress, StopBoard, board_args
-    from e2ettt.sweep import open_sweep
 
     cfg = healing_grid.build_config(healing_grid.parse_args(real_run_args(tiny_inputs, tmp_path, "--regimes", "fp,int3",
                                                                           "--seeds", "0,1")))

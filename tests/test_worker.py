@@ -4,9 +4,9 @@ import pytest
 from e2ettt import artifacts
 from e2ettt.distributed import world
 from e2ettt.launch import run_local
+from e2ettt.plan import make_trial, needs, plan_settings, segments
 from e2ettt.quant.regimes import QuantConfig
 from e2ettt.source import SourceConfig, fingerprint, load_split, resolve
-from e2ettt.sweep import make_trial, needs, plan_settings, segments
 from e2ettt.ttt import TTTConfig
 from e2ettt.worker import ChunkSignal, Progress, RowVote, run_trial_on_rank
 

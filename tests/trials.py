@@ -1,8 +1,8 @@
 """Rows of one trial on one rank without Ray, made as the sweep makes them (plans, artifacts, worker)."""
 from e2ettt import artifacts
+from e2ettt.plan import make_trial, needs, plan_settings, segments
 from e2ettt.quant.regimes import QuantConfig
 from e2ettt.source import Inputs, fingerprint, load_split
-from e2ettt.sweep import make_trial, needs, plan_settings, segments
 from e2ettt.ttt import TTTConfig
 from e2ettt.worker import run_trial_on_rank
 

@@ -3,14 +3,14 @@
 `run(cfg)` is the whole sweep, read top to bottom:
 
 1. resolve the inputs, check every setting against them and plan the
-   trials (`sweep.open_sweep`; bad input fails here, before Ray starts),
+   trials (`plan.open_sweep`; bad input fails here, before Ray starts),
    leaving out rows the run directory already holds;
 2. start a local Ray, or join a cluster (`cluster.start_ray`), size the
    trials in flight from the cluster at its largest, and wait (printing)
    until it can place a trial's workers;
 3. quantize each regime once and compute each static curve once, as Ray
-   tasks on the trials' kind of device (`artifacts.prepare`);
-4. run the Tune grid (`run_trials`): one `ray_trial.run_trial` per trial,
+   tasks on the trials' kind of device (`prepare.prepare`);
+4. run the Tune grid (`run_trials`): one `trial.run_trial` per trial,
    a stop board that holds every early-stopping verdict, and a recorder
    that appends each row to the Parquet tables as it arrives;
 5. write `manifest.json` and compact the tables.
@@ -26,11 +26,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from e2ettt import artifacts, budget, cluster
-from e2ettt.recorder import make_recorder, write_manifest
+import ray
+from ray import tune
+
+from e2ettt import budget
+from e2ettt.driver import cluster
+from e2ettt.driver.prepare import prepare
+from e2ettt.driver.recorder import Recorder, write_manifest
+from e2ettt.driver.stopping import StopBoard, board_args
+from e2ettt.driver.trial import run_trial
+from e2ettt.plan import Sweep, SweepConfig, open_sweep
 from e2ettt.source import load_source_model, resolve
-from e2ettt.stopping import StopBoard, board_args
-from e2ettt.sweep import Sweep, SweepConfig, open_sweep
 
 
 @dataclass
@@ -70,17 +76,17 @@ def run(cfg: SweepConfig, log=print, code_dir: str | os.PathLike = ".") -> Outco
     if not sweep.trials:
         log("nothing to run: every row of the grid is in the table")
         return outcome
-    ray = cluster.start_ray(cfg, log)
+    cluster.start_ray(cfg, log)
     reports: dict = {}
     try:
         slots = cluster.concurrency(cfg, ray.cluster_resources(), log)
         if cluster.concurrency(cfg) is None:  # joined a cluster of unknown size: pack for what is up now
             sweep = sweep.packed(slots)
         if sweep.trials:
-            cluster.wait_for_workers(ray, cfg, log)
-            refs, reports = artifacts.prepare(ray, sweep.needs, inputs, cfg.quant, cfg.device, cfg.cpus_per_worker,
-                                              sweep.store, f"{cfg.name}/artifacts", log)
-            outcome.interrupted = run_trials(ray, sweep, refs, reports, slots, outcome, log)
+            cluster.wait_for_workers(cfg, log)
+            refs, reports = prepare(sweep.needs, inputs, cfg.quant, cfg.device, cfg.cpus_per_worker, sweep.store,
+                                    f"{cfg.name}/artifacts", log)
+            outcome.interrupted = run_trials(sweep, refs, reports, slots, outcome, log)
     except KeyboardInterrupt:
         outcome.interrupted = True
     finally:
@@ -93,12 +99,8 @@ def run(cfg: SweepConfig, log=print, code_dir: str | os.PathLike = ".") -> Outco
     return outcome
 
 
-def run_trials(ray, sweep: Sweep, refs: dict, reports: dict, slots: int, outcome: Outcome, log) -> bool:
+def run_trials(sweep: Sweep, refs: dict, reports: dict, slots: int, outcome: Outcome, log) -> bool:
     """The Tune grid, one trial per `TrialSpec`; returns whether it was interrupted (Ctrl-C)."""
-    from ray import tune
-
-    from e2ettt.ray_trial import run_trial
-
     cfg = sweep.cfg
     if not cfg.verbose:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no status box; the recorder prints its own lines
@@ -108,7 +110,7 @@ def run_trials(ray, sweep: Sweep, refs: dict, reports: dict, slots: int, outcome
     resources = {"cpus_per_worker": cfg.cpus_per_worker, "gpus_per_worker": 1 if cfg.gpus_per_trial else 0,
                  "max_worker_failures": cfg.max_worker_failures, "start_timeout": cfg.worker_start_timeout,
                  "storage_path": sweep.store.url(f"{cfg.name}/ray/train")}
-    recorder = make_recorder(sweep, reports, slots, log, board, cluster.live_metrics() if cfg.dashboard else None)
+    recorder = Recorder(sweep, reports, slots, log, board, cluster.live_metrics() if cfg.dashboard else None)
     trainable = tune.with_parameters(run_trial, specs={t.key: t for t in sweep.trials}, artifacts=refs, board=board,
                                      resources=resources)
     tuner = tune.Tuner(

@@ -22,9 +22,9 @@ import uuid
 
 from e2ettt import faults
 from e2ettt.artifacts import total
+from e2ettt.driver.stopping import SettingProgress
+from e2ettt.plan import RowSpec, SettingSpec, TrialSpec
 from e2ettt.rows import CurvePoint, Measured, Report
-from e2ettt.stopping import SettingProgress
-from e2ettt.sweep import RowSpec, SettingSpec, TrialSpec
 from e2ettt.ttt import ChunkRecord
 from e2ettt.worker import ChunkSignal, Progress, RowVote, run_trial_on_rank
 

@@ -17,18 +17,17 @@ import os
 import time
 from pathlib import Path
 
+import ray
 import yaml
 
 from e2ettt.config import ConfigError
-from e2ettt.sweep import SweepConfig
+from e2ettt.plan import SweepConfig
 
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the autoscaler config on the head
 
 
-def start_ray(cfg: SweepConfig, log=print):
+def start_ray(cfg: SweepConfig, log=print) -> None:
     """A local Ray of this machine's cores, or the cluster at `cfg.address`."""
-    import ray
-
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Read by each trial's Ray Train controller: a report waits for the previous one to be polled; with the
     # dashboard, Train runs and their workers are shown in it.
@@ -50,7 +49,6 @@ def start_ray(cfg: SweepConfig, log=print):
     if cfg.dashboard:
         log(f"  dashboard: http://{context.dashboard_url} (Train runs; e2ettt_* metrics in its Metrics view with "
             "Prometheus/Grafana set up as Ray's docs describe)")
-    return ray
 
 
 def local_cpus(cfg: SweepConfig) -> int:
@@ -155,7 +153,7 @@ def refuse_unoffered(cfg: SweepConfig) -> None:
                           "offers only its own (join a cluster with GPU nodes: --address)")
 
 
-def wait_for_workers(ray, cfg: SweepConfig, log=print) -> None:
+def wait_for_workers(cfg: SweepConfig, log=print) -> None:
     """Returns once the cluster can place one trial's workers (on an autoscaling cluster, the request brings a node
     up). Prints where it stands every `progress_seconds`; after the start timeout, raises TimeoutError naming what
     no node offered. The preparation tasks need a subset of the same resources, so they cannot wait silently."""
@@ -170,20 +168,20 @@ def wait_for_workers(ray, cfg: SweepConfig, log=print) -> None:
             ready, _ = ray.wait([placed], timeout=max(0.0, min(cfg.progress_seconds, limit - waited)))
             if ready:
                 if waited >= cfg.progress_seconds:
-                    log(f"  nodes ready after {time.monotonic() - t0:.0f} s; {standing(ray, cfg)}")
+                    log(f"  nodes ready after {time.monotonic() - t0:.0f} s; {standing(cfg)}")
                 return
             waited = time.monotonic() - t0
             need = f"{cfg.ranks} worker(s) × {per_worker}{' on one node' if cfg.gpus_per_trial else ''}"
             if waited >= limit:
-                raise TimeoutError(f"no node offered {need} within --start-timeout {limit:g} s ({standing(ray, cfg)}): "
+                raise TimeoutError(f"no node offered {need} within --start-timeout {limit:g} s ({standing(cfg)}): "
                                    "nodes that never came up (quota, capacity, launch errors: `ray monitor cluster.yaml`) "
                                    "or a resource no node type has")
-            log(f"  waiting for nodes: {waited:.0f} of {limit:g} s for {need}; {standing(ray, cfg)}")
+            log(f"  waiting for nodes: {waited:.0f} of {limit:g} s for {need}; {standing(cfg)}")
     finally:
         remove_placement_group(pg)
 
 
-def standing(ray, cfg: SweepConfig) -> str:
+def standing(cfg: SweepConfig) -> str:
     """Nodes up and what they offer, for progress lines."""
     alive = [n for n in ray.nodes() if n.get("Alive")]
     key = "GPU" if cfg.gpus_per_trial else "CPU"

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from e2ettt.sweep import Sweep
+from e2ettt.plan import Sweep
 
 
 @dataclass(frozen=True)
