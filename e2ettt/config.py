@@ -82,6 +82,8 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{name}: expected a number, got {value!r}") from None
     if annotation is str:
+        if isinstance(value, dict):  # a mapping for a text setting (`--set faults={...}` read as YAML): its JSON
+            return json.dumps(value, sort_keys=True)
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
         return str(value)
@@ -163,7 +165,10 @@ def set_items(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        loaded = yaml.safe_load(value)
+        try:
+            loaded = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: cannot read the value ({str(exc).splitlines()[0]})") from None
         updates[key.strip()] = tuple(loaded) if isinstance(loaded, list) else loaded
     return updates
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from e2ettt import artifacts, data
+from e2ettt import artifacts, data, faults
 from e2ettt.artifacts import Needs, Windowing
 from e2ettt.config import ConfigError, config_hash, override
 from e2ettt.evaluate import chunk_spans
@@ -118,6 +118,7 @@ class SweepConfig:
     usd_per_node_hour: float = 0.0  # on-demand price of a GPU node, for the plan's cost line; 0 = not shown
     gpus_per_node: int = 8  # GPUs of the cluster's node type (p5.48xlarge: 8), for node-hours
     settings_per_trial: int = 0  # settings one trial runs in turn (one start-up for all); 0 = as many as keep every slot busy
+    faults: str = ""  # JSON by regime: faults a test injects into its trials (e2ettt/faults.py); empty = none
 
     def validate(self) -> None:
         checks = [
@@ -139,6 +140,7 @@ class SweepConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        faults.parse(self.faults)
         check_regimes(self.grid.regimes, self.source.artifact_names)
         settings(self)  # each setting of the grid passes TTTConfig's checks
 
@@ -200,6 +202,7 @@ class TrialSpec:
     world_size: int
     threads: int  # CPU threads per rank
     report_seconds: float
+    faults: str = ""  # what a test injects (`faults`): JSON by regime; empty in a user's run
 
     @property
     def label(self) -> str:
@@ -218,7 +221,8 @@ class TrialSpec:
         """The trial with the rows in `done` left out (None if nothing is left)."""
         settings = tuple(dataclasses.replace(s, rows=rows) for s in self.settings
                          if (rows := tuple(r for r in s.rows if r.row_id not in done)))
-        return make_trial(settings, self.inputs, self.world_size, self.threads, self.report_seconds) if settings else None
+        return (make_trial(settings, self.inputs, self.world_size, self.threads, self.report_seconds, self.faults)
+                if settings else None)
 
 
 def plan_settings(fingerprint: str, regime: str, ttts: list[TTTConfig], starts: dict[int, int], quant: QuantConfig,
@@ -260,10 +264,10 @@ def draw_seed(quant: QuantConfig, regime, seed: int) -> int:
 
 
 def make_trial(settings: tuple[SettingSpec, ...] | list[SettingSpec], inputs: Inputs, world_size: int, threads: int = 1,
-               report_seconds: float = 2.0) -> TrialSpec:
+               report_seconds: float = 2.0, faults: str = "") -> TrialSpec:
     """The one constructor of a trial: its settings, run in turn on one worker group, and the key that names it."""
     key = settings[0].setting_key if len(settings) == 1 else config_hash([s.setting_key for s in settings], 16)
-    return TrialSpec(key, inputs, tuple(settings), world_size, threads, report_seconds)
+    return TrialSpec(key, inputs, tuple(settings), world_size, threads, report_seconds, faults)
 
 
 def pack(settings: list[SettingSpec], slots: int, per_trial: int = 0) -> list[list[SettingSpec]]:
@@ -360,7 +364,7 @@ class Sweep:
     def packed(self, slots: int) -> Sweep:
         """The same sweep with its settings packed for `slots` trials at once (or `settings_per_trial` each)."""
         cfg = self.cfg
-        trials = tuple(make_trial(group, self.inputs, cfg.ranks, cfg.cpus_per_worker, cfg.report_seconds)
+        trials = tuple(make_trial(group, self.inputs, cfg.ranks, cfg.cpus_per_worker, cfg.report_seconds, cfg.faults)
                        for group in pack(list(self.settings), slots, cfg.settings_per_trial))
         return dataclasses.replace(self, trials=trials)
 

@@ -111,7 +111,7 @@ def run_trial_on_rank(spec: TrialSpec, artifacts: Mapping, device: torch.device 
     weights, base = None, None
     grad_stats: dict = {}
     for setting in spec.settings:
-        fault = faults.for_regime(setting.regime)
+        fault = faults.for_regime(spec.faults, setting.regime)
         stopped = False
         for row in setting.rows:
             t1 = time.perf_counter()

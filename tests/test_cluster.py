@@ -15,7 +15,6 @@ import pandas as pd
 import pytest
 import yaml
 
-from e2ettt import faults
 from e2ettt.driver.cluster import capacity_from_config
 from e2ettt.launch import free_port
 from e2ettt.testing import fake_autoscaling_config, ray_node
@@ -138,19 +137,19 @@ def test_sweep_on_nodes_that_cannot_see_the_drivers_disk(tmp_path, tiny_demo, ca
 # ---------------------------------------------------------------- autoscaling from zero
 
 @pytest.mark.slow
-def test_trials_run_in_parallel_on_nodes_the_autoscaler_adds(tmp_path, tiny_demo, capsys, monkeypatch):
+def test_trials_run_in_parallel_on_nodes_the_autoscaler_adds(tmp_path, tiny_demo, capsys):
     port = free_port()
     config = tmp_path / "autoscaler.yaml"
     import ray
 
     config.write_text(yaml.safe_dump(fake_autoscaling_config(f"{ray._private.services.get_node_ip_address()}:{port}")))
-    # set before `ray start`: the nodes the autoscaler adds inherit the head's environment
-    monkeypatch.setenv(faults.ENV, json.dumps({"fp": {"hold_seconds": 6}, "int3": {"hold_seconds": 6}}))
+    hold = json.dumps({"fp": {"hold_seconds": 6}, "int3": {"hold_seconds": 6}})  # reaches the nodes in each trial
     with ray_node("--head", f"--port={port}", f"--autoscaling-config={config}", "--num-cpus=0",
                   "--resources={\"trial_driver\": 4}", "--include-dashboard=false", "--disable-usage-stats",
                   env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}):
         code = healing_grid.main(smoke_args(tiny_demo, tmp_path, "--name", "autoscale", "--address", f"127.0.0.1:{port}",
-                                            "--cluster-config", str(config), "--set", "progress_seconds=5"))
+                                            "--cluster-config", str(config), "--set", "progress_seconds=5",
+                                            "--set", f"faults={hold}"))
         out = capsys.readouterr().out
     assert code == 0, out
     assert "up to 2 worker nodes" in out and "hold 2 trial(s) at once" in out
@@ -210,9 +209,9 @@ def test_storage_uri_keeps_state_artifacts_and_tables_and_a_fresh_machine_resume
 # ---------------------------------------------------------------- nodes that never come
 
 @pytest.mark.slow
-def test_a_trial_whose_nodes_never_come_ends_as_an_error_and_the_others_finish(tmp_path, tiny_demo, capsys, monkeypatch):
-    monkeypatch.setenv(faults.ENV, json.dumps({"int3": {"resources": {"no_such_node_type": 1}}}))
-    args = smoke_args(tiny_demo, tmp_path, "--name", "never", "--start-timeout", "8", "--set", "settings_per_trial=1")
+def test_a_trial_whose_nodes_never_come_ends_as_an_error_and_the_others_finish(tmp_path, tiny_demo, capsys):
+    args = smoke_args(tiny_demo, tmp_path, "--name", "never", "--start-timeout", "8", "--set", "settings_per_trial=1",
+                      "--set", "faults=" + json.dumps({"int3": {"resources": {"no_such_node_type": 1}}}))
     assert healing_grid.main(args) == 0
     rows = pd.read_parquet(tmp_path / "never" / "trials.parquet").set_index("regime")
     assert rows.loc["fp", "status"] == "ok"

@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 import yaml
 
-from e2ettt import faults
 from sweeps import healing_grid
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,6 +31,8 @@ def real_run_args(demo, out, *extra):
     (["--workers", "-1"], "workers must be >= 1, got -1"),
     (["--gpus-per-trial", "-2"], "gpus_per_trial must be in 0..64"),
     (["--set", "scheduler=hyperband"], "scheduler must be fifo or asha"),
+    (["--set", "faults={bad"], "--set 'faults={bad': cannot read the value"),
+    (["--set", 'faults={"int3": {"explode": 1}}'], "faults: unknown fault(s) ['explode']"),
 ])
 def test_bad_flags_fail_before_ray(args, message, capsys):
     import ray
@@ -168,11 +169,12 @@ def test_an_fp_control_stays_protected_on_a_resumed_sweep_whose_regime_rows_are_
 
 
 @pytest.mark.slow
-def test_smoke_grid_faults_and_resume(tmp_path, tiny_demo, capsys, monkeypatch):
+def test_smoke_grid_faults_and_resume(tmp_path, tiny_demo, capsys):
     marker = tmp_path / "killed-once"
-    monkeypatch.setenv(faults.ENV, json.dumps({"int3": {"kill_once_marker": str(marker), "kill_rank": 1, "kill_chunk": 1},
-                                               "int4": {"raise": "injected failure"}}))
-    args = real_run_args(tiny_demo, tmp_path, "--smoke", "--regimes", "fp,int3,int4", "--name", "faults")
+    injected = {"int3": {"kill_once_marker": str(marker), "kill_rank": 1, "kill_chunk": 1},
+                "int4": {"raise": "injected failure"}}
+    args = real_run_args(tiny_demo, tmp_path, "--smoke", "--regimes", "fp,int3,int4", "--name", "faults",
+                         "--set", f"faults={json.dumps(injected)}")
     assert healing_grid.main(args) == 0
     run = tmp_path / "faults"
     trials = pd.read_parquet(run / "trials.parquet").set_index("regime")

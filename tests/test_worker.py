@@ -97,6 +97,16 @@ def test_rank_0_s_votes_reach_every_rank_a_done_row_is_skipped_an_ended_setting_
     assert all(got[r.row_id].status == "ok" for r in free.rows)
 
 
+def test_a_fault_in_the_trial_s_own_config_reaches_its_ranks(planned):
+    """Faults travel in the TrialSpec, not the environment: they reach workers of a Ray already running."""
+    inputs, settings, values = planned
+    trial = make_trial(settings[2:3], inputs, 2, faults='{"int3": {"raise": "planted in the spec"}}')
+    with pytest.raises(RuntimeError, match="planted in the spec"):
+        run_local(run_trial_on_rank, (trial, values), 2)
+    assert make_trial(settings[:1], inputs, 2, faults='{"int3": {"raise": "x"}}').faults  # kept by the constructor
+    assert trial.without({settings[2].rows[0].row_id}).faults == trial.faults
+
+
 def test_a_trial_refuses_to_run_on_another_number_of_ranks_than_planned(planned):
     inputs, settings, values = planned
     with pytest.raises(RuntimeError, match="planned for 2 ranks but runs on 1"):

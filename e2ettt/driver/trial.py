@@ -196,7 +196,7 @@ def run_trial(config: dict, specs: dict | None = None, artifacts: dict | None = 
     use_gpu = res["gpus_per_worker"] > 0
     per_worker = {"CPU": res["cpus_per_worker"], **({"GPU": res["gpus_per_worker"]} if use_gpu else {})}
     for regime in spec.regimes:
-        per_worker.update(faults.for_regime(regime).get("resources", {}))
+        per_worker.update(faults.for_regime(spec.faults, regime).get("resources", {}))
     needed = {k for _, r in spec.rows for k in (r.weights, r.static, r.fp_static)}
     fit_started_at = time.time()
     try:
