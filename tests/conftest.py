@@ -38,6 +38,43 @@ def tiny_demo(demo_cache):
     return build_demo(TINY_DEMO, demo_cache, log=lambda *a: None)
 
 
+def _ray_options() -> dict:
+    return {"address": "local", "num_cpus": 2, "num_gpus": 0, "resources": {"trial_driver": 64},
+            "include_dashboard": False, "log_to_driver": False, "configure_logging": True, "logging_level": "ERROR"}
+
+
+@pytest.fixture
+def shared_ray():
+    """One local Ray of 2 CPUs for the session's in-process sweeps, as Ray's own `ray_start_regular_shared`: the
+    first test that asks starts it, the sweeps use it as it is (a sweep leaves a Ray it did not start running), and
+    it stays up until a test that needs its own (`own_ray`) or the session ends."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(**_ray_options())
+    yield
+
+
+@pytest.fixture
+def own_ray():
+    """No Ray in this process when the test starts: for tests that join a head of their own, or check that
+    nothing started one."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_ray_left_behind():
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture
 def random_gpt():
     torch.manual_seed(0)

@@ -103,6 +103,7 @@ def test_concurrency_comes_from_the_clusters_largest_size():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not namespaces_allowed(), reason="private mount namespaces (unshare -m + tmpfs) are not permitted here")
+@pytest.mark.usefixtures("own_ray")
 def test_sweep_on_nodes_that_cannot_see_the_drivers_disk(tmp_path, tiny_demo, capsys):
     """Worker nodes run in private mount namespaces with a tmpfs over the run directory's parent: nothing
     the driver or another node writes there is visible to them. The sweep gives the local run's numbers."""
@@ -137,6 +138,7 @@ def test_sweep_on_nodes_that_cannot_see_the_drivers_disk(tmp_path, tiny_demo, ca
 # ---------------------------------------------------------------- autoscaling from zero
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("own_ray")
 def test_trials_run_in_parallel_on_nodes_the_autoscaler_adds(tmp_path, tiny_demo, capsys):
     port = free_port()
     config = tmp_path / "autoscaler.yaml"
@@ -188,6 +190,7 @@ def s3(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("shared_ray")
 def test_storage_uri_keeps_state_artifacts_and_tables_and_a_fresh_machine_resumes(tmp_path, tiny_demo, s3, capsys):
     args = smoke_args(tiny_demo, tmp_path / "head-1", "--name", "s3run", "--storage", "s3://sweeps/e2ettt")
     assert healing_grid.main(args) == 0
@@ -209,6 +212,7 @@ def test_storage_uri_keeps_state_artifacts_and_tables_and_a_fresh_machine_resume
 # ---------------------------------------------------------------- nodes that never come
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("shared_ray")
 def test_a_trial_whose_nodes_never_come_ends_as_an_error_and_the_others_finish(tmp_path, tiny_demo, capsys):
     args = smoke_args(tiny_demo, tmp_path, "--name", "never", "--start-timeout", "8", "--set", "settings_per_trial=1",
                       "--set", "faults=" + json.dumps({"int3": {"resources": {"no_such_node_type": 1}}}))
@@ -220,6 +224,7 @@ def test_a_trial_whose_nodes_never_come_ends_as_an_error_and_the_others_finish(t
     assert "no_such_node_type" in rows.loc["int3", "error"] and "\n" not in rows.loc["int3", "error"]
 
 
+@pytest.mark.usefixtures("own_ray")
 def test_a_gpu_count_no_node_offers_is_one_line_before_ray(tmp_path, tiny_inputs, capsys):
     """Locally, only this machine's GPUs; joining a cluster, what its autoscaler config's node types hold (checked
     before the sweep connects: nothing listens at the address given)."""
@@ -239,6 +244,7 @@ def test_a_gpu_count_no_node_offers_is_one_line_before_ray(tmp_path, tiny_inputs
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("own_ray")
 def test_a_sweep_asking_for_gpus_a_cpu_cluster_lacks_waits_aloud_then_ends_with_one_line(tmp_path, tiny_demo, capsys):
     """No autoscaler config tells what the cluster could hold: the sweep waits for a node with a GPU, says so every
     progress_seconds, and ends after --start-timeout with one line naming what no node offered."""
@@ -315,6 +321,7 @@ def readme_pod_lines() -> tuple[list[str], list[str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("own_ray")
 def test_the_readmes_one_machine_head_takes_a_sweep_at_address_auto_and_a_plain_head_is_refused(
         tmp_path, tiny_demo, capsys, monkeypatch):
     """The head as the README starts it (its flags and a port of the test's own, so that no other Ray on the host

@@ -281,6 +281,7 @@ def plain_decode(path: Path) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("shared_ray")
 def test_your_record_through_the_sweep_paired_with_the_same_fp_rows(record, tiny_inputs, tmp_path):
     import pandas as pd
 

@@ -34,6 +34,7 @@ def real_run_args(demo, out, *extra):
     (["--set", "faults={bad"], "--set 'faults={bad': cannot read the value"),
     (["--set", 'faults={"int3": {"explode": 1}}'], "faults: unknown fault(s) ['explode']"),
 ])
+@pytest.mark.usefixtures("own_ray")
 def test_bad_flags_fail_before_ray(args, message, capsys):
     import ray
 
@@ -108,6 +109,7 @@ def test_paths_with_a_tilde_and_the_default_out_do_not_depend_on_a_shell_or_the_
     assert healing_grid.build_config(healing_grid.parse_args(["--out", "elsewhere"])).out == "elsewhere"
 
 
+@pytest.mark.usefixtures("own_ray")
 def test_bad_grid_file_and_bad_data_fail_before_ray(tmp_path, tiny_inputs, capsys):
     import ray
 
@@ -128,6 +130,7 @@ def test_bad_grid_file_and_bad_data_fail_before_ray(tmp_path, tiny_inputs, capsy
     assert not ray.is_initialized()
 
 
+@pytest.mark.usefixtures("own_ray")
 def test_a_dry_run_prints_the_plan_and_starts_nothing(tmp_path, tiny_inputs, capsys):
     import ray
 
@@ -169,6 +172,7 @@ def test_an_fp_control_stays_protected_on_a_resumed_sweep_whose_regime_rows_are_
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("shared_ray")
 def test_smoke_grid_faults_and_resume(tmp_path, tiny_demo, capsys):
     marker = tmp_path / "killed-once"
     injected = {"int3": {"kill_once_marker": str(marker), "kill_rank": 1, "kill_chunk": 1},
@@ -203,6 +207,7 @@ def test_smoke_grid_faults_and_resume(tmp_path, tiny_demo, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("shared_ray")
 def test_a_hurting_setting_is_stopped_early_and_the_others_in_its_trial_are_untouched(tmp_path, tiny_demo, capsys):
     """lr 1.5 makes TTT hurt without diverging; the stop board ends that setting a quarter into its first seed, and
     the trial goes on with its other settings."""
@@ -242,6 +247,7 @@ def test_a_hurting_setting_is_stopped_early_and_the_others_in_its_trial_are_unto
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("shared_ray")
 def test_asha_runs_a_small_grid_to_the_end_and_keeps_the_settings_it_cuts_as_stopped_rows(tmp_path, tiny_demo, capsys):
     """2 regimes × 3 lrs with --scheduler asha (and no hurting-rule, so only the rungs cut): every report carries
     the running recovery the rungs compare, the sweep ends, the int3 settings that reach a rung below its
@@ -260,6 +266,7 @@ def test_asha_runs_a_small_grid_to_the_end_and_keeps_the_settings_it_cuts_as_sto
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("shared_ray")
 def test_ttt_that_breaks_the_demo_model_stops_the_same_seeds_whatever_the_clock(tmp_path):
     """The embedded demo, lr 3 at chunk 2048 (TTT wrecks a good model), three seeds of four chunks: reports every
     0.01 s or every 60 s, the first seed is judged at its judging point (chunk 1, half its tokens) and the setting
@@ -300,6 +307,7 @@ def test_two_sweeps_into_one_run_directory_at_once_keep_every_row(tmp_path, tiny
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("shared_ray")
 def test_a_model_that_is_not_the_baseline_goes_through_quantize_and_the_sweep(tmp_path, tiny_demo, capsys):
     """The README's worked example: LoopLM (recurrent core, U-Net skip, tied head) via --model-fn."""
     import torch

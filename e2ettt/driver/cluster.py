@@ -26,8 +26,16 @@ from e2ettt.plan import SweepConfig
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the autoscaler config on the head
 
 
-def start_ray(cfg: SweepConfig, log=print) -> None:
-    """A local Ray of this machine's cores, or the cluster at `cfg.address`."""
+def start_ray(cfg: SweepConfig, log=print) -> bool:
+    """A local Ray of this machine's cores, or the cluster at `cfg.address`; returns whether it started one (the
+    caller then shuts it down). A Ray this process is already connected to, with no `--address` given, is used as
+    it is and left running, as Ray Tune does (a notebook's, or a test session's shared one)."""
+    if ray.is_initialized():
+        if cfg.address:
+            raise ConfigError(f"--address {cfg.address}: this process is already connected to a Ray; "
+                              "leave --address out to use it, or call ray.shutdown() first")
+        log("  using the Ray this process is already connected to")
+        return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Read by each trial's Ray Train controller: a report waits for the previous one to be polled; with the
     # dashboard, Train runs and their workers are shown in it.
@@ -49,6 +57,7 @@ def start_ray(cfg: SweepConfig, log=print) -> None:
     if cfg.dashboard:
         log(f"  dashboard: http://{context.dashboard_url} (Train runs; e2ettt_* metrics in its Metrics view with "
             "Prometheus/Grafana set up as Ray's docs describe)")
+    return True
 
 
 def local_cpus(cfg: SweepConfig) -> int:

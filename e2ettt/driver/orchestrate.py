@@ -76,7 +76,7 @@ def run(cfg: SweepConfig, log=print, code_dir: str | os.PathLike = ".") -> Outco
     if not sweep.trials:
         log("nothing to run: every row of the grid is in the table")
         return outcome
-    cluster.start_ray(cfg, log)
+    started = cluster.start_ray(cfg, log)
     reports: dict = {}
     try:
         slots = cluster.concurrency(cfg, ray.cluster_resources(), log)
@@ -94,7 +94,8 @@ def run(cfg: SweepConfig, log=print, code_dir: str | os.PathLike = ".") -> Outco
         write_manifest(sweep, reports, outcome.nodes, {
             "started_rows": len(sweep.todo), "wall_seconds": outcome.wall_seconds, "interrupted": outcome.interrupted,
             "storage": sweep.store.uri, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        ray.shutdown()
+        if started:
+            ray.shutdown()
         sweep.tables.compact()
     return outcome
 
