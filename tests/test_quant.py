@@ -4,6 +4,8 @@ import zlib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from e2ettt import data
 from e2ettt.checkpoint import load_model, load_state_dict
@@ -11,9 +13,22 @@ from e2ettt.quant import pg_int8
 from e2ettt.quant.apply import quantize_model
 from e2ettt.quant.artifact import decode, pack_codes, unpack_codes
 from e2ettt.quant.gptq import gptq, proxy_loss
-from e2ettt.quant.hadamard import RotatedLinear, Rotation, fwht
+from e2ettt.quant.hadamard import Rotation, fwht
 from e2ettt.quant.regimes import QuantConfig, RegimeError, parse_regime
 from e2ettt.quant.rtn import rtn
+
+
+class RotatedLinear(nn.Module):
+    """y = (x R)(W R)ᵀ: the run-time form of an input-side rotated layer, to check that a rotation preserves the
+    function the layer computes."""
+
+    def __init__(self, weight_rotated: Tensor, R: Rotation):
+        super().__init__()
+        self.weight_rotated = nn.Parameter(weight_rotated, requires_grad=False)
+        self.R = R
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.R.apply(x), self.weight_rotated.to(x.dtype))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])

@@ -16,8 +16,7 @@ linear layer can be rotated exactly and nothing else is touched.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 
 def fwht(x: Tensor) -> Tensor:
@@ -61,15 +60,3 @@ class Rotation:
     def conjugate(self, H: Tensor) -> Tensor:
         """Rᵀ H R."""
         return self.apply(self.apply(H).T).T
-
-
-class RotatedLinear(nn.Module):
-    """y = (x R)(W R)ᵀ: the run-time form of an input-side rotated layer."""
-
-    def __init__(self, weight_rotated: Tensor, R: Rotation):
-        super().__init__()
-        self.weight_rotated = nn.Parameter(weight_rotated, requires_grad=False)
-        self.R = R
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.R.apply(x), self.weight_rotated.to(x.dtype))
