@@ -20,6 +20,9 @@ import time
 import traceback
 import uuid
 
+import ray
+import ray.tune
+
 from e2ettt import faults
 from e2ettt.artifacts import total
 from e2ettt.driver.stopping import SettingProgress
@@ -42,7 +45,6 @@ class TrialReporter(Progress):
     """
 
     def __init__(self, spec: TrialSpec, board, max_chunks: int = 256):
-        import ray
         import ray.train
 
         self.rank = ray.train.get_context().get_world_rank()
@@ -161,7 +163,6 @@ def process_started_at() -> float:
 
 def train_loop(config: dict) -> int:
     """What each Train worker runs. Imports stay inside: a trial's worker processes are new."""
-    import ray
     import ray.train.torch
 
     spec: TrialSpec = config["spec"]
@@ -183,7 +184,6 @@ def one_line(exc: BaseException) -> str:
 def run_trial(config: dict, specs: dict | None = None, artifacts: dict | None = None, board=None,
               resources: dict | None = None) -> None:
     """A Tune trial: fit the TorchTrainer of trial `config["trial"]`, then report how it ended."""
-    import ray.tune
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -226,4 +226,29 @@ def run_trial(config: dict, specs: dict | None = None, artifacts: dict | None = 
                        f"no node could give {spec.world_size} "
                        f"worker(s) × {per_worker} (nodes that never came up, or resources no node type has)")
         end = {"error": message, "traceback": traceback.format_exc()[-4000:]}
-    ray.tune.report({"kind": "end", **end})
+    report_after_workers({"kind": "end", **end})
+
+
+def report_after_workers(metrics: dict, settle_s: float = 0.5, limit_s: float = 60.0) -> None:
+    """Report `metrics` to Tune once every worker report still on its way has gone through.
+
+    The workers' reports reach Tune through the Tune session's inter-actor queue (`TuneReportCallback`), which the
+    session's main thread forwards into its one-slot result queue; a report made from this thread goes into the same
+    slot. If it lands there while the main thread holds a forwarded worker report, neither ever moves (seen on a
+    loaded machine: the trial waits for ever). So this waits until both queues have stayed empty for `settle_s`
+    (at most `limit_s`), then reports."""
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    forwarded = getattr(session, "_inter_actor_queue", None)
+    slot = getattr(session, "result_queue", None)
+    t0 = time.monotonic()
+    quiet_since = None
+    while slot is not None and time.monotonic() - t0 < limit_s:
+        idle = slot.empty() and (forwarded is None or forwarded.empty())
+        now = time.monotonic()
+        quiet_since = (quiet_since or now) if idle else None
+        if quiet_since is not None and now - quiet_since >= settle_s:
+            break
+        time.sleep(0.05)
+    ray.tune.report(metrics)
