@@ -190,7 +190,7 @@ def s3(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("shared_ray")
+@pytest.mark.usefixtures("own_ray")  # its S3 endpoint is in the environment, which a running Ray never sees
 def test_storage_uri_keeps_state_artifacts_and_tables_and_a_fresh_machine_resumes(tmp_path, tiny_demo, s3, capsys):
     args = smoke_args(tiny_demo, tmp_path / "head-1", "--name", "s3run", "--storage", "s3://sweeps/e2ettt")
     assert healing_grid.main(args) == 0
