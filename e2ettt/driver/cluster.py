@@ -14,6 +14,7 @@ after the start timeout if it never can.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -52,11 +53,35 @@ def start_ray(cfg: SweepConfig, log=print) -> bool:
         context = ray.init(address=cfg.address, runtime_env={"env_vars": {k: os.environ[k] for k in train_env}}, **quiet)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        forget_dead_address(log)
         context = ray.init(address="local", num_cpus=max(local_cpus(cfg), cfg.workers * cfg.cpus_per_worker),
                            num_gpus=None if cfg.gpus_per_trial else 0, resources={"trial_driver": 64}, **quiet)
     if cfg.dashboard:
         log(f"  dashboard: http://{context.dashboard_url} (Train runs; e2ettt_* metrics in its Metrics view with "
             "Prometheus/Grafana set up as Ray's docs describe)")
+    return True
+
+
+def forget_dead_address(log=print) -> bool:
+    """Remove the address `ray start` left in Ray's temp directory when no Ray listens there any more, as `ray stop`
+    would have; returns whether it did. A head stopped any other way (killed, crashed, a reboot) leaves the file, and
+    the processes of a local Ray read it whenever they look for the State API: each trial's Ray Train placement-group
+    cleaner then waits on a dead address for about 12 s before the trial can end."""
+    from ray._common.utils import get_ray_address_file, reset_ray_address
+
+    path = Path(get_ray_address_file(None))
+    try:
+        address = path.read_text().strip()
+    except OSError:
+        return False  # none (or not ours to read)
+    try:
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return False  # a Ray is up there: its file, not ours to touch
+    except (OSError, ValueError):
+        pass
+    reset_ray_address()
+    log(f"  removed {path}: it named {address}, where no Ray listens (a head stopped without `ray stop`)")
     return True
 
 
