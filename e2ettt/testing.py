@@ -54,6 +54,20 @@ def fake_autoscaling_config(gcs_address: str, worker_cpus: int = 2, max_workers:
     }
 
 
+def processes_naming(gcs_port: str) -> list[int]:
+    """PIDs of the processes whose command line gives a GCS address ending in `gcs_port` (":PORT"): a node's."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            if any(a.startswith(("--gcs-address=", "--gcs_address=")) and a.endswith(gcs_port) for a in argv):
+                found.append(int(entry.name))
+    return found
+
+
 def long_curve(n: int) -> list[dict] | None:
     """A curve of n chunks on rank 0 (a result far larger than a pipe's buffer)."""
     rank, _ = world()
@@ -65,7 +79,8 @@ def long_curve(n: int) -> list[dict] | None:
 def ray_node(*args: str, env: dict | None = None, prefix: list[str] | None = None, cwd: str | os.PathLike | None = None,
              timeout: float = 180.0):
     """A Ray node of `ray start --block ARGS` (a head or a worker), up when this enters, stopped when it leaves by
-    SIGTERM to its own `ray start`, whose handler stops the processes that node started. Never `ray stop`, which
+    SIGTERM to its own `ray start`, whose handler stops the processes that node started, and then to any process
+    still naming a head's GCS port (nodes an autoscaler added leave their log monitors behind). Never `ray stop`, which
     stops every Ray on the host, a user's running sweep included. `prefix` wraps the command (it must exec it)."""
     cmd = [*(prefix or []), str(Path(sys.executable).parent / "ray"), "start", "--block", *args]
     env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **(env or {})}
@@ -86,3 +101,7 @@ def ray_node(*args: str, env: dict | None = None, prefix: list[str] | None = Non
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
+            port = next((a.split("=", 1)[1] for a in args if a.startswith("--port=")), None) if "--head" in args else None
+            for pid in processes_naming(f":{port}") if port else []:  # the cluster is down: nothing of it may stay
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
