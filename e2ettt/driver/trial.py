@@ -20,9 +20,6 @@ import time
 import traceback
 import uuid
 
-import ray
-import ray.tune
-
 from e2ettt import faults
 from e2ettt.artifacts import total
 from e2ettt.driver.stopping import SettingProgress
@@ -237,6 +234,7 @@ def report_after_workers(metrics: dict, settle_s: float = 0.5, limit_s: float = 
     slot. If it lands there while the main thread holds a forwarded worker report, neither ever moves (seen on a
     loaded machine: the trial waits for ever). So this waits until both queues have stayed empty for `settle_s`
     (at most `limit_s`), then reports."""
+    import ray.tune  # here, not at the top: Train workers unpickle `train_loop` from this module and never need Tune
     from ray.train._internal.session import get_session
 
     session = get_session()
