@@ -72,6 +72,19 @@ def scratch(smoke: bool, runs: Path = REPO / "runs") -> Iterator[Path]:
         yield Path(tmp)
 
 
+def planned_only(argv: list[str]) -> str:
+    """A smoke run's stand-in for the second sweep of a comparison: healing_grid with `argv` and --dry-run (flags,
+    config, inputs and plan all built and checked; nothing started), its plan line returned; the comparison is then
+    measured on the first sweep's rows. One line and exit 1 if it fails."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(REPO / "sweeps" / "healing_grid.py"), *argv, "--dry-run"], cwd=REPO,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} --dry-run failed ({done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
+    return next((ln.strip() for ln in done.stdout.splitlines() if ln.startswith("dry run:")), "")
+
+
 def shown(path: Path) -> str:
     """`path` relative to the repository if it lies in it."""
     return str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)

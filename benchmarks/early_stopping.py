@@ -9,7 +9,8 @@ time, TTT tokens actually scored, rows by status, and whether each regime's best
     python benchmarks/early_stopping.py --smoke [--checkpoint F --data DIR --tokenizer F ...]
 
 --smoke is healing_grid's own (its minimal grid), passed on with the rest; here it also sends the runs to a
-temporary directory and prints the table without recording it.
+temporary directory, runs only the first sweep (the second is planned with --dry-run, and its row of the table
+measured on the first run's rows) and prints the table without recording it.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, record, scratch, shown
+from _common import REPO, planned_only, record, scratch, shown
 
 sys.path.insert(0, str(REPO))
 from analysis.metrics import best_setting  # noqa: E402
@@ -42,8 +43,13 @@ def main(flags: list[str]) -> None:
 def measure(out: Path, flags: list[str], smoke: bool) -> None:
     """Both runs under `out`, and their table."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    runs = {"default stopper": sweep(f"bench-stop-{stamp}", out, [], flags),
-            "no stopping": sweep(f"bench-nostop-{stamp}", out, ["--set", "stop_threshold=0"], flags)}
+    runs = {"default stopper": sweep(f"bench-stop-{stamp}", out, [], flags)}
+    no_stopping = (f"bench-nostop-{stamp}", out, ["--set", "stop_threshold=0"], flags)
+    if smoke:
+        print(planned_only(["--name", no_stopping[0], "--out", str(out), *no_stopping[2], *flags]))
+        runs["no stopping"] = runs["default stopper"]
+    else:
+        runs["no stopping"] = sweep(*no_stopping)
     best = {}
     rows = []
     for label, (wall, path) in runs.items():

@@ -23,7 +23,8 @@ over trials of each part of a trial's start-up:
     python benchmarks/sweep_overhead.py --smoke [--checkpoint F --data DIR --tokenizer F ...]
 
 --smoke is healing_grid's own (its minimal grid), passed on with the rest; here it also sends the runs to a
-temporary directory and prints the table without recording it.
+temporary directory, runs only the packed sweep (the one-setting-per-trial sweep is planned with --dry-run, and its
+column measured on the packed run) and prints the table without recording it.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, record, scratch, shown
+from _common import REPO, planned_only, record, scratch, shown
 
 GRID = ["--regimes", "fp,int3", "--lrs", "0.01,0.03,0.1", "--chunks", "512", "--seeds", "0,1,2"]
 CLOSING = re.compile(r"(\d+) of (\d+) rows written in (\d+) s wall \((\d+) s of it inside TTT\)")
@@ -62,13 +63,19 @@ def controller_parts(since: float) -> dict[str, float]:
     return {part: float(pd.Series(v).median()) if v else float("nan") for part, v in found.items()}
 
 
-def sweep(name: str, runs: Path, flags: list[str], extra: list[str]) -> dict:
+def sweep(name: str, runs: Path, flags: list[str], extra: list[str]) -> tuple[str, str, float]:
+    """Run the sweep: its name, its printed output and when it started."""
     t0 = time.time()
     cmd = [sys.executable, str(REPO / "sweeps" / "healing_grid.py"), "--name", name, "--out", str(runs), *flags, *extra]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"sweep failed ({out.returncode}):\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
-    rows_done, rows_todo, wall, ttt = (int(v) for v in CLOSING.search(out.stdout).groups())
+    return name, out.stdout, t0
+
+
+def measure(runs: Path, name: str, stdout: str, t0: float) -> dict:
+    """The table's column of the sweep `name` (its closing line, rows and Ray Train's controller logs)."""
+    rows_done, rows_todo, wall, ttt = (int(v) for v in CLOSING.search(stdout).groups())
     rows = pd.read_parquet(runs / name / "trials.parquet")
     ran = rows[rows["tokens_scored"] > 0].sort_values("ended_at")
     first = ran.groupby("trial_key").head(1)  # a trial's first row carries its start-up and model build
@@ -97,9 +104,14 @@ def main(flags: list[str]) -> None:
     flags = flags or GRID
     smoke = "--smoke" in flags
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    one = ["--set", "settings_per_trial=1"]
     with scratch(smoke) as out:
-        runs = [("one setting per trial", sweep(f"bench-one-{stamp}", out, flags, ["--set", "settings_per_trial=1"])),
-                ("packed (default)", sweep(f"bench-packed-{stamp}", out, flags, []))]
+        if smoke:
+            print(planned_only(["--name", f"bench-one-{stamp}", "--out", str(out), *flags, *one]))
+        alone = None if smoke else sweep(f"bench-one-{stamp}", out, flags, one)
+        packed = sweep(f"bench-packed-{stamp}", out, flags, [])
+        alone = alone or packed
+        runs = [("one setting per trial", measure(out, *alone)), ("packed (default)", measure(out, *packed))]
     table = [{"part": k, **{label: v[k] for label, v in runs}} for k in runs[0][1]]
     record(f"Sweep overhead: `{' '.join(flags)}` (demo cached)", table, [
         "wall and TTT s: the sweep's own closing line; fixed share = (wall - TTT) / wall",

@@ -17,8 +17,10 @@ import yaml
 
 from e2ettt.driver.cluster import capacity_from_config
 from e2ettt.launch import free_port
-from e2ettt.testing import fake_autoscaling_config, ray_node
+from e2ettt.testing import ray_node
 from sweeps import healing_grid
+
+from .trials import sweep_rows
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = yaml.safe_load((REPO / "cluster.yaml").read_text())
@@ -99,6 +101,31 @@ def test_concurrency_comes_from_the_clusters_largest_size():
     assert capacity_from_config(capped, eight, strict=True) == (2, 2, 32)
 
 
+def test_a_dead_heads_address_file_is_removed_and_a_live_ones_kept(tmp_path, monkeypatch):
+    """`ray start` records its head's address in Ray's temp directory and `ray stop` removes it; a head stopped any
+    other way leaves it, and a local Ray's processes would look for the State API there."""
+    import socket
+
+    from e2ettt.driver.cluster import forget_dead_address
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    record = tmp_path / "ray" / "ray_current_cluster"
+    said = []
+    assert not forget_dead_address(said.append) and not said  # no file: nothing to do
+    record.parent.mkdir()
+    with socket.socket() as live:
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        record.write_text(f"127.0.0.1:{live.getsockname()[1]}")
+        assert not forget_dead_address(said.append) and record.exists() and not said  # a Ray listens there
+    dead = free_port()
+    record.write_text(f"127.0.0.1:{dead}")
+    assert forget_dead_address(said.append) and not record.exists()
+    assert len(said) == 1 and f"127.0.0.1:{dead}, where no Ray listens" in said[0]
+    record.write_text("not an address")
+    assert forget_dead_address(said.append) and not record.exists()
+
+
 # ---------------------------------------------------------------- no shared filesystem
 
 @pytest.mark.slow
@@ -122,46 +149,52 @@ def test_sweep_on_nodes_that_cannot_see_the_drivers_disk(tmp_path, tiny_demo, ca
         assert not any(probe_workers(port, marker))  # the environment is right: workers cannot see the driver's files
         args = smoke_args(tiny_demo, hidden, "--seeds", "0,1", "--name", "nofs")
         assert healing_grid.main(args + ["--address", f"127.0.0.1:{port}"]) == 0
-        remote = pd.read_parquet(hidden / "nofs" / "trials.parquet").set_index(["regime", "seed"]).sort_index()
+        remote = pd.read_parquet(hidden / "nofs" / "trials.parquet").set_index("row_id").sort_index()
         head_node = json.loads((hidden / "nofs" / "manifest.json").read_text())
-        # Without --address the sweep starts its own Ray, although a cluster is up and `ray start` left its address.
-        capsys.readouterr()
-        assert healing_grid.main(smoke_args(tiny_demo, tmp_path / "local", "--seeds", "0,1", "--name", "nofs")) == 0
-    local = pd.read_parquet(tmp_path / "local" / "nofs" / "trials.parquet").set_index(["regime", "seed"]).sort_index()
+        # Without --address the sweep starts a Ray of its own, although a cluster is up and `ray start` left its address.
+        import ray
+
+        from e2ettt.driver.cluster import start_ray
+
+        local_cfg = healing_grid.build_config(healing_grid.parse_args(smoke_args(tiny_demo, tmp_path, "--name", "local")))
+        assert start_ray(local_cfg, log=lambda *a: None)
+        try:
+            assert not ray.get_runtime_context().gcs_address.endswith(f":{port}")
+        finally:
+            ray.shutdown()
     assert list(remote["status"]) == ["ok"] * 4 and len(set(remote["node_id"])) >= 1
-    assert not set(local["node_id"]) & set(remote["node_id"])  # the local run did not join the cluster
     assert set(head_node["nodes"]) == set(remote["node_id"])  # the manifest lists every node that ran a trial
+    # the numbers of the same plan on this machine's processes, without Ray: the same rows, to the last digits
+    plain = smoke_args(tiny_demo, tmp_path / "plain", "--seeds", "0,1", "--name", "nofs")  # row ids: not of the out dir
+    local = sweep_rows(healing_grid.build_config(healing_grid.parse_args(plain)))
+    assert set(local) == set(remote.index)
     for col in ("pre_quant_bpb", "post_quant_bpb", "post_ttt_bpb", "first_chunk_delta"):
-        assert remote[col].to_numpy() == pytest.approx(local[col].to_numpy(), abs=1e-9), col
+        assert remote[col].to_numpy() == pytest.approx([getattr(local[r], col) for r in remote.index], abs=1e-9), col
 
 
 # ---------------------------------------------------------------- autoscaling from zero
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("own_ray")
-def test_trials_run_in_parallel_on_nodes_the_autoscaler_adds(tmp_path, tiny_demo, capsys):
-    port = free_port()
-    config = tmp_path / "autoscaler.yaml"
-    import ray
-
-    config.write_text(yaml.safe_dump(fake_autoscaling_config(f"{ray._private.services.get_node_ip_address()}:{port}")))
+def test_trials_run_in_parallel_on_nodes_the_autoscaler_adds(tiny_demo):
+    """The fake-cluster benchmark's smoke at 2 nodes (a head with Ray's fake multi-node provider, 0 worker nodes up):
+    the sweep sizes itself from the autoscaler config, says where it stands while nodes come up, and its two trials
+    run at once on two nodes the autoscaler added (each holds its workers 6 s, so both are placed together)."""
     hold = json.dumps({"fp": {"hold_seconds": 6}, "int3": {"hold_seconds": 6}})  # reaches the nodes in each trial
-    with ray_node("--head", f"--port={port}", f"--autoscaling-config={config}", "--num-cpus=0",
-                  "--resources={\"trial_driver\": 4}", "--include-dashboard=false", "--disable-usage-stats",
-                  env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}):
-        code = healing_grid.main(smoke_args(tiny_demo, tmp_path, "--name", "autoscale", "--address", f"127.0.0.1:{port}",
-                                            "--cluster-config", str(config), "--set", "progress_seconds=5",
-                                            "--set", f"faults={hold}"))
-        out = capsys.readouterr().out
-    assert code == 0, out
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fake_cluster.py"), "--smoke", "--nodes", "2",
+                           "--checkpoint", str(tiny_demo.checkpoint), "--data", str(tiny_demo.data_dir),
+                           "--tokenizer", str(tiny_demo.tokenizer), "--set", "quant.min_numel=1024", "--max-tokens", "1024",
+                           "--context", "128", "--chunks", "256", "--regimes", "fp,int3", "--set", "progress_seconds=5",
+                           "--set", f"faults={hold}"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    out = done.stdout
+    assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
     assert "up to 2 worker nodes" in out and "hold 2 trial(s) at once" in out
     assert "node(s) up with" in out  # while nodes come up, the sweep says where it stands
-    rows = pd.read_parquet(tmp_path / "autoscale" / "trials.parquet").set_index("regime")
-    assert list(rows["status"]) == ["ok", "ok"]
-    assert rows.loc["fp", "node_id"] != rows.loc["int3", "node_id"]  # two nodes, both added by the autoscaler
-    assert not {rows.loc["fp", "node_id"], rows.loc["int3", "node_id"]} & {""}
-    fp, q = rows.loc["fp"], rows.loc["int3"]
-    assert fp["started_at"] < q["ended_at"] and q["started_at"] < fp["ended_at"]  # on their nodes at the same time
+    header = next(ln for ln in out.splitlines() if ln.startswith("| run | trials |"))
+    cold = next(ln for ln in out.splitlines() if ln.startswith("| cold:"))
+    table = dict(zip([c.strip() for c in header.split("|")[1:-1]], [c.strip() for c in cold.split("|")[1:-1]]))
+    assert table["trials"] == "2" and table["rows ok"] == "2 of 2"
+    assert table["worker nodes used"] == "2"  # two nodes, both added by the autoscaler
+    assert table["most in flight"] == "2"  # on their nodes at the same time
 
 
 # ---------------------------------------------------------------- storage URI

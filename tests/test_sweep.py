@@ -286,13 +286,18 @@ def test_ttt_that_breaks_the_demo_model_stops_the_same_seeds_whatever_the_clock(
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("shared_ray")
 def test_two_sweeps_into_one_run_directory_at_once_keep_every_row(tmp_path, tiny_demo):
+    """Two processes, each a sweep of its own joining the session's Ray, write one run directory at once."""
     import subprocess
     import sys
 
+    import ray
+
     procs = []
     for lr in ("0.01", "0.03"):
-        args = real_run_args(tiny_demo, tmp_path, "--smoke", "--name", "shared", "--lrs", lr)
+        args = real_run_args(tiny_demo, tmp_path, "--smoke", "--name", "shared", "--lrs", lr,
+                             "--address", ray.get_runtime_context().gcs_address)
         procs.append(subprocess.Popen([sys.executable, str(REPO / "sweeps" / "healing_grid.py"), *args],
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=600)[0] for p in procs]

@@ -1,8 +1,9 @@
-"""Rows of one trial on one rank without Ray, made as the sweep makes them (plans, artifacts, worker)."""
+"""Rows made as the sweep makes them (plans, artifacts, worker), without Ray."""
 from e2ettt import artifacts
-from e2ettt.plan import make_trial, needs, plan_settings, segments
+from e2ettt.launch import run_local
+from e2ettt.plan import SweepConfig, make_trial, needs, open_sweep, plan_settings, segments
 from e2ettt.quant.regimes import QuantConfig
-from e2ettt.source import Inputs, fingerprint, load_split
+from e2ettt.source import Inputs, fingerprint, load_split, resolve
 from e2ettt.ttt import TTTConfig
 from e2ettt.worker import run_trial_on_rank
 
@@ -18,3 +19,16 @@ def trial_rows(inputs: Inputs, regime: str, ttts: list[TTTConfig], seeds, quant:
     setting_of = {r.row_id: s.setting_key for s in settings for r in s.rows}
     rows = run_trial_on_rank(make_trial(settings, inputs, 1), values)
     return [(index[setting_of[row.row_id]], row.seed, m) for row, m, _ in rows]
+
+
+def sweep_rows(cfg: SweepConfig) -> dict:
+    """row_id -> measured columns of every row the sweep `cfg` would run (CPU), each trial on its planned number of
+    ranks in a gloo group of this machine's processes (`launch`), with the artifacts made in this process."""
+    inputs = resolve(cfg.source)
+    sweep = open_sweep(cfg, inputs)
+    values, _ = artifacts.prepare_local(sweep.needs, inputs, cfg.quant)
+    out = {}
+    for trial in sweep.trials:
+        for row, measured, _ in run_local(run_trial_on_rank, (trial, values), trial.world_size):
+            out[row.row_id] = measured
+    return out
