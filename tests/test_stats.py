@@ -47,3 +47,37 @@ def test_text_and_the_smallest_reachable_p():
     assert Paired("h", 3, -0.5, math.nan, math.nan, 0.5).text() == "-0.50"
     assert smallest_holm_p(10, 11) == pytest.approx(11 / 512)
     assert smallest_holm_p(1, 3) == 1.0 and smallest_holm_p(0, 3) == 1.0 and smallest_holm_p(20, 1) == 2.0 ** -19
+
+
+def test_the_defaults_and_edges_a_report_relies_on():
+    d = [0.5, 1.5, 1.0, 2.0, 0.7, 1.3]
+    assert paired(d) == paired(d, what="", seed=0)  # the documented fixed seed, and no name unless given
+    single = np.asarray(d, dtype=np.float32)  # a float32 column is summed in float64
+    assert paired(single).mean == float(single.astype(np.float64).mean()) != float(single.mean())
+    empty = paired([], what="e")
+    assert empty.what == "e" and math.isnan(empty.low) and math.isnan(empty.high)
+    two = paired([1.0, 3.0])  # two segments: an interval of a spread, and p that of two sign patterns of four
+    assert two.low < two.high and two.p == pytest.approx(0.5)
+    flat = paired([0.2, 0.2 + 1e-12, 0.2, 0.2 - 1e-12, 0.2])  # spread below allclose's tolerance: a point
+    assert flat.low == flat.high == flat.mean
+    # Holm never corrects past 1
+    assert [o.p_holm for o in holm([Paired("a", 6, 1, 0, 2, 0.6), Paired("b", 6, 1, 0, 2, 0.7)])] == [1.0, 1.0]
+
+
+def test_two_equal_segments_and_one_named_segment_are_points():
+    two = paired([0.3, 0.3])  # no spread over two segments: the point, and p that of two equal signs
+    assert (two.low, two.high, two.p) == (0.3, 0.3, 0.5)
+    assert paired([0.3], what="w").what == "w"
+
+
+def test_the_interval_is_scipys_bca_bootstrap_of_the_mean_at_95_percent_with_the_documented_resamples():
+    from scipy import stats
+
+    d = np.array([0.5, 1.5, 1.0, 2.0, 0.7, 1.3, 0.2, 2.4])
+    r = paired(d)
+    bca = stats.bootstrap((d,), np.mean, confidence_level=0.95, n_resamples=9_999, method="BCa",
+                          random_state=np.random.default_rng(0)).confidence_interval
+    assert (r.low, r.high) == (bca.low, bca.high)
+    pct = stats.bootstrap((d,), np.mean, confidence_level=0.95, n_resamples=9_999, method="percentile",
+                          random_state=np.random.default_rng(0)).confidence_interval
+    assert (r.low, r.high) != (pct.low, pct.high)  # the two methods differ on this sample

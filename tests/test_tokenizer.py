@@ -3,7 +3,7 @@ import pytest
 
 from e2ettt import data
 from e2ettt.demo import load_documents
-from e2ettt.tokenizer import TokenizerError, build_byte_tables, decoded_bytes, load_tokenizer
+from e2ettt.tokenizer import SPACE, TokenizerError, build_byte_tables, decoded_bytes, load_tokenizer, train_tokenizer
 
 
 def test_byte_tables_count_the_utf8_bytes_of_real_text(tiny_inputs):
@@ -43,11 +43,39 @@ def test_decoded_bytes_agree_with_the_byte_tables_wherever_a_segment_starts_and_
     byte_pieces = [i for i, t in enumerate(ids) if sp.is_byte(int(t))]
     assert len(byte_pieces) > 8  # the last document is spelled partly in byte-fallback pieces
     cuts = sorted(set(range(1, ids.size, 37)) | set(byte_pieces) | {int(np.flatnonzero(ids == data.BOS_ID)[1])})
+    ends = sorted(set(range(2, ids.size, 29)) | {b + 1 for b in byte_pieces} | {ids.size})  # inside and after characters
     for first in cuts:
-        for end in (ids.size, byte_pieces[-2], byte_pieces[-1] + 1):
+        for end in ends:
             if first < end:
                 want = int(tables.count_bytes(ids[first - 1 : end - 1], ids[first:end]).sum())
                 assert decoded_bytes(sp, ids[:end], first) == want, (first, end)
+
+
+def test_a_trained_tokenizer_has_the_documented_settings_and_keeps_the_text_as_it_is(tmp_path):
+    """Byte-fallback BPE, pad/bos/eos/unk = 0/1/2/3, identity normalization (no dummy prefix, whitespace kept),
+    digits split, and no paragraph skipped: the longest sets max_sentence_length."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    longest = "zebraquokka " * 600  # 7,200 bytes: past SentencePiece's default limit of 4,192
+    docs = ["The year 2024 was  long.\nCaf\u00e9 \u00e0 la carte \ufb01ne.\n" + "word " * 50,
+            "Another document.\n" + longest]
+    path = train_tokenizer(docs, tmp_path / "tok", 300)
+    assert path == tmp_path / "tok.model" and path.is_file()
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    t, n = proto.trainer_spec, proto.normalizer_spec
+    assert t.model_type == sentencepiece_model_pb2.TrainerSpec.BPE and t.vocab_size == 300 and t.byte_fallback
+    assert (t.pad_id, t.bos_id, t.eos_id, t.unk_id) == (0, 1, 2, 3)
+    assert t.split_digits and t.character_coverage == pytest.approx(0.9995) and t.input_sentence_size == 0
+    assert t.max_sentence_length == len(longest.encode()) + 1 and t.num_threads == 2
+    assert n.name == "identity" and not n.add_dummy_prefix and not n.remove_extra_whitespaces
+    sp = load_tokenizer(path)
+    assert sum(sp.is_byte(i) for i in range(sp.vocab_size())) == 256
+    text = "The year 2024 was  long. Caf\u00e9 \ufb01ne"
+    assert sp.decode(sp.encode(text)) == text  # no normalization, no extra or lost spaces
+    assert [sp.id_to_piece(i) for i in sp.encode("2024")] == ["2", "0", "2", "4"]
+    assert not sp.id_to_piece(sp.encode("The")[0]).startswith(SPACE)
+    assert "zebraquokka" in {sp.id_to_piece(i).strip(SPACE) for i in range(sp.vocab_size())}  # learned from the longest
 
 
 def test_bad_tokenizer_file(tmp_path):
