@@ -3,6 +3,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,11 +17,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.05")
 os.environ.setdefault("RAY_TRAIN_COLLECTIVE_TIMEOUT_S", "60")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
-# The demo's files (the reference model's data) are built once per session here, never read from the user's cache;
-# subprocesses and Ray workers inherit the variable.
-SESSION_CACHE = tempfile.mkdtemp(prefix="e2ettt-test-cache-")
+# The demo's files (the tiny demos and the reference model's data) are built once per session here, never read from
+# the user's cache; subprocesses and Ray workers inherit the variable. $E2ETTT_TEST_CACHE keeps them for later sessions
+# (benchmarks/mutation.py: one session per mutant).
+SESSION_CACHE = os.environ.get("E2ETTT_TEST_CACHE") or tempfile.mkdtemp(prefix="e2ettt-test-cache-")
 os.environ["E2ETTT_CACHE"] = SESSION_CACHE
-atexit.register(shutil.rmtree, SESSION_CACHE, ignore_errors=True)
+if not os.environ.get("E2ETTT_TEST_CACHE"):
+    atexit.register(shutil.rmtree, SESSION_CACHE, ignore_errors=True)
 
 TINY_MODEL = GPTConfig(vocab_size=1024, num_layers=2, model_dim=64, num_heads=2, num_kv_heads=1)
 TINY_DEMO = DemoConfig(max_documents=30, val_every=5, steps=60, batch_seqs=16, seq_len=128, model=TINY_MODEL)
@@ -28,8 +31,8 @@ TINY_INPUTS = dataclasses.replace(TINY_DEMO, steps=0)  # the same files, the mod
 
 
 @pytest.fixture(scope="session")
-def demo_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+def demo_cache():
+    return Path(SESSION_CACHE)
 
 
 @pytest.fixture(scope="session")
