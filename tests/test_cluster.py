@@ -147,7 +147,7 @@ def test_sweep_on_nodes_that_cannot_see_the_drivers_disk(tmp_path, tiny_demo, ca
         marker = hidden / "written-by-the-driver"
         marker.write_text("x")
         assert not any(probe_workers(port, marker))  # the environment is right: workers cannot see the driver's files
-        args = smoke_args(tiny_demo, hidden, "--seeds", "0,1", "--name", "nofs")
+        args = smoke_args(tiny_demo, hidden, "--name", "nofs")
         assert healing_grid.main(args + ["--address", f"127.0.0.1:{port}"]) == 0
         remote = pd.read_parquet(hidden / "nofs" / "trials.parquet").set_index("row_id").sort_index()
         head_node = json.loads((hidden / "nofs" / "manifest.json").read_text())
@@ -162,10 +162,10 @@ def test_sweep_on_nodes_that_cannot_see_the_drivers_disk(tmp_path, tiny_demo, ca
             assert not ray.get_runtime_context().gcs_address.endswith(f":{port}")
         finally:
             ray.shutdown()
-    assert list(remote["status"]) == ["ok"] * 4 and len(set(remote["node_id"])) >= 1
+    assert list(remote["status"]) == ["ok"] * 2 and len(set(remote["node_id"])) >= 1
     assert set(head_node["nodes"]) == set(remote["node_id"])  # the manifest lists every node that ran a trial
     # the numbers of the same plan on this machine's processes, without Ray: the same rows, to the last digits
-    plain = smoke_args(tiny_demo, tmp_path / "plain", "--seeds", "0,1", "--name", "nofs")  # row ids: not of the out dir
+    plain = smoke_args(tiny_demo, tmp_path / "plain", "--name", "nofs")  # row ids: not of the out dir
     local = sweep_rows(healing_grid.build_config(healing_grid.parse_args(plain)))
     assert set(local) == set(remote.index)
     for col in ("pre_quant_bpb", "post_quant_bpb", "post_ttt_bpb", "first_chunk_delta"):
