@@ -8,10 +8,69 @@ survivor again until someone looks at it.
 from __future__ import annotations
 
 STATS = "analysis/stats.py"
+METRICS = "analysis/metrics.py"
 ONLY_CALLED_WITH_SEGMENTS = ("families.findings calls it only with n >= 1 segments and comparisons >= 1, where both "
                              "sides give min(1, comparisons * 2^(1-n))")
 
+BCA_DEFINED = ("the percentile fallback is never reached: BCa of a mean is undefined only when the jackknife means are "
+               "all equal (every segment alike, taken by the branch above) or when all 9,999 resamples fall on one "
+               "side of the mean (for n >= 2 less likely than (3/4)^9999)")
+PERCENTILE_FALLBACK = [
+    "if math.isnan(low) and math.isnan(high):  # BCa undefined (e.g. one value far from all others): percentile",
+    "ci = None",
+    'ci = stats.bootstrap(None, np.mean, n_resamples=RESAMPLES, method="percentile", random_state=rng)',
+    'ci = stats.bootstrap((d,), None, n_resamples=RESAMPLES, method="percentile", random_state=rng)',
+    'ci = stats.bootstrap((d,), np.mean, n_resamples=None, method="percentile", random_state=rng)',
+    "ci = stats.bootstrap((d,), np.mean, n_resamples=RESAMPLES, method=None, random_state=rng)",
+    'ci = stats.bootstrap((d,), np.mean, n_resamples=RESAMPLES, method="percentile", random_state=None)',
+    'ci = stats.bootstrap(np.mean, n_resamples=RESAMPLES, method="percentile", random_state=rng)',
+    'ci = stats.bootstrap((d,), n_resamples=RESAMPLES, method="percentile", random_state=rng)',
+    'ci = stats.bootstrap((d,), np.mean, method="percentile", random_state=rng)',
+    "ci = stats.bootstrap((d,), np.mean, n_resamples=RESAMPLES, random_state=rng)",
+    'ci = stats.bootstrap((d,), np.mean, n_resamples=RESAMPLES, method="percentile", )',
+    'ci = stats.bootstrap((d,), np.mean, n_resamples=RESAMPLES, method="XXpercentileXX", random_state=rng)',
+    'ci = stats.bootstrap((d,), np.mean, n_resamples=RESAMPLES, method="PERCENTILE", random_state=rng)',
+    "low, high = None",
+    "low, high = float(None), float(ci.confidence_interval.high)",
+    "low, high = float(ci.confidence_interval.low), float(None)",
+]
+
+SORTED_AFTER = ("the frame is sorted by damage_mean after the loop: the order the groups come in shows only among "
+                "regimes of exactly equal mean damage")
+
+INT_WEIGHTS = ("the weights multiply a float column and are summed: integer weights below 2^53 give the same products and "
+               "sums as their float copies")
+ONLY_COMMON_COLUMN = "fp's frame has two columns, control_key and fp_row, so control_key is the only column to merge on"
+
 EQUIVALENT: dict[tuple[str, str, str], str] = {
+    (METRICS, "running_static_bpb", 'w = curve["bytes"].to_numpy(dtype=None)'): INT_WEIGHTS,
+    (METRICS, "running_static_bpb", 'w = np.diff(np.concatenate([[0], curve["tokens_seen"].to_numpy(dtype=None)]))'):
+        INT_WEIGHTS,
+    (METRICS, "control_pairs",
+     'return t[t["regime"] != "fp"].merge(fp.rename(columns={"row_id": "fp_row"}), on=None)'): ONLY_COMMON_COLUMN,
+    (METRICS, "control_pairs", 'return t[t["regime"] != "fp"].merge(fp.rename(columns={"row_id": "fp_row"}), )'):
+        ONLY_COMMON_COLUMN,
+    (METRICS, "tokens_to_heal", "if c.empty and f.empty or len(c) != len(f):"):
+        "when one curve is empty and the other not their lengths differ, so the pair is skipped either way",
+    (METRICS, "damage_by_regime", 'for regime, g in first.groupby("regime", sort=None):'): SORTED_AFTER,
+    (METRICS, "damage_by_regime", 'for regime, g in first.groupby("regime", ):'): SORTED_AFTER,
+    (METRICS, "damage_by_regime", 'for regime, g in first.groupby("regime", sort=True):'): SORTED_AFTER,
+    (METRICS, "damage_by_regime",
+     'sizes = g["artifact_bytes"].dropna() if "artifact_bytes" in g else pd.Series(dtype=None)'):
+        "only the empty series' length is read",
+    **{(STATS, "paired", line): BCA_DEFINED for line in PERCENTILE_FALLBACK},
+    (STATS, "paired", 'permutation_type="samples", vectorized=None, alternative="two-sided",'):
+        "scipy.stats.permutation_test with vectorized None finds the statistic's axis argument and vectorizes",
+    (STATS, "paired", 'permutation_type="samples", alternative="two-sided",'):
+        "scipy.stats.permutation_test's default vectorized (None) finds the statistic's axis argument and vectorizes",
+    (STATS, "paired",
+     'permutation_type="samples", vectorized=True, n_resamples=np.inf if n <= EXACT_UP_TO else RESAMPLES, '
+     'random_state=rng)'):
+        "scipy.stats.permutation_test's default alternative is two-sided, the one the line names",
+    (STATS, "paired", 'permutation_type="SAMPLES", vectorized=True, alternative="two-sided",'):
+        "scipy.stats.permutation_test reads permutation_type case-insensitively",
+    (STATS, "paired", 'permutation_type="samples", vectorized=True, alternative="TWO-SIDED",'):
+        "scipy.stats.permutation_test reads alternative case-insensitively",
     (STATS, "paired", "if n < 2 or np.allclose(d, d[1]):"):
         "the segments are all within allclose's tolerance of d[0] exactly when they are of d[1], except for spreads "
         "of about 1e-8 bpb at the tolerance's edge, where both branches give the same mean and a point interval",

@@ -488,3 +488,60 @@ def test_the_report_tables_each_protocol_at_its_own_best_lr(tmp_path):
     assert list(t["protocol"]) == ["dyneval", "stream"] and list(t["lr"]) == ["0.1", "0.1"] and list(t["n"]) == [3, 3]
     assert t["healing"].str.startswith("+0.1").tolist() == [True, False] and t["healing"].iloc[1].startswith("+0.30")
     assert report.protocol_table(table([r for r in rows if r["recipe"] == "stream"])).empty
+
+
+def test_damage_per_regime_counts_each_segment_once_and_keeps_passes_of_other_lengths():
+    """Every setting of a (regime, seed) shares its damage: counted once; a second pass over more tokens is
+    another segment of the same seed, kept. Sizes and bits come from the rows that have them."""
+    rows = [trial("fp", s, lr=lr, post=1.70) for s in (0, 1) for lr in (0.01, 0.1)]
+    rows += [trial("int3", s, lr=lr, post=1.70 + d) for s, d in ((0, 0.3), (1, 0.5)) for lr in (0.01, 0.1)]
+    rows += [trial("int3", 0, post=1.70 + 0.7, max_tokens=8192)]  # the same seed, another length
+    t = pd.DataFrame(rows)
+    t["artifact_bytes"] = [float("nan")] * 4 + [float("nan"), 12345.0, 12345.0, 12345.0, 12345.0]
+    t["bits"] = [16] * 4 + [3] * 5
+    d = metrics.damage_by_regime(t).set_index("regime")
+    assert list(d.index) == ["fp", "int3"]  # by damage
+    three = [0.3, 0.5, 0.7]
+    assert d.loc["int3", "damage_mean"] == pytest.approx(np.mean(three))
+    assert d.loc["int3", "damage_std"] == pytest.approx(np.std(three, ddof=1))
+    half = stats.t.ppf(0.975, 2) * np.std(three, ddof=1) / np.sqrt(3)
+    assert d.loc["int3", "damage_ci_low"] == pytest.approx(np.mean(three) - half)
+    assert d.loc["int3", "n_segments"] == 2 and d.loc["int3", "bits"] == 3 and d.loc["fp", "bits"] == 16
+    assert d.loc["int3", "artifact_bytes"] == 12345 and pd.isna(d.loc["fp", "artifact_bytes"])
+    bare = metrics.damage_by_regime(t.drop(columns=["max_tokens", "artifact_bytes", "bits"])).set_index("regime")
+    assert bare.loc["int3", "damage_mean"] == pytest.approx(0.4)  # one pass per (regime, seed) without lengths
+    assert pd.isna(bare.loc["int3", "artifact_bytes"]) and np.isnan(bare.loc["int3", "bits"])
+
+
+def test_tokens_to_heal_reads_the_first_chunk_at_or_below_the_mark_and_skips_pairs_without_matching_curves():
+    t = table([trial("fp", 0, post=1.5, tid="f0"), trial("int3", 0, tid="q0"),
+               trial("fp", 1, post=1.5, tid="f1"), trial("fp", 1, post=1.5, tid="f1-again"), trial("int3", 1, tid="q1")])
+    curve = []
+    for row_id, n, running in (("f0", 4, [1.5] * 4), ("q0", 3, [2.0, 1.75, 1.5]), ("f1", 4, [1.5] * 4),
+                               ("f1-again", 4, [1.5] * 4), ("q1", 4, [2.0, 1.75, 1.5, 1.5])):
+        curve += [{"row_id": row_id, "chunk": k, "tokens_seen": 100 * (k + 1), "static_bpb": 1.5,
+                   "running_ttt_bpb": running[k], "bytes": 300.0} for k in reversed(range(n))]  # any order
+    out = metrics.tokens_to_heal(t, pd.DataFrame(curve), within=0.25)
+    # seed 0: its curve is shorter than its control's, so no pair; seed 1 once, against its first fp row
+    assert out[["regime", "seed", "within", "tokens_to_heal", "tokens_total"]].to_dict("records") == [
+        {"regime": "int3", "seed": 1, "within": 0.25, "tokens_to_heal": 200.0, "tokens_total": 400.0}]  # 1.75 <= 1.75
+    assert metrics.tokens_to_heal(t, pd.DataFrame(curve))["within"].tolist() == [0.01]  # the default mark
+
+
+def test_a_first_chunk_delta_at_the_tolerance_is_not_flagged_and_one_above_is():
+    t = table([trial("int3", 0, delta=1e-5), trial("int3", 1, delta=2e-5)])
+    flags = metrics.sanity_flags(t)
+    mine = flags[flags["flag"] == "first_chunk_delta"]
+    assert mine["what"].tolist() == ["int3 lr=0.01 chunk=256 seed=1"]
+    assert mine["detail"].tolist() == ["chunk 0 TTT vs static differs by 2.00e-05 bpb: broken pipeline"]
+
+
+def test_lost_seeds_are_flagged_with_their_reason_and_errors_cut_to_200_characters():
+    t = table([trial("int3", 0, status="error", tid="e0"), trial("int3", 1, status="error", tid="e1"),
+               trial("int4", 0, status="diverged", tid="d"), trial("int6", 0, status="stopped", tid="s")])
+    t["error"] = ["x" * 300, "x" * 300, "", "TTT hurting at chunk 2"]
+    flags = metrics.sanity_flags(t.drop(columns=["diverged_chunk"])).set_index("flag")
+    assert flags.loc["error", "what"] == "int3 lr=0.01 chunk=256 seeds 0, 1" and flags.loc["error", "detail"] == "x" * 200
+    assert flags.loc["diverged", "detail"] == "at chunk ?"  # a table without the column
+    assert flags.loc["stopped", "detail"] == "TTT hurting at chunk 2"
+    assert metrics.sanity_flags(t).set_index("flag").loc["diverged", "detail"] == "at chunk 3"

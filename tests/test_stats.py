@@ -81,3 +81,12 @@ def test_the_interval_is_scipys_bca_bootstrap_of_the_mean_at_95_percent_with_the
     pct = stats.bootstrap((d,), np.mean, confidence_level=0.95, n_resamples=9_999, method="percentile",
                           random_state=np.random.default_rng(0)).confidence_interval
     assert (r.low, r.high) != (pct.low, pct.high)  # the two methods differ on this sample
+
+
+def test_the_permutation_test_is_exact_up_to_16_segments_and_seeded_beyond():
+    # all positive: only the all-plus and all-minus patterns reach the observed |mean|
+    assert paired(list(range(1, 16))).p == pytest.approx(2 / 2**15, rel=1e-9)
+    assert paired(list(range(1, 17))).p == pytest.approx(2 / 2**16, rel=1e-9)
+    assert paired(list(range(1, 18))).p > 2 / 2**17  # 9,999 random patterns beyond 16: p is at least 2 / 10,000
+    d = np.random.default_rng(3).normal(0.3, 1.0, 24)
+    assert paired(d).p == paired(d).p  # beyond 16 the random patterns come from the fixed seed
