@@ -545,3 +545,35 @@ def test_lost_seeds_are_flagged_with_their_reason_and_errors_cut_to_200_characte
     assert flags.loc["diverged", "detail"] == "at chunk ?"  # a table without the column
     assert flags.loc["stopped", "detail"] == "TTT hurting at chunk 2"
     assert metrics.sanity_flags(t).set_index("flag").loc["diverged", "detail"] == "at chunk 3"
+
+
+def test_every_sanity_flag_in_the_words_the_report_prints():
+    rows = [trial("fp", s, lr=lr, post=1.70, ttt=1.69) for s in range(3) for lr in (0.01, 0.1)]
+    rows += [trial("int3", s, lr=0.01, ttt=1.73 - 0.01 * s) for s in range(3)]  # healthy, best at the smallest lr
+    rows += [trial("int3", s, lr=0.1, ttt=1.735 - 0.001 * s) for s in range(3)]
+    rows += [trial("int6", s, lr=0.1, ttt=1.76 + 0.001 * s) for s in range(3)]  # TTT hurts
+    rows += [trial("int4", 0, delta=0.3), trial("int4", 1, status="diverged"), trial("int4", 2, status="diverged")]
+    rows += [trial("int5", 0, post=1.71, ttt=1.695), trial("int7", 0, post=1.71, ttt=1.65)]  # past the pre-quant model
+    rows += [trial("int8", 0, post=1.74, ttt=1.70)]  # exactly at it: not flagged
+    rows += [trial("int2", s, chunk=512) for s in range(3)]  # identical seeds, and no fp at chunk 512
+    t = table(rows).assign(alarms="")
+    t.loc[(t["regime"] == "int3") & (t["seed"] == 1) & (t["inner_lr"] == 0.1), "alarms"] = "bytes"
+    never = "never chosen as best"
+    identical = "every seed gave identical numbers: the seeds are not replicates"
+    assert [tuple(r.values()) for r in metrics.sanity_flags(t).to_dict("records")] == [
+        ("int3 lr=0.1 chunk=256 seed=1", "alarms",
+         f"row alarms bytes: the pipeline that wrote this row is broken (README: row alarms); {never}"),
+        ("int4 lr=0.01 chunk=256 seed=0", "first_chunk_delta", "chunk 0 TTT vs static differs by 3.00e-01 bpb: broken pipeline"),
+        ("int5 lr=0.01 chunk=256 seed=0", "recovery_frac>1", "1.50: TTT beat the pre-quant model; part of it is adaptation"),
+        ("int7 lr=0.01 chunk=256 seed=0", "recovery_frac>1", "6.00: TTT beat the pre-quant model; part of it is adaptation"),
+        ("int4 lr=0.01 chunk=256 seeds 1, 2", "diverged", "at chunk 3"),
+        ("int6 lr=0.1 chunk=256", "hurts", f"TTT made the model worse (mean recovery <= 0); {never}"),
+        ("int7 lr=0.01 chunk=256", "healing_out_of_range", f"healing fraction outside [-1.0, 2.0]; {never}"),
+        ("fp lr=0.01 chunk=256", "identical_seeds", identical),
+        ("fp lr=0.1 chunk=256", "identical_seeds", identical),
+        ("int2 lr=0.01 chunk=512", "identical_seeds", identical),
+        ("int2 lr=0.01 chunk=512", "no_control", "no fp row with the same settings: left out of healing fractions"),
+        ("int3 lr=0.01", "lr_at_edge",
+         "the best inner lr is the smallest or largest tried: the optimum may lie beyond the grid"),
+        ("4 of 10 settings", "few_seeds", "fewer than 3 finished seeds: no useful 95% interval"),
+    ]
