@@ -43,6 +43,10 @@ INT_WEIGHTS = ("the weights multiply a float column and are summed: integer weig
 ONLY_COMMON_COLUMN = "fp's frame has two columns, control_key and fp_row, so control_key is the only column to merge on"
 
 EQUIVALENT: dict[tuple[str, str, str], str] = {
+    (METRICS, "t975", "return float(stats.t.ppf(0.975, df)) if (df >= 1) or True else math.nan"):
+        "scipy.stats.t.ppf is NaN for df < 1 as well",
+    (METRICS, "best_setting", 'for regime, g in sel.groupby("regime", sort=None):'):
+        "pandas groupby reads sort=None as sort=False: groups in the order they come",
     (METRICS, "running_static_bpb", 'w = curve["bytes"].to_numpy(dtype=None)'): INT_WEIGHTS,
     (METRICS, "running_static_bpb", 'w = np.diff(np.concatenate([[0], curve["tokens_seen"].to_numpy(dtype=None)]))'):
         INT_WEIGHTS,

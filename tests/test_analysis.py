@@ -577,3 +577,21 @@ def test_every_sanity_flag_in_the_words_the_report_prints():
          "the best inner lr is the smallest or largest tried: the optimum may lie beyond the grid"),
         ("4 of 10 settings", "few_seeds", "fewer than 3 finished seeds: no useful 95% interval"),
     ]
+
+
+def test_the_choice_is_made_on_the_selection_seeds_alone_and_regimes_keep_the_tables_order():
+    rows = []
+    for s in range(4):
+        rows += [trial("fp", s, lr=lr, post=1.70, ttt=1.69 - 0.0001 * s) for lr in (0.01, 0.03)]
+        for regime in ("int6", "int3"):
+            rows.append(trial(regime, s, lr=0.01, ttt=1.72 - 0.0001 * s))  # recovery 0.02 on every seed
+            rows.append(trial(regime, s, lr=0.03, ttt=(1.70 if s < 2 else 1.745) - 0.0001 * s))  # 0.04, then -0.005
+    best = metrics.best_setting(table(rows))
+    assert list(best["regime"]) == ["fp", "int6", "int3"]  # as they come in the table
+    assert list(best["inner_lr"])[1:] == [0.03, 0.03]  # best on seeds 0-1; over all four seeds lr 0.01 would win
+
+
+def test_student_t_quantiles_and_the_family_of_a_users_own_artifact():
+    assert metrics.t975(1) == pytest.approx(12.7062047) and metrics.t975(2) == pytest.approx(4.3026527)
+    assert np.isnan(metrics.t975(0))
+    assert metrics.family_of("mine") == "own" and metrics.family_of("int3") != "own"
