@@ -42,7 +42,28 @@ INT_WEIGHTS = ("the weights multiply a float column and are summed: integer weig
                "sums as their float copies")
 ONLY_COMMON_COLUMN = "fp's frame has two columns, control_key and fp_row, so control_key is the only column to merge on"
 
+NAN_ANYWAY = "pandas gives NaN there itself (the mean of no values, the ddof=1 spread of fewer than two)"
+MERGED_BY_KEY = "fp_reference's rows are merged by (window_key, seed) afterwards: their order does not show"
+KEY_COLUMNS = ("fp_reference's frame holds window_key, seed and fp_post_ttt_bpb, a table only the first two: those "
+               "are the columns to merge on")
+
 EQUIVALENT: dict[tuple[str, str, str], str] = {
+    (METRICS, "spread", "mean = float(v.mean()) if (n) or True else math.nan"): NAN_ANYWAY,
+    (METRICS, "spread", "std = float(v.std(ddof=1)) if (n > 1) or True else math.nan"): NAN_ANYWAY,
+    (METRICS, "spread", "std = float(v.std(ddof=1)) if n >= 1 else math.nan"): NAN_ANYWAY,
+    (METRICS, "ratio", "if n >= 1:"):
+        "with one pair numpy's ddof=1 covariance and t(0.975, 0) are NaN, so the half-width is NaN either way",
+    (METRICS, "ratio", 'cov = np.cov(pair["x"], pair["y"], ddof=None)'): "numpy's np.cov defaults to ddof = 1",
+    (METRICS, "ratio", 'cov = np.cov(pair["x"], pair["y"], )'): "numpy's np.cov defaults to ddof = 1",
+    (METRICS, "fp_reference", 'for wkey, g in fp.groupby("window_key", sort=None):'): MERGED_BY_KEY,
+    (METRICS, "fp_reference", 'for wkey, g in fp.groupby("window_key", ):'): MERGED_BY_KEY,
+    (METRICS, "fp_reference", 'for wkey, g in fp.groupby("window_key", sort=True):'): MERGED_BY_KEY,
+    (METRICS, "with_healing", 'if "XXwindow_keyXX" not in trials:'):
+        "with_keys derives the keys from the settings columns: on a table that has them it computes the same again",
+    (METRICS, "with_healing", 'if "WINDOW_KEY" not in trials:'):
+        "with_keys derives the keys from the settings columns: on a table that has them it computes the same again",
+    (METRICS, "with_healing", 'out = trials.merge(fp_reference(trials), on=None, how="left")'): KEY_COLUMNS,
+    (METRICS, "with_healing", 'out = trials.merge(fp_reference(trials), how="left")'): KEY_COLUMNS,
     (METRICS, "t975", "return float(stats.t.ppf(0.975, df)) if (df >= 1) or True else math.nan"):
         "scipy.stats.t.ppf is NaN for df < 1 as well",
     (METRICS, "best_setting", 'for regime, g in sel.groupby("regime", sort=None):'):

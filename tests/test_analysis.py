@@ -595,3 +595,30 @@ def test_student_t_quantiles_and_the_family_of_a_users_own_artifact():
     assert metrics.t975(1) == pytest.approx(12.7062047) and metrics.t975(2) == pytest.approx(4.3026527)
     assert np.isnan(metrics.t975(0))
     assert metrics.family_of("mine") == "own" and metrics.family_of("int3") != "own"
+
+
+def test_spread_and_ratio_of_means_on_two_and_one_pairs():
+    two = metrics.spread(pd.Series([1.0, 3.0]), "d")
+    assert two["d_std"] == pytest.approx(np.sqrt(2)) and two["d_ci_high"] == pytest.approx(2 + 12.7062047)  # t(1)·√2/√2
+    x, y = pd.Series([1.0, 2.0]), pd.Series([2.0, 6.0])
+    r = metrics.ratio(x, y, "r")
+    var = (np.var(x, ddof=1) - 2 * 0.375 * np.cov(x, y)[0, 1] + 0.375**2 * np.var(y, ddof=1)) / (2 * 4.0**2)
+    assert r["r_mean"] == pytest.approx(0.375) and r["r_ci_high"] - 0.375 == pytest.approx(12.7062047 * np.sqrt(var))
+    one = metrics.ratio(pd.Series([1.0]), pd.Series([4.0]), "r", complement=True)
+    assert one["r_mean"] == 0.75 and np.isnan(one["r_ci_low"])  # a point: 1 − 1/4, no interval from one pair
+    assert metrics.ratio(pd.Series([0.5, 0.5]), pd.Series([1.0, 1.0]), "r")["r_mean"] == 0.5  # mean(y) 1 is not 0
+    assert np.isnan(metrics.ratio(pd.Series([0.5, 0.5]), pd.Series([1.0, -1.0]), "r")["r_mean"])  # mean(y) 0: none
+
+
+def test_fps_reference_without_help_without_selection_seeds_and_without_the_chosen_rows():
+    rows = [trial("fp", s, lr=0.01, pre=1.70, post=1.72, ttt=1.72, tid=f"flat{s}") for s in range(4)]  # recovery 0
+    # another window group (chunk 512): fp only on the reported seeds 2 and 3, so nothing to choose on
+    rows += [trial("fp", s, chunk=512, pre=1.70, post=1.70, ttt=1.60, tid=f"late{s}") for s in (2, 3)]
+    # a third (chunk 128): lr 0.1 is best on seeds 0-1 but has no row on seed 3
+    rows += [trial("fp", s, chunk=128, lr=0.01, pre=1.70, post=1.70, ttt=1.69, tid=f"a{s}") for s in range(4)]
+    rows += [trial("fp", s, chunk=128, lr=0.1, pre=1.70, post=1.70, ttt=1.65, tid=f"b{s}") for s in range(3)]
+    ref = metrics.fp_reference(table(rows)).set_index(["window_key", "seed"])["fp_post_ttt_bpb"]
+    by_chunk = table(rows).drop_duplicates("window_key").set_index("chunk_tokens")["window_key"]
+    assert [ref[(by_chunk[256], s)] for s in range(4)] == [1.70] * 4  # no setting helps: the static bpb, not 1.72
+    assert [ref[(by_chunk[512], s)] for s in (2, 3)] == [1.70, 1.70]
+    assert [ref[(by_chunk[128], s)] for s in range(3)] == [1.65] * 3 and np.isnan(ref[(by_chunk[128], 3)])
