@@ -48,6 +48,8 @@ KEY_COLUMNS = ("fp_reference's frame holds window_key, seed and fp_post_ttt_bpb,
                "are the columns to merge on")
 
 EQUIVALENT: dict[tuple[str, str, str], str] = {
+    (METRICS, "lost_seeds", 'for status, rows in bad.groupby("status", sort=None):'):
+        "pandas groupby reads sort=None as sort=False: groups in the order they come",
     (METRICS, "spread", "mean = float(v.mean()) if (n) or True else math.nan"): NAN_ANYWAY,
     (METRICS, "spread", "std = float(v.std(ddof=1)) if (n > 1) or True else math.nan"): NAN_ANYWAY,
     (METRICS, "spread", "std = float(v.std(ddof=1)) if n >= 1 else math.nan"): NAN_ANYWAY,

@@ -622,3 +622,10 @@ def test_fps_reference_without_help_without_selection_seeds_and_without_the_chos
     assert [ref[(by_chunk[256], s)] for s in range(4)] == [1.70] * 4  # no setting helps: the static bpb, not 1.72
     assert [ref[(by_chunk[512], s)] for s in (2, 3)] == [1.70, 1.70]
     assert [ref[(by_chunk[128], s)] for s in range(3)] == [1.65] * 3 and np.isnan(ref[(by_chunk[128], 3)])
+
+
+def test_two_seeds_equal_to_12_digits_are_identical_and_lost_seeds_come_in_seed_order():
+    same = table([trial("int3", 0, ttt=1.72), trial("int3", 1, ttt=1.72 + 3e-13)])
+    assert metrics.by_setting(same)["identical_seeds"].tolist() == [True]
+    lost = table([trial("int3", 0, status="stopped"), trial("int3", 1, status="diverged"), trial("int3", 2)])
+    assert metrics.lost_seeds(lost) == "0 stopped; 1 diverged (chunk 3)"
