@@ -86,11 +86,12 @@ def mutmut_section(module: str, tests: list[str]) -> str:
 
 
 def mutate(module: str, tests: list[str], children: int, keep: Path | None = None,
-           retest: bool = False) -> tuple[dict, list, list, float]:
+           retest: bool = False, run_mutants: bool = True) -> tuple[dict, list, list, float]:
     """mutmut on `module` in a copy of the tree: (its CI/CD counts, the survivors not explained, those EQUIVALENT
     explains, wall seconds). With `keep`, the copy is made there and left (`mutmut show NAME` in it prints a mutant);
     a copy already there is refreshed and its mutants keep their results (an interrupted run goes on), except that
-    with `retest` the survivors and the mutants no test reached are tested again (and those not yet tested)."""
+    with `retest` the survivors and the mutants no test reached are tested again (and those not yet tested).
+    Without `run_mutants`, a kept copy's results are read as they stand."""
     work = Path(tempfile.mkdtemp(prefix="e2ettt-mutmut-")) if keep is None else keep
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -109,8 +110,10 @@ def mutate(module: str, tests: list[str], children: int, keep: Path | None = Non
             again = [ln.split(":")[0].strip() for ln in listed.splitlines()
                      if ln.strip().endswith((": survived", ": no tests", ": not checked"))]
         t0 = time.perf_counter()
-        run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *again], cwd=work,
-                             env=env, capture_output=True, text=True)
+        run = subprocess.CompletedProcess([], 0, "", "")
+        if run_mutants:
+            run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children), *again],
+                                 cwd=work, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if run.returncode != 0 and not (work / "mutants").is_dir():
             raise RuntimeError(f"mutmut run on {module} failed:\n{(run.stdout + run.stderr)[-3000:]}")
@@ -211,7 +214,10 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="check the copies and configs only; append nothing")
     p.add_argument("--keep", type=Path, help="make each module's copy in KEEP/<module> and leave it there")
     p.add_argument("--retest", action="store_true", help="with --keep: test the survivors of an earlier run again")
+    p.add_argument("--report", action="store_true", help="with --keep: read the kept copies' results, run nothing")
     args = p.parse_args()
+    if (args.report or args.retest) and not args.keep:
+        raise SystemExit("--report and --retest read the copies an earlier run kept: give its --keep DIR")
     modules = args.modules.split(",")
     unknown = [m for m in modules if m not in TARGETS]
     if unknown:
@@ -222,13 +228,18 @@ def main() -> None:
     rows = []
     for module in modules:
         keep = args.keep / module.strip("/").replace("/", "-") if args.keep else None
-        stats, open_, explained, wall = mutate(module, TARGETS[module], args.children, keep, args.retest)
+        stats, open_, explained, wall = mutate(module, TARGETS[module], args.children, keep, args.retest,
+                                               run_mutants=not args.report)
         killed = stats.get("killed", 0) + stats.get("timeout", 0)
+        untested = stats.get("total", 0) - sum(stats.get(k, 0) for k in
+                                               ("killed", "timeout", "survived", "no_tests", "skipped", "suspicious",
+                                                "segfault", "check_was_interrupted_by_user"))
         counted = stats.get("total", 0) - stats.get("skipped", 0)
         rows.append({"module": module, "tests": " ".join(Path(t).name for t in TARGETS[module]),
                      "mutants": stats.get("total", 0), "killed": stats.get("killed", 0),
                      "timed out": stats.get("timeout", 0), "survived": stats.get("survived", 0),
                      "equivalent (listed)": len(explained), "no test reaches": stats.get("no_tests", 0),
+                     "not yet tested": untested,
                      "killed %": f"{100 * killed / max(counted, 1):.1f}",
                      "killed or equivalent %": f"{100 * (killed + len(explained)) / max(counted, 1):.1f}",
                      "wall s": round(wall)})
@@ -236,7 +247,8 @@ def main() -> None:
         if args.survivors:
             for name, line in open_:
                 print(f"  survived: {name}\n    ({module!r}, {function_of(name)!r}, {line!r})")
-    notes = ["percentages are of all mutants, those no test reaches counted as survivors; a timed-out mutant counts "
+    notes = ["percentages are of all mutants, those no test reaches (or not yet tested) counted as survivors; a "
+             "timed-out mutant counts "
              "as killed (the tests hung or used 30x their CPU time); mutmut 3.8.1, fast tier only, one torch thread "
              "per mutant",
              "equivalent (listed): survivors that benchmarks/_equivalent.py names, each with why no test can tell it "
