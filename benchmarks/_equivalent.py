@@ -53,6 +53,8 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     (METRICS, "spread", "mean = float(v.mean()) if (n) or True else math.nan"): NAN_ANYWAY,
     (METRICS, "spread", "std = float(v.std(ddof=1)) if (n > 1) or True else math.nan"): NAN_ANYWAY,
     (METRICS, "spread", "std = float(v.std(ddof=1)) if n >= 1 else math.nan"): NAN_ANYWAY,
+    (METRICS, "spread", "half = t975(n - 1) * std / math.sqrt(n) if n >= 1 else math.nan"):
+        "with one value the spread is NaN already, and so is the half-width it multiplies",
     (METRICS, "ratio", "if n >= 1:"):
         "with one pair numpy's ddof=1 covariance and t(0.975, 0) are NaN, so the half-width is NaN either way",
     (METRICS, "ratio", 'cov = np.cov(pair["x"], pair["y"], ddof=None)'): "numpy's np.cov defaults to ddof = 1",

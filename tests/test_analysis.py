@@ -629,3 +629,10 @@ def test_two_seeds_equal_to_12_digits_are_identical_and_lost_seeds_come_in_seed_
     assert metrics.by_setting(same)["identical_seeds"].tolist() == [True]
     lost = table([trial("int3", 0, status="stopped"), trial("int3", 1, status="diverged"), trial("int3", 2)])
     assert metrics.lost_seeds(lost) == "0 stopped; 1 diverged (chunk 3)"
+
+
+def test_fps_best_setting_is_chosen_on_the_selection_seeds():
+    rows = [trial("fp", s, lr=0.01, post=1.70, ttt=1.69, tid=f"a{s}") for s in range(4)]  # recovery 0.01 everywhere
+    rows += [trial("fp", s, lr=0.1, post=1.70, ttt=1.65 if s < 2 else 1.70, tid=f"b{s}") for s in range(4)]  # 0.05, 0
+    ref = metrics.fp_reference(table(rows)).set_index("seed")["fp_post_ttt_bpb"]
+    assert ref.tolist() == [1.65, 1.65, 1.70, 1.70]  # lr 0.1, best on seeds 0-1 (on seeds 2-3 lr 0.01 would be)
