@@ -636,3 +636,44 @@ def test_fps_best_setting_is_chosen_on_the_selection_seeds():
     rows += [trial("fp", s, lr=0.1, post=1.70, ttt=1.65 if s < 2 else 1.70, tid=f"b{s}") for s in range(4)]  # 0.05, 0
     ref = metrics.fp_reference(table(rows)).set_index("seed")["fp_post_ttt_bpb"]
     assert ref.tolist() == [1.65, 1.65, 1.70, 1.70]  # lr 0.1, best on seeds 0-1 (on seeds 2-3 lr 0.01 would be)
+
+
+def test_each_rows_healing_and_control_and_each_settings_costs_and_failures_by_hand():
+    rows = [trial("fp", s, post=1.70, ttt=1.69 - 0.001 * s) for s in range(3)]
+    rows += [trial("int3", s, ttt=1.72 - 0.001 * s) for s in range(3)]
+    rows += [trial("int3", s, lr=0.1, ttt=1.74, status=st) for s, st in enumerate(["stopped", "stopped", "error"])]
+    rows += [trial("int4", s, lr=0.03, ttt=1.74) for s in range(3)]  # recovery exactly 0
+    t = table(rows)
+    t["ttt_seconds"] = np.arange(len(t), dtype=float)
+    healed = metrics.with_healing(t).set_index("row_id")
+    for s in range(3):  # 1 − (post-TTT − fp's post-TTT) / damage, row by row; fp rows have a control and no healing
+        row = healed.loc[f"int3-0.01-256-{s}-4096"]
+        assert row["healing_frac"] == pytest.approx(1 - ((1.72 - 0.001 * s) - (1.69 - 0.001 * s)) / 0.04)
+        fp_row = healed.loc[f"fp-0.01-256-{s}-4096"]
+        assert fp_row["has_control"] and np.isnan(fp_row["healing_frac"])
+    by = metrics.by_setting(t).set_index(["regime", "inner_lr"])
+    good, lost, flat, fp = by.loc[("int3", 0.01)], by.loc[("int3", 0.1)], by.loc[("int4", 0.03)], by.loc[("fp", 0.01)]
+    assert good["ttt_seconds"] == 4.0 and good["tokens_per_second"] == 2048.0 and good["projected_full_seconds"] == 200.0
+    assert good["fp_gain"] == pytest.approx(1.70 - 1.689) and good["family"] == metrics.family_of("int3")
+    assert not good["hurts"] and flat["hurts"] and not flat["eligible"]  # no gain is no help
+    assert lost["not_ok"] == "stopped 2, error 1" and np.isnan(lost["post_ttt_bpb"]) and not lost["hurts"]
+    assert not lost["no_control"] and not fp["no_control"] and np.isnan(fp["healing_frac_mean"])
+    assert metrics.by_setting(t.assign(family="mine")).set_index("regime").loc["int4", "family"] == "mine"
+
+
+def test_the_best_settings_table_counts_what_was_tried_and_how_close_the_runner_up_came():
+    rows = [trial("fp", s, lr=lr, post=1.70, ttt=1.69 - 0.001 * s) for s in range(3) for lr in (0.01, 0.03, 0.1)]
+    for lr, ttt in ((0.01, 1.73), (0.03, 1.71), (0.1, 1.725)):  # best in the middle, the runner-up 0.015 behind
+        rows += [trial("int3", s, lr=lr, ttt=ttt - 0.001 * s) for s in range(3)]
+    rows += [trial("int4", s, lr=lr, ttt=1.75) for s in range(3) for lr in (0.01, 0.1)]  # never helps
+    best = metrics.best_setting(table(rows)).set_index("regime")
+    b = best.loc["int3"]
+    assert (b["settings_tried"], b["settings_eligible"], b["inner_lr"]) == (3, 3, 0.03) and not b["lr_at_edge"]
+    assert b["runner_up_gap"] == pytest.approx(0.015) and "eligible" not in best.columns
+    assert best.loc["int4", "note"] == "no setting where TTT helps without a failed seed"
+    assert best.loc["int4", "settings_eligible"] == 0
+    edge = metrics.best_setting(table([r for r in rows if r["inner_lr"] != 0.01])).set_index("regime").loc["int3"]
+    assert edge["inner_lr"] == 0.03 and edge["lr_at_edge"]  # the smallest of 0.03, 0.1
+    top = metrics.best_setting(table([r for r in rows if r["inner_lr"] != 0.1])).set_index("regime").loc["int3"]
+    assert top["lr_at_edge"] and np.isnan(metrics.best_setting(table(
+        [r for r in rows if r["inner_lr"] == 0.03])).set_index("regime").loc["int3", "runner_up_gap"])
