@@ -47,7 +47,19 @@ MERGED_BY_KEY = "fp_reference's rows are merged by (window_key, seed) afterwards
 KEY_COLUMNS = ("fp_reference's frame holds window_key, seed and fp_post_ttt_bpb, a table only the first two: those "
                "are the columns to merge on")
 
+NO_EDGE_COLUMN = ("when best has no lr_at_edge column the default only has to be all False after fillna(False): a "
+                  "Series of NaN is, like one of False")
+
 EQUIVALENT: dict[tuple[str, str, str], str] = {
+    (METRICS, "by_setting", 'for key, g in df.groupby("setting_key", sort=None):'):
+        "pandas groupby reads sort=None as sort=False: groups in the order they come",
+    (METRICS, "settings_shown", "return always + [c for c in DISPLAY_SETTINGS if c in trials and c not in always and "
+                                "trials[c].nunique(dropna=None) > 1]"):
+        "pandas nunique reads dropna=None as dropna=False",
+    (METRICS, "sanity_flags", 'for _, b in best[best.get("lr_at_edge", pd.Series(None, index=best.index))'
+                              '.fillna(False).astype(bool)].iterrows():'): NO_EDGE_COLUMN,
+    (METRICS, "sanity_flags", 'for _, b in best[best.get("lr_at_edge", pd.Series(index=best.index))'
+                              '.fillna(False).astype(bool)].iterrows():'): NO_EDGE_COLUMN,
     (METRICS, "lost_seeds", 'for status, rows in bad.groupby("status", sort=None):'):
         "pandas groupby reads sort=None as sort=False: groups in the order they come",
     (METRICS, "spread", "mean = float(v.mean()) if (n) or True else math.nan"): NAN_ANYWAY,
