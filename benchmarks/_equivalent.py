@@ -47,12 +47,15 @@ MERGED_BY_KEY = "fp_reference's rows are merged by (window_key, seed) afterwards
 KEY_COLUMNS = ("fp_reference's frame holds window_key, seed and fp_post_ttt_bpb, a table only the first two: those "
                "are the columns to merge on")
 
+SORT_NONE = "pandas groupby reads sort=None as sort=False: groups in the order they come"
+KEYS_AGAIN = ("with_keys derives the keys from the settings columns: on a table that has them it computes the same "
+              "again")
 NO_EDGE_COLUMN = ("when best has no lr_at_edge column the default only has to be all False after fillna(False): a "
                   "Series of NaN is, like one of False")
 
 EQUIVALENT: dict[tuple[str, str, str], str] = {
     (METRICS, "by_setting", 'for key, g in df.groupby("setting_key", sort=None):'):
-        "pandas groupby reads sort=None as sort=False: groups in the order they come",
+        SORT_NONE,
     (METRICS, "settings_shown", "return always + [c for c in DISPLAY_SETTINGS if c in trials and c not in always and "
                                 "trials[c].nunique(dropna=None) > 1]"):
         "pandas nunique reads dropna=None as dropna=False",
@@ -61,7 +64,7 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     (METRICS, "sanity_flags", 'for _, b in best[best.get("lr_at_edge", pd.Series(index=best.index))'
                               '.fillna(False).astype(bool)].iterrows():'): NO_EDGE_COLUMN,
     (METRICS, "lost_seeds", 'for status, rows in bad.groupby("status", sort=None):'):
-        "pandas groupby reads sort=None as sort=False: groups in the order they come",
+        SORT_NONE,
     (METRICS, "spread", "mean = float(v.mean()) if (n) or True else math.nan"): NAN_ANYWAY,
     (METRICS, "spread", "std = float(v.std(ddof=1)) if (n > 1) or True else math.nan"): NAN_ANYWAY,
     (METRICS, "spread", "std = float(v.std(ddof=1)) if n >= 1 else math.nan"): NAN_ANYWAY,
@@ -75,15 +78,15 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     (METRICS, "fp_reference", 'for wkey, g in fp.groupby("window_key", ):'): MERGED_BY_KEY,
     (METRICS, "fp_reference", 'for wkey, g in fp.groupby("window_key", sort=True):'): MERGED_BY_KEY,
     (METRICS, "with_healing", 'if "XXwindow_keyXX" not in trials:'):
-        "with_keys derives the keys from the settings columns: on a table that has them it computes the same again",
+        KEYS_AGAIN,
     (METRICS, "with_healing", 'if "WINDOW_KEY" not in trials:'):
-        "with_keys derives the keys from the settings columns: on a table that has them it computes the same again",
+        KEYS_AGAIN,
     (METRICS, "with_healing", 'out = trials.merge(fp_reference(trials), on=None, how="left")'): KEY_COLUMNS,
     (METRICS, "with_healing", 'out = trials.merge(fp_reference(trials), how="left")'): KEY_COLUMNS,
     (METRICS, "t975", "return float(stats.t.ppf(0.975, df)) if (df >= 1) or True else math.nan"):
         "scipy.stats.t.ppf is NaN for df < 1 as well",
     (METRICS, "best_setting", 'for regime, g in sel.groupby("regime", sort=None):'):
-        "pandas groupby reads sort=None as sort=False: groups in the order they come",
+        SORT_NONE,
     (METRICS, "running_static_bpb", 'w = curve["bytes"].to_numpy(dtype=None)'): INT_WEIGHTS,
     (METRICS, "running_static_bpb", 'w = np.diff(np.concatenate([[0], curve["tokens_seen"].to_numpy(dtype=None)]))'):
         INT_WEIGHTS,
