@@ -77,7 +77,7 @@ def decoded_bytes(sp: spm.SentencePieceProcessor, tokens: Sequence[int], first: 
 
     Text is decoded a document at a time (a control, unknown or unused piece ends one); in the document where the
     targets begin, the bytes of its text before them are taken off. A character that byte-fallback pieces spell
-    across the first target, or that the stream cuts off at its end, is counted one byte per piece.
+    across the first target, or that the stream cuts off at its start or its end, is counted one byte per piece.
     """
     ids = np.asarray(tokens, dtype=np.int64)
     vocab = int(sp.vocab_size())
@@ -92,16 +92,19 @@ def decoded_bytes(sp: spm.SentencePieceProcessor, tokens: Sequence[int], first: 
     def text(a: int, b: int) -> int:
         return len(sp.decode(ids[a:b].tolist()).encode("utf-8")) if b > a else 0
 
+    start = 0
+    while start < ids.size and continues[ids[start]]:
+        start += 1  # the stream begins inside a character: its pieces count one byte each
     end = ids.size
     k = end - 1
-    while k > 0 and continues[ids[k]]:
+    while k > start and continues[ids[k]]:
         k -= 1
     lead = byte[ids[k]] if ids.size else -1
     length = 2 if 0xC0 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4 if lead >= 0xF0 else 1
     if end - k < length:  # the last character is cut off: its pieces count one byte each
         end = k
-    total = ids.size - max(end, first)
-    a = 0
+    total = ids.size - max(end, first) + max(0, start - first)
+    a = start
     for b in [*np.flatnonzero(boundary[ids[:end]]).tolist(), end]:
         if b > first:  # the document [a, b) holds targets
             c = min(max(a, first), b)

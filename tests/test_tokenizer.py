@@ -31,14 +31,32 @@ def test_byte_table_rules(tiny_inputs):
     i = space[0]  # after a boundary token the leading space is not counted
     assert t.count_bytes(np.array([1]), np.array([i]))[0] == t.base_bytes[i]
     assert t.count_bytes(np.array([space[1]]), np.array([i]))[0] == t.base_bytes[i] + 1
+    assert t.base_bytes.dtype == np.int16 and t.count_bytes(np.array([1]), np.array([i])).dtype == np.int64
+
+
+def test_decoded_bytes_count_no_text_for_pieces_that_are_none(tiny_inputs):
+    """The unknown piece (which SentencePiece decodes as " \u2047 ") and ids beyond the tokenizer are no text: each
+    ends a document, as the tables' boundaries do, and an empty stream has no bytes."""
+    sp = load_tokenizer(tiny_inputs.tokenizer)
+    vocab = sp.vocab_size()
+    tables = build_byte_tables(sp, vocab + 8)
+    word = sp.encode("ab")
+    assert sp.decode([3]).strip() and not sp.id_to_piece(word[0]).startswith(SPACE)
+    ids = np.array([data.BOS_ID, *word, 3, *word, vocab + 5, *word, vocab], dtype=np.int64)
+    for first in range(1, ids.size):
+        want = int(tables.count_bytes(ids[first - 1 : -1], ids[first:]).sum())
+        text = sum(len(sp.id_to_piece(int(t)).encode()) for t in ids[first:] if t in word)
+        assert decoded_bytes(sp, ids, first) == want == text, first
+    assert decoded_bytes(sp, np.array([], dtype=np.int64), 0) == 0
 
 
 def test_decoded_bytes_agree_with_the_byte_tables_wherever_a_segment_starts_and_ends(tiny_inputs):
-    """The row alarm's count, read off the decoder, equals the tables' count for targets starting and ending anywhere:
-    inside words, at document starts, and inside characters that byte-fallback pieces spell."""
+    """The row alarm's count, read off the decoder, equals the tables' count for streams and targets starting and
+    ending anywhere: inside words, at document starts, and inside characters that byte-fallback pieces spell."""
     sp = load_tokenizer(tiny_inputs.tokenizer)
     tables = build_byte_tables(sp)
-    texts = [t[:400] for _, t in load_documents(30)[:3]] + ["Caf\u00e9 \u2014 d\u00e9j\u00e0 vu \u20ac5 \U0001f600 ok"]
+    spelled = "Caf\u00e9 \u2014 d\u00e9j\u00e0 vu \u20ac5 \U0001f600 ok \u0905\u00e9x"
+    texts = [t[:400] for _, t in load_documents(30)[:3]] + [spelled]
     ids = np.concatenate([[data.BOS_ID] + sp.encode(t) for t in texts])
     byte_pieces = [i for i, t in enumerate(ids) if sp.is_byte(int(t))]
     assert len(byte_pieces) > 8  # the last document is spelled partly in byte-fallback pieces
@@ -49,6 +67,15 @@ def test_decoded_bytes_agree_with_the_byte_tables_wherever_a_segment_starts_and_
             if first < end:
                 want = int(tables.count_bytes(ids[first - 1 : end - 1], ids[first:end]).sum())
                 assert decoded_bytes(sp, ids[:end], first) == want, (first, end)
+    # a stream that itself begins anywhere in the last document: inside a word, or inside a character of 2, 3 or 4
+    # bytes (U+0905 leads with 0xE0, the smallest lead of three)
+    last = int(np.flatnonzero(ids == data.BOS_ID)[-1]) + 1
+    assert {int(sp.id_to_piece(int(t))[3:5], 16) for t in ids[byte_pieces]} >= {0xC3, 0xE0, 0xE2, 0xF0}
+    for start in [last, last + 1, *(b for b in byte_pieces if b > last)]:
+        for end in sorted({b + 1 for b in byte_pieces if b > start} | {ids.size}):
+            for first in range(start + 1, min(end, start + 6)):
+                want = int(tables.count_bytes(ids[first - 1 : end - 1], ids[first:end]).sum())
+                assert decoded_bytes(sp, ids[start:end], first - start) == want, (start, first, end)
 
 
 def test_a_trained_tokenizer_has_the_documented_settings_and_keeps_the_text_as_it_is(tmp_path):
