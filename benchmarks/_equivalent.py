@@ -52,8 +52,33 @@ KEYS_AGAIN = ("with_keys derives the keys from the settings columns: on a table 
               "again")
 NO_EDGE_COLUMN = ("when best has no lr_at_edge column the default only has to be all False after fillna(False): a "
                   "Series of NaN is, like one of False")
+MODEL = "e2ettt/model.py"
+FP32_STREAM = ("e2ettt runs the model with fp32 weights, in fp32 or under autocast, where the embedding and rms_norm "
+               "keep the residual stream fp32: a cast to its dtype is the identity either way")
+LINEAR_CASTS = ("e2ettt runs the model with fp32 weights, in fp32 (the cast is the identity) or under autocast, which "
+                "casts F.linear's operands itself")
+INT_POSITIONS = "torch promotes int64 positions to float32 when they meet float32 (the division, torch.outer)"
+MODEL_EQUIVALENTS = {
+    ("CastedLinear.__init__", "super().__init__(in_features, out_features, bias=None)"):
+        "nn.Linear reads bias=None as no bias",
+    ("CastedLinear.forward", "return F.linear(x, self.weight.to(None))"): LINEAR_CASTS,
+    ("GPT.forward", "logits = F.linear(x, weight.to(None)).float()  # (B, T, V)"): LINEAR_CASTS,
+    ("Rotary.__init__", "inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=None) / head_dim)"): INT_POSITIONS,
+    ("Rotary.__init__", "inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, ) / head_dim)"): INT_POSITIONS,
+    ("Rotary.forward", "t = torch.arange(T, device=self.inv_freq.device, dtype=None)"): INT_POSITIONS,
+    ("Rotary.forward", "t = torch.arange(T, device=self.inv_freq.device, )"): INT_POSITIONS,
+    ("Rotary.__init__", 'self.register_buffer("inv_freq", inv_freq, persistent=None)'):
+        "register_buffer reads persistent=None as False: the table stays out of the state_dict either way",
+    ("Block.forward", "mix = self.resid_mix.to(None)"): FP32_STREAM,
+    ("Block.forward", "x = x + self.attn_scale.to(None)[None, None] * self.attn(rms_norm(x))"): FP32_STREAM,
+    ("Block.forward", "return x + self.mlp_scale.to(None)[None, None] * self.mlp(rms_norm(x))"): FP32_STREAM,
+    ("GPT.forward", "x = x + self.skip_weights[j].to(None)[None, None] * skips.pop()"): FP32_STREAM,
+    ("GPTConfig.validate", "if (self.model_dim / self.num_heads) % 2:"):
+        "the check above has made num_heads divide model_dim: / and // give equal values, and their % 2 agree",
+}
 
 EQUIVALENT: dict[tuple[str, str, str], str] = {
+    **{(MODEL, function, line): reason for (function, line), reason in MODEL_EQUIVALENTS.items()},
     (METRICS, "by_setting", 'for key, g in df.groupby("setting_key", sort=None):'):
         SORT_NONE,
     (METRICS, "settings_shown", "return always + [c for c in DISPLAY_SETTINGS if c in trials and c not in always and "

@@ -67,9 +67,42 @@ def test_reads_the_int8_artifact(tmp_path, random_gpt):
         assert torch.equal(model.state_dict()[k], v.float())
 
 
-def test_bf16_autocast_runs_close_to_fp32(random_gpt):
+def test_bf16_autocast_runs_close_to_fp32_with_attention_in_bf16(random_gpt, monkeypatch):
+    """Under bf16 autocast, as the records evaluate, q, k and v reach attention in bf16 (the dtype flash attention
+    takes on a GPU): the rotary tables and q_gain are cast to the activations' dtype rather than promoting them."""
+    import torch.nn.functional as F
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     x = torch.randint(0, 64, (2, 32))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = random_gpt(x)
+    assert seen == [(torch.bfloat16,) * 3] * 2  # both layers
     assert low.dtype == torch.float32
     assert (low - random_gpt(x)).abs().max() < 0.2
+
+
+def test_the_forward_makes_no_tensor_off_the_models_device(random_gpt):
+    """On the meta device (a stand-in for a GPU here): a tensor made on the CPU, such as RoPE's positions without the
+    model's device, cannot meet the model's."""
+    meta = random_gpt.to("meta")
+    out = meta(torch.randint(0, 64, (2, 16)).to("meta"))
+    assert out.device.type == "meta" and out.shape == (2, 16, 64)
+
+
+def test_initialisation_and_config_checks_say_what_is_wrong():
+    torch.manual_seed(0)
+    emb = GPT(GPTConfig(vocab_size=1024, num_layers=2, model_dim=64, num_heads=2, num_kv_heads=1)).tok_emb.weight
+    assert emb.std().item() == pytest.approx(0.005, rel=0.05)  # tied_embed_init_std, as parameter-golf
+    for kw, says in [({"model_dim": 30, "num_heads": 4}, "model.model_dim=30 is not divisible by model.num_heads=4"),
+                     ({"num_heads": 8, "num_kv_heads": 3}, "model.num_heads=8 is not divisible by model.num_kv_heads=3"),
+                     ({"model_dim": 24, "num_heads": 8, "num_kv_heads": 4}, "model head_dim must be even for RoPE")]:
+        with pytest.raises(ValueError) as err:
+            GPTConfig(**kw).validate()
+        assert str(err.value) == says
