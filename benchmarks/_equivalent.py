@@ -77,7 +77,70 @@ MODEL_EQUIVALENTS = {
         "the check above has made num_heads divide model_dim: / and // give equal values, and their % 2 agree",
 }
 
+TOKENIZER = "e2ettt/tokenizer.py"
+NOT_A_BYTE = ("any value outside 0x80-0xFF marks a piece that spells no byte: it is no continuation and its character "
+              "is one piece long, as with -1")
+NEVER_IN_UTF8 = ("0xC0 and 0xC1 occur in no UTF-8 text, and byte-fallback pieces spell the UTF-8 of the text "
+                 "SentencePiece encoded")
+ONE_BYTE_PER_PIECE = ("a complete last character taken for cut off is counted one byte per piece, its UTF-8 length: "
+                      "the pieces of a character spelled in bytes are one byte each")
+EMPTY_DECODE = "the decoder gives '' for no pieces"
+SENTENCEPIECE_DEFAULT = "SentencePiece's trainer default is the value the line gives (the trained proto reads the same)"
+TOKENIZER_EQUIVALENTS = {
+    ("build_byte_tables", "size = max(n, vocab_size or 1)"): "a tokenizer has at least one piece: max(n, 1) = n",
+    ("build_byte_tables", "boundary[i] = None"): "a bool array stores None as False",
+    ("decoded_bytes", "ids = np.asarray(tokens, dtype=None)"):
+        "ids only index the tables and reach the decoder as Python ints: any integer dtype does",
+    ("decoded_bytes", "ids = np.asarray(tokens, )"):
+        "ids only index the tables and reach the decoder as Python ints: any integer dtype does",
+    ("decoded_bytes", "size = max(vocab, int(ids.max()) + 2 if ids.size else 0)"):
+        "one more entry past the largest id, a boundary no id reads",
+    ("decoded_bytes", "size = max(vocab, int(ids.max()) + 1 if ids.size else 1)"):
+        "a tokenizer has at least one piece: with no ids the size is vocab either way",
+    ("decoded_bytes", "boundary = np.ones(size, dtype=None)  # ids beyond the tokenizer too"):
+        "only np.flatnonzero reads it: 1.0 and 0.0 are nonzero where True and False are",
+    ("decoded_bytes", "boundary = np.ones(size, )  # ids beyond the tokenizer too"):
+        "only np.flatnonzero reads it: 1.0 and 0.0 are nonzero where True and False are",
+    ("decoded_bytes", 'byte = np.full(size, +1)  # the byte a byte-fallback piece stands for ("<0xE2>"), else -1'):
+        NOT_A_BYTE,
+    ("decoded_bytes", 'byte = np.full(size, -2)  # the byte a byte-fallback piece stands for ("<0xE2>"), else -1'):
+        NOT_A_BYTE,
+    ("decoded_bytes", "byte[i] = int(sp.id_to_piece(i)[3:5], 16) if sp.is_byte(i) else +1"): NOT_A_BYTE,
+    ("decoded_bytes", "byte[i] = int(sp.id_to_piece(i)[3:5], 16) if sp.is_byte(i) else -2"): NOT_A_BYTE,
+    ("decoded_bytes", "lead = byte[ids[k]] if ids.size else +1"): NOT_A_BYTE,
+    ("decoded_bytes", "lead = byte[ids[k]] if ids.size else -2"): NOT_A_BYTE,
+    ("decoded_bytes", "continues = (byte >= 0x80) & (byte <= 0xC0)  # a UTF-8 continuation byte (10xxxxxx)"):
+        NEVER_IN_UTF8,
+    ("decoded_bytes", "continues = (byte >= 0x80) & (byte < 193)  # a UTF-8 continuation byte (10xxxxxx)"):
+        NEVER_IN_UTF8,
+    ("decoded_bytes", "length = 2 if 193 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4 if lead >= 0xF0 else 1"):
+        NEVER_IN_UTF8,
+    ("decoded_bytes", "length = 2 if 0xC0 < lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4 if lead >= 0xF0 else 1"):
+        NEVER_IN_UTF8,
+    ("decoded_bytes", "length = 3 if 0xC0 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4 if lead >= 0xF0 else 1"):
+        ONE_BYTE_PER_PIECE,
+    ("decoded_bytes", "length = 2 if 0xC0 <= lead < 0xE0 else 4 if 0xE0 <= lead < 0xF0 else 4 if lead >= 0xF0 else 1"):
+        ONE_BYTE_PER_PIECE,
+    ("decoded_bytes", "length = 2 if 0xC0 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 5 if lead >= 0xF0 else 1"):
+        ONE_BYTE_PER_PIECE,
+    ("decoded_bytes", 'return len(sp.decode(ids[a:b].tolist()).encode("utf-8")) if (b > a) or True else 0'):
+        EMPTY_DECODE,
+    ("decoded_bytes", 'return len(sp.decode(ids[a:b].tolist()).encode("utf-8")) if b >= a else 0'): EMPTY_DECODE,
+    ("decoded_bytes", "while k >= start and continues[ids[k]]:"):
+        "ids[start] is no continuation (the loop above stops there), or start is past the last piece",
+    ("decoded_bytes", "if b >= first:  # the document [a, b) holds targets"):
+        "a document ending at `first` adds text(a, b) - text(a, b) - 0 = 0 bytes",
+    ("train_tokenizer", " (removed: character_coverage=0.9995,)"): SENTENCEPIECE_DEFAULT,
+    ("train_tokenizer", " (removed: input_sentence_size=0,)"): SENTENCEPIECE_DEFAULT,
+    ("train_tokenizer", " (removed: bos_id=1,)"): SENTENCEPIECE_DEFAULT,
+    ("train_tokenizer", " (removed: eos_id=2,)"): SENTENCEPIECE_DEFAULT,
+    ("train_tokenizer", ") (removed: minloglevel=2, / ))"): "the trainer's log level: what it prints, not what it trains",
+    ("train_tokenizer", "minloglevel=3,"): "the trainer's log level: what it prints, not what it trains",
+    ("train_tokenizer", 'model_type="BPE",'): "SentencePiece reads model_type case-insensitively (the proto says BPE)",
+}
+
 EQUIVALENT: dict[tuple[str, str, str], str] = {
+    **{(TOKENIZER, function, line): reason for (function, line), reason in TOKENIZER_EQUIVALENTS.items()},
     **{(MODEL, function, line): reason for (function, line), reason in MODEL_EQUIVALENTS.items()},
     (METRICS, "by_setting", 'for key, g in df.groupby("setting_key", sort=None):'):
         SORT_NONE,

@@ -145,7 +145,14 @@ def function_of(mutant: str) -> str:
 
 
 def mutated_lines(diff: str) -> str:
-    return " / ".join(ln[1:].strip() for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++"))
+    """The lines a mutant writes, joined by " / "; where it removes more lines than it writes (an argument dropped),
+    the removed lines follow, so that the key names what went."""
+    lines = diff.splitlines()
+    added = [ln[1:].strip() for ln in lines if ln.startswith("+") and not ln.startswith("+++")]
+    removed = [ln[1:].strip() for ln in lines if ln.startswith("-") and not ln.startswith("---")]
+    if len(removed) > len(added):
+        return " / ".join(added) + " (removed: " + " / ".join(removed) + ")"
+    return " / ".join(added)
 
 
 def classify(work: Path, module: str, survivors: list[str], env: dict) -> tuple[list[tuple[str, str]], list[tuple]]:

@@ -55,7 +55,7 @@ def test_decoded_bytes_agree_with_the_byte_tables_wherever_a_segment_starts_and_
     ending anywhere: inside words, at document starts, and inside characters that byte-fallback pieces spell."""
     sp = load_tokenizer(tiny_inputs.tokenizer)
     tables = build_byte_tables(sp)
-    spelled = "Caf\u00e9 \u2014 d\u00e9j\u00e0 vu \u20ac5 \U0001f600 ok \u0905\u00e9x"
+    spelled = "Caf\u00e9 \u2014 d\u00e9j\u00e0 vu \u20ac5 \U0001f600 ok \u0905\u00e9x\u00ff"
     texts = [t[:400] for _, t in load_documents(30)[:3]] + [spelled]
     ids = np.concatenate([[data.BOS_ID] + sp.encode(t) for t in texts])
     byte_pieces = [i for i, t in enumerate(ids) if sp.is_byte(int(t))]
@@ -68,9 +68,9 @@ def test_decoded_bytes_agree_with_the_byte_tables_wherever_a_segment_starts_and_
                 want = int(tables.count_bytes(ids[first - 1 : end - 1], ids[first:end]).sum())
                 assert decoded_bytes(sp, ids[:end], first) == want, (first, end)
     # a stream that itself begins anywhere in the last document: inside a word, or inside a character of 2, 3 or 4
-    # bytes (U+0905 leads with 0xE0, the smallest lead of three)
+    # bytes (U+0905 leads with 0xE0, the smallest lead of three; U+00FF ends with 0xBF, the largest continuation)
     last = int(np.flatnonzero(ids == data.BOS_ID)[-1]) + 1
-    assert {int(sp.id_to_piece(int(t))[3:5], 16) for t in ids[byte_pieces]} >= {0xC3, 0xE0, 0xE2, 0xF0}
+    assert {int(sp.id_to_piece(int(t))[3:5], 16) for t in ids[byte_pieces]} >= {0xC3, 0xE0, 0xE2, 0xF0, 0xBF}
     for start in [last, last + 1, *(b for b in byte_pieces if b > last)]:
         for end in sorted({b + 1 for b in byte_pieces if b > start} | {ids.size}):
             for first in range(start + 1, min(end, start + 6)):
