@@ -88,3 +88,83 @@ def test_sliding_windows_do_not_change_the_targets(tiny_inputs, random_gpt):
     a = score_windows(random_gpt, tokens, plan_windows(1, 300, 32), tables)
     b = score_windows(random_gpt, tokens, plan_windows(1, 300, 32, 8), tables)
     assert a.tokens == b.tokens == 299 and a.bytes == b.bytes and a.nll != b.nll
+
+
+def spy_batches(model) -> list:
+    """(batch size, autocast dtype or None) of each forward of `model`."""
+    calls = []
+    model.register_forward_hook(lambda m, args, out: calls.append(
+        (args[0].shape[0], torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)))
+    return calls
+
+
+def test_scores_batch_16_windows_by_default_and_pass_micro_batch_and_dtype_on(random_gpt):
+    """score_windows, static_curve and eval_val: micro-batches of 16 unless told, under the dtype they are given."""
+    from e2ettt.evaluate import Span, static_curve
+
+    tables = DeviceTables.from_tables(ByteTables(np.ones(64, np.int16), np.zeros(64, bool), np.zeros(64, bool)))
+    tokens = torch.randint(0, 64, (20 * 8 + 1,), generator=torch.Generator().manual_seed(0))
+    windows = plan_windows(1, 161, 8)  # 20 windows of 8
+    calls = spy_batches(random_gpt)
+    for score in (lambda **kw: score_windows(random_gpt, tokens, windows, tables, **kw),
+                  lambda **kw: static_curve(random_gpt, tokens, [Span(1, 161)], 8, None, tables, **kw),
+                  lambda **kw: eval_val(random_gpt, tokens, 8, tables, **kw)):
+        calls.clear()
+        score()
+        assert calls == [(16, None), (4, None)]
+        calls.clear()
+        score(micro_batch=5, dtype=torch.bfloat16)
+        assert calls == [(5, torch.bfloat16)] * 4
+
+
+def test_eval_val_scores_whole_windows_of_the_stream_as_parameter_golf_cuts_it(random_gpt):
+    tables = DeviceTables.from_tables(ByteTables(np.ones(64, np.int16), np.zeros(64, bool), np.zeros(64, bool)))
+    for n, scored in [(2 * 8 + 1, 16), (3 * 8, 16), (3 * 8 + 1, 24)]:  # ((n - 1) // 8) * 8 targets
+        tokens = torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(n))
+        got = eval_val(random_gpt, tokens, 8, tables)
+        assert (got.tokens, got.bytes) == (scored, scored)
+
+
+def test_a_byte_sidecar_gives_each_target_its_own_bytes(random_gpt):
+    """for_stream: the sidecar's entries at the scored targets' positions, float64, on the tables' device; without
+    a sidecar the tables themselves."""
+    tables = DeviceTables.from_tables(ByteTables(np.ones(64, np.int16), np.zeros(64, bool), np.zeros(64, bool)))
+    assert tables.for_stream(None) is tables
+    tokens = torch.randint(0, 64, (41,), generator=torch.Generator().manual_seed(1))
+    sidecar = np.arange(41, dtype=np.uint16) % 7 + 1
+    with_sidecar = tables.for_stream(sidecar)
+    assert with_sidecar.stream_bytes.dtype == torch.float64 and with_sidecar.stream_bytes.device == torch.device("cpu")
+    assert torch.equal(with_sidecar.stream_bytes, torch.as_tensor(sidecar, dtype=torch.float64))
+    got = score_windows(random_gpt, tokens, plan_windows(5, 41, 8, 3), with_sidecar, micro_batch=3)
+    assert got.tokens == 36 and got.bytes == float(sidecar[5:41].sum())
+    plain = score_windows(random_gpt, tokens, plan_windows(5, 41, 8, 3), tables, micro_batch=3)
+    assert plain.bytes == 36.0 and plain.nll == pytest.approx(got.nll, rel=1e-12)
+
+
+def test_document_spans_start_after_each_bos_and_read_back_to_it():
+    """BOS (1) at 2, 5, 9, 10, 17 and 19; targets [7, 19): the first document began before `first` (its windows read
+    back to the BOS at 5), a BOS as a target opens the next document at the target after it, and a BOS at the last
+    target or past it opens none. The stream's first chunk opens it (TTT starts there from the starting weights)."""
+    from e2ettt.evaluate import Span, document_spans
+
+    ids = np.full(24, 7)
+    ids[[2, 5, 9, 10, 17, 19]] = 1
+    assert document_spans(ids, 7, 19, 2) == [
+        Span(7, 9, 5, True), Span(9, 10, 5, False),  # the first document's targets 7..9, the BOS at 9 included
+        Span(10, 11, 9, True),  # the BOS at 10 is the one-target document after the BOS at 9
+        Span(11, 13, 10, True), Span(13, 15, 10, False), Span(15, 17, 10, False), Span(17, 18, 10, False),
+        Span(18, 19, 17, True),  # the BOS at 17 opens the document of target 18; the BOS at 19 is past the end
+    ]
+    ids[18] = 1  # the last target is a BOS: the document after it has no targets here
+    assert document_spans(ids, 7, 19, 20) == [Span(7, 10, 5, True), Span(10, 11, 9, True), Span(11, 18, 10, True),
+                                              Span(18, 19, 17, True)]
+    assert document_spans(ids, 3, 6, 1) == [Span(3, 4, 2, True), Span(4, 5, 2, False), Span(5, 6, 2, False)]
+    assert document_spans(ids, 6, 8, 1)[0] == Span(6, 7, 5, True)  # the BOS right before `first`
+    with pytest.raises(ValueError, match="^chunk_tokens must be positive, got 0$"):
+        document_spans(ids, 7, 19, 0)
+
+
+def test_as_tensor_is_int64_on_the_device_asked():
+    t = as_tensor(np.array([1, 65535], dtype=np.uint16), "meta")
+    assert t.dtype == torch.int64 and t.device.type == "meta"
+    assert as_tensor(np.array([1, 65535], dtype=np.uint16)).tolist() == [1, 65535]
