@@ -139,7 +139,18 @@ TOKENIZER_EQUIVALENTS = {
     ("train_tokenizer", 'model_type="BPE",'): "SentencePiece reads model_type case-insensitively (the proto says BPE)",
 }
 
+EVALUATE = "e2ettt/evaluate.py"
+AFTER_FIRST = ("p runs over positions from `first` on (the slice starts there): p + 1 > first always holds, and so does "
+               "the mutated condition")
+EVALUATE_EQUIVALENTS = {
+    ("document_spans", "starts = [first] + [int(p) + 1 for p in np.flatnonzero(ids[first : end - 1] == bos) + first if "
+                       "int(p) + 2 > first]"): AFTER_FIRST,
+    ("document_spans", "starts = [first] + [int(p) + 1 for p in np.flatnonzero(ids[first : end - 1] == bos) + first if "
+                       "int(p) + 1 >= first]"): AFTER_FIRST,
+}
+
 EQUIVALENT: dict[tuple[str, str, str], str] = {
+    **{(EVALUATE, function, line): reason for (function, line), reason in EVALUATE_EQUIVALENTS.items()},
     **{(TOKENIZER, function, line): reason for (function, line), reason in TOKENIZER_EQUIVALENTS.items()},
     **{(MODEL, function, line): reason for (function, line), reason in MODEL_EQUIVALENTS.items()},
     (METRICS, "by_setting", 'for key, g in df.groupby("setting_key", sort=None):'):

@@ -134,6 +134,8 @@ def test_a_byte_sidecar_gives_each_target_its_own_bytes(random_gpt):
     sidecar = np.arange(41, dtype=np.uint16) % 7 + 1
     with_sidecar = tables.for_stream(sidecar)
     assert with_sidecar.stream_bytes.dtype == torch.float64 and with_sidecar.stream_bytes.device == torch.device("cpu")
+    on_meta = DeviceTables.from_tables(ByteTables(np.ones(64, np.int16), np.zeros(64, bool), np.zeros(64, bool)), "meta")
+    assert on_meta.for_stream(sidecar).stream_bytes.device.type == "meta"  # the tables' device, as a GPU's would be
     assert torch.equal(with_sidecar.stream_bytes, torch.as_tensor(sidecar, dtype=torch.float64))
     got = score_windows(random_gpt, tokens, plan_windows(5, 41, 8, 3), with_sidecar, micro_batch=3)
     assert got.tokens == 36 and got.bytes == float(sidecar[5:41].sum())
@@ -160,8 +162,22 @@ def test_document_spans_start_after_each_bos_and_read_back_to_it():
                                               Span(18, 19, 17, True)]
     assert document_spans(ids, 3, 6, 1) == [Span(3, 4, 2, True), Span(4, 5, 2, False), Span(5, 6, 2, False)]
     assert document_spans(ids, 6, 8, 1)[0] == Span(6, 7, 5, True)  # the BOS right before `first`
+    assert document_spans(ids, 9, 12, 4) == [Span(9, 10, 5, True), Span(10, 11, 9, True), Span(11, 12, 10, True)]
     with pytest.raises(ValueError, match="^chunk_tokens must be positive, got 0$"):
         document_spans(ids, 7, 19, 0)
+
+
+def test_plan_spans_cut_the_targets_from_first_and_refuse_a_chunk_larger_than_them():
+    from e2ettt.evaluate import Span, plan_spans
+
+    ids = np.full(20, 7)
+    ids[[2, 9]] = 1
+    assert plan_spans(ids, 5, 10, 4, False) == [Span(5, 9), Span(9, 13), Span(13, 15)]
+    assert plan_spans(torch.as_tensor(ids), 5, 10, 4, True) == [Span(5, 9, 2, True), Span(9, 10, 2, False),
+                                                                 Span(10, 14, 9, True), Span(14, 15, 9, False)]
+    for by_document in (False, True):
+        with pytest.raises(ValueError, match="^chunk_tokens=12 is larger than the 10 target tokens"):
+            plan_spans(ids, 5, 10, 12, by_document)
 
 
 def test_as_tensor_is_int64_on_the_device_asked():
