@@ -1,7 +1,8 @@
 """Surviving mutants no test can tell from the original, each with the reason.
 
 Keyed by (module as in mutation.py's TARGETS, function, the mutated line as
-mutmut writes it), so that a key outlives mutmut's numbering: a change to the
+mutmut writes it; for a mutant that drops an argument line, "(removed: ...)"
+names what went), so that a key outlives mutmut's numbering: a change to the
 function that alters the line drops the entry, and the mutant counts as a
 survivor again until someone looks at it.
 """
