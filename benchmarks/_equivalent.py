@@ -145,6 +145,8 @@ AFTER_FIRST = ("p runs over positions from `first` on (the slice starts there): 
                "the mutated condition")
 NUMPY_BOOL = "the table is a numpy bool array: torch.as_tensor makes it torch.bool without being told"
 EVALUATE_EQUIVALENTS = {
+    ("DeviceTables.count_bytes", "return self.base_bytes[target] + lead.to(None)"):
+        "torch adds a bool tensor to a float64 one as 0.0 and 1.0, in float64",
     ("DeviceTables.from_tables", "torch.as_tensor(tables.has_leading_space, dtype=None, device=device),"): NUMPY_BOOL,
     ("DeviceTables.from_tables", "torch.as_tensor(tables.has_leading_space, device=device),"): NUMPY_BOOL,
     ("DeviceTables.from_tables", "torch.as_tensor(tables.is_boundary, dtype=None, device=device),"): NUMPY_BOOL,

@@ -190,3 +190,36 @@ def test_as_tensor_is_int64_on_the_device_asked():
     t = as_tensor(np.array([1, 65535], dtype=np.uint16), "meta")
     assert t.dtype == torch.int64 and t.device.type == "meta"
     assert as_tensor(np.array([1, 65535], dtype=np.uint16)).tolist() == [1, 65535]
+
+
+def test_evenly_spaced_windows_are_one_view_of_the_stream_and_others_a_copy_with_the_same_tokens():
+    """batch_tensors: inputs, targets and mask of a group, read from the stream without a copy when the windows are
+    evenly spaced (the fast path), stacked otherwise; the mask marks each window's last `scored` targets."""
+    from e2ettt.evaluate import Window, batch_tensors
+
+    stream = torch.arange(100)
+    for group in ([Window(0, 8, 8), Window(8, 16, 8), Window(16, 24, 8)],  # non-overlapping
+                  [Window(3, 11, 2), Window(5, 13, 2), Window(7, 15, 2)],  # sliding, stride 2
+                  [Window(4, 12, 8)],  # one window
+                  [Window(0, 8, 8), Window(1, 9, 1), Window(2, 10, 1)],  # stride 1, first window scores all
+                  [Window(0, 8, 8), Window(10, 18, 3), Window(12, 20, 3)]):  # uneven: a copy
+        x, y, mask = batch_tensors(stream, group)
+        assert x.tolist() == [list(range(w.start, w.stop)) for w in group]
+        assert y.tolist() == [list(range(w.start + 1, w.stop + 1)) for w in group]
+        assert mask.tolist() == [[i >= 8 - w.scored for i in range(8)] for w in group]
+        steps = {b.start - a.start for a, b in zip(group, group[1:])}
+        if len(steps) <= 1:  # a view: nothing copied, nothing waits for the device
+            assert x.untyped_storage().data_ptr() == stream.untyped_storage().data_ptr()
+        else:
+            assert x.untyped_storage().data_ptr() != stream.untyped_storage().data_ptr()
+
+
+def test_plan_windows_by_hand_and_what_they_refuse():
+    assert plan_windows(1, 10, 4) == plan_windows(1, 10, 4, 4) == [(0, 4, 4), (4, 8, 4), (5, 9, 1)]
+    assert plan_windows(2, 8, 4, 1, floor=1) == [(1, 2, 1), (1, 3, 1), (1, 4, 1), (1, 5, 1), (2, 6, 1), (3, 7, 1)]
+    assert plan_windows(3, 9, 4, 3) == [(1, 5, 3), (4, 8, 3)]
+    with pytest.raises(ValueError, match=r"^target positions start at 1 \(token 0 has no predecessor\)$"):
+        plan_windows(0, 10, 4)
+    for stride in (-1, 5):
+        with pytest.raises(ValueError, match=rf"^stride must be in \(0, context=4\], got {stride}$"):
+            plan_windows(1, 10, 4, stride)
