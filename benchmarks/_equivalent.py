@@ -145,6 +145,10 @@ AFTER_FIRST = ("p runs over positions from `first` on (the slice starts there): 
                "the mutated condition")
 NUMPY_BOOL = "the table is a numpy bool array: torch.as_tensor makes it torch.bool without being told"
 EVALUATE_EQUIVALENTS = {
+    ("_rows", "step = starts[1] - starts[0] if len(starts) > 1 else 2"):
+        "one window is read as a view whatever the step: all() over no pairs holds, and unfold takes one row",
+    ("_rows", "if step >= 0 and all(b - a == step for a, b in zip(starts, starts[1:])):"):
+        "no two windows of a group start at one position, so the step is never 0",
     ("DeviceTables.count_bytes", "return self.base_bytes[target] + lead.to(None)"):
         "torch adds a bool tensor to a float64 one as 0.0 and 1.0, in float64",
     ("DeviceTables.from_tables", "torch.as_tensor(tables.has_leading_space, dtype=None, device=device),"): NUMPY_BOOL,

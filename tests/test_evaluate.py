@@ -115,6 +115,9 @@ def test_scores_batch_16_windows_by_default_and_pass_micro_batch_and_dtype_on(ra
         calls.clear()
         score(micro_batch=5, dtype=torch.bfloat16)
         assert calls == [(5, torch.bfloat16)] * 4
+        calls.clear()
+        score(micro_batch=10, dtype=torch.float16)  # not the CPU's default autocast dtype
+        assert calls == [(10, torch.float16)] * 2
 
 
 def test_eval_val_scores_whole_windows_of_the_stream_as_parameter_golf_cuts_it(random_gpt):
@@ -201,6 +204,7 @@ def test_evenly_spaced_windows_are_one_view_of_the_stream_and_others_a_copy_with
     for group in ([Window(0, 8, 8), Window(8, 16, 8), Window(16, 24, 8)],  # non-overlapping
                   [Window(3, 11, 2), Window(5, 13, 2), Window(7, 15, 2)],  # sliding, stride 2
                   [Window(4, 12, 8)],  # one window
+                  [Window(0, 8, 8), Window(8, 16, 8)],  # two
                   [Window(0, 8, 8), Window(1, 9, 1), Window(2, 10, 1)],  # stride 1, first window scores all
                   [Window(0, 8, 8), Window(10, 18, 3), Window(12, 20, 3)]):  # uneven: a copy
         x, y, mask = batch_tensors(stream, group)
@@ -212,6 +216,7 @@ def test_evenly_spaced_windows_are_one_view_of_the_stream_and_others_a_copy_with
             assert x.untyped_storage().data_ptr() == stream.untyped_storage().data_ptr()
         else:
             assert x.untyped_storage().data_ptr() != stream.untyped_storage().data_ptr()
+        assert {t.device.type for t in batch_tensors(stream.to("meta"), group)} == {"meta"}  # as on a GPU
 
 
 def test_plan_windows_by_hand_and_what_they_refuse():
