@@ -145,6 +145,8 @@ AFTER_FIRST = ("p runs over positions from `first` on (the slice starts there): 
                "the mutated condition")
 NUMPY_BOOL = "the table is a numpy bool array: torch.as_tensor makes it torch.bool without being told"
 EVALUATE_EQUIVALENTS = {
+    ("plan_windows", "if not 0 <= stride <= context:"):
+        "a stride of 0 never reaches the check: `stride or context` has made it the context",
     ("_rows", "step = starts[1] - starts[0] if len(starts) > 1 else 2"):
         "one window is read as a view whatever the step: all() over no pairs holds, and unfold takes one row",
     ("_rows", "if step >= 0 and all(b - a == step for a, b in zip(starts, starts[1:])):"):
