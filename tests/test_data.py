@@ -92,3 +92,59 @@ def test_a_token_limit_reads_only_the_shards_it_needs(tmp_path):
     np.testing.assert_array_equal(data.load_tokens(tmp_path, "train", limit=150), np.arange(150))
     with pytest.raises(data.ShardError, match="x_train_000002.bin"):
         data.load_tokens(tmp_path, "train")
+
+
+def test_sequences_spread_over_three_shards_are_the_streams_own_runs(tmp_path):
+    """spread_sequences by hand: `count` runs of `seq_len` at np.linspace offsets over the whole split, read across
+    shard ends, int64; a token id at the vocabulary's size is refused, one below it is not."""
+    sizes = [7, 5, 9]
+    stream = np.arange(sum(sizes)) + 40
+    for i, (a, b) in enumerate(zip(np.cumsum([0, *sizes[:-1]]), np.cumsum(sizes))):
+        data.write_shard(tmp_path / f"x_train_00000{i}.bin", stream[a:b])
+    seqs = data.spread_sequences(tmp_path, "train", 5, 4)
+    offsets = np.linspace(0, stream.size - 4, 5).round().astype(int)  # 0, 4, 8, 13, 17: 4 and 17 cross shard ends
+    assert seqs.dtype == np.int64
+    np.testing.assert_array_equal(seqs, np.concatenate([stream[o : o + 4] for o in offsets]))
+    np.testing.assert_array_equal(data.spread_sequences(tmp_path, "train", 1, 13), stream[:13])  # across all three
+    assert data.spread_sequences(tmp_path, "train", 9, 4, vocab_size=int(stream.max()) + 1).size == 20  # 21 // 4 = 5
+    with pytest.raises(data.ShardError) as err:
+        data.spread_sequences(tmp_path, "train", 5, 4, vocab_size=int(stream.max()))
+    assert str(err.value) == (f"{tmp_path}: train token id {stream.max()} is outside the tokenizer's vocabulary of "
+                              f"{stream.max()} (shards made with another tokenizer?)")
+
+
+def test_byte_sidecars_load_as_one_int64_stream_beside_their_shards(tmp_path):
+    assert data.load_sidecar(tmp_path, "val") is None
+    for i, n in enumerate((6, 4)):
+        data.write_shard(tmp_path / f"x_val_00000{i}.bin", np.arange(n))
+        data.write_shard(tmp_path / f"x_val_bytes_00000{i}.bin", np.arange(n) + 100 * i + 1)
+    got = data.load_sidecar(tmp_path, "val")
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, [1, 2, 3, 4, 5, 6, 101, 102, 103, 104])
+    data.write_shard(tmp_path / "x_val_bytes_000001.bin", np.arange(3))
+    with pytest.raises(data.ShardError) as err:
+        data.load_sidecar(tmp_path, "val")
+    assert str(err.value) == f"{tmp_path / 'x_val_bytes_000001.bin'}: 3 entries for the 4 tokens of x_val_000001.bin"
+
+
+def test_the_held_out_slice_is_the_streams_last_targets_and_must_fit_beside_a_segment():
+    tokens = np.arange(101)  # 100 targets
+    assert data.heldout_span(tokens, 10, 5) == (96, 101)
+    assert data.heldout_span(tokens, 10, 1) == (100, 101)
+    assert data.heldout_span(tokens, 10, 0) is None and data.heldout_span(tokens, 0, 5) is None  # no slice; no cap
+    assert data.heldout_span(tokens, 10, 90) == (11, 101)  # 90 + 10 + 1 = 101 tokens: just fits
+    with pytest.raises(ValueError) as err:
+        data.heldout_span(tokens, 10, 91)
+    assert str(err.value) == ("ttt.heldout_tokens=91 and ttt.max_tokens=10 do not both fit the validation stream of "
+                              "100 targets")
+
+
+def test_eval_segment_is_seed_0_without_a_held_out_slice_unless_told():
+    tokens = np.arange(101)  # 100 targets: 10 slots of 10, or 9 beside a held-out slice
+    np.testing.assert_array_equal(data.eval_segment(tokens, 10), tokens[:11])
+    for seed in (2, 5):
+        for heldout in (0, 5):
+            start = data.segment_starts(tokens, 10, heldout)[seed]
+            np.testing.assert_array_equal(data.eval_segment(tokens, 10, seed, heldout) if heldout else
+                                          data.eval_segment(tokens, 10, seed), tokens[start : start + 11])
+    assert data.segment_starts(tokens, 10) != data.segment_starts(tokens, 10, 5)
