@@ -148,3 +148,26 @@ def test_eval_segment_is_seed_0_without_a_held_out_slice_unless_told():
             np.testing.assert_array_equal(data.eval_segment(tokens, 10, seed, heldout) if heldout else
                                           data.eval_segment(tokens, 10, seed), tokens[start : start + 11])
     assert data.segment_starts(tokens, 10) != data.segment_starts(tokens, 10, 5)
+
+
+def test_seed_starts_by_hand_and_what_a_seed_too_many_is_told():
+    """The slots and their shuffled order pinned on a small stream (a change would move every seed's text), and
+    segment_start's three refusals word for word."""
+    tokens = np.arange(101)  # 100 targets: 10 slots of 10
+    assert data.segment_starts(tokens, 10) == [0, 50, 60, 30, 70, 40, 90, 80, 10, 20]
+    assert data.segment_starts(tokens, 10, 5) == [0, 30, 50, 40, 70, 60, 10, 20, 80]  # 95 // 10 slots beside 5 held out
+    assert data.segment_starts(tokens, 10, 1) == [0, 30, 50, 40, 70, 60, 10, 20, 80]
+    assert data.segment_starts(np.arange(15), 10) == [0]  # one slot: seed 0 alone
+    assert data.segment_start(tokens, 10) == 0 and data.segment_start(tokens, 10, 2) == 60
+    assert data.segment_start(tokens, 10, 2, heldout=1) == 50 and data.segment_start(tokens, 0) == 0
+    for args, says in [((0, 1), "ttt.seed=1 without a token cap smaller than the stream (100 targets): every seed would "
+                                "evaluate the same tokens; set ttt.max_tokens (--max-tokens) or use seed 0"),
+                       ((10, 10), "ttt.seed=10: the validation stream holds 10 non-overlapping segments of 10 tokens, "
+                                  "so seeds 0..9 are available; lower ttt.max_tokens or use fewer seeds"),
+                       ((10, 9, 5), "ttt.seed=9: the validation stream holds 9 non-overlapping segments of 10 tokens "
+                                    "besides its held-out last 5, so seeds 0..8 are available; lower ttt.max_tokens or "
+                                    "use fewer seeds"),
+                       ((10, -1), "ttt.seed must be >= 0, got -1")]:
+        with pytest.raises(ValueError) as err:
+            data.segment_start(tokens, *args)
+        assert str(err.value) == says
