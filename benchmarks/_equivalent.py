@@ -170,7 +170,11 @@ EVALUATE_EQUIVALENTS = {
 
 DATA = "e2ettt/data.py"
 SOME_SHARD = "find_shards raises when a split has no shard, so `ends` is never empty"
+PROMOTED = "the piece it extends is int64 already, and np.concatenate promotes the uint16 tokens to int64"
 DATA_EQUIVALENTS = {
+    ("spread_sequences", "piece = np.concatenate([piece, np.asarray(shards[i][: seq_len - piece.size], dtype=None)])"):
+        PROMOTED,
+    ("spread_sequences", "piece = np.concatenate([piece, np.asarray(shards[i][: seq_len - piece.size], )])"): PROMOTED,
     ("spread_sequences", "total = int(ends[-1]) if (len(ends)) or True else 0"): SOME_SHARD,
     ("spread_sequences", "total = int(ends[-1]) if len(ends) else 1"): SOME_SHARD,
     ("spread_sequences", "i = int(np.searchsorted(ends, at, ))"):

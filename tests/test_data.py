@@ -106,6 +106,7 @@ def test_sequences_spread_over_three_shards_are_the_streams_own_runs(tmp_path):
     assert seqs.dtype == np.int64
     np.testing.assert_array_equal(seqs, np.concatenate([stream[o : o + 4] for o in offsets]))
     np.testing.assert_array_equal(data.spread_sequences(tmp_path, "train", 1, 13), stream[:13])  # across all three
+    assert data.spread_sequences(tmp_path, "train", 1, 4).dtype == np.int64  # one shard's tokens only: int64 too
     assert data.spread_sequences(tmp_path, "train", 9, 4, vocab_size=int(stream.max()) + 1).size == 20  # 21 // 4 = 5
     with pytest.raises(data.ShardError) as err:
         data.spread_sequences(tmp_path, "train", 5, 4, vocab_size=int(stream.max()))
@@ -133,6 +134,8 @@ def test_the_held_out_slice_is_the_streams_last_targets_and_must_fit_beside_a_se
     assert data.heldout_span(tokens, 10, 1) == (100, 101)
     assert data.heldout_span(tokens, 10, 0) is None and data.heldout_span(tokens, 0, 5) is None  # no slice; no cap
     assert data.heldout_span(tokens, 10, 90) == (11, 101)  # 90 + 10 + 1 = 101 tokens: just fits
+    # a cap covers the stream when it leaves no target out: none (0), or at least the stream's 100 targets
+    assert [data.covers_stream(tokens, m) for m in (0, 1, 99, 100, 101)] == [True, False, False, True, True]
     with pytest.raises(ValueError) as err:
         data.heldout_span(tokens, 10, 91)
     assert str(err.value) == ("ttt.heldout_tokens=91 and ttt.max_tokens=10 do not both fit the validation stream of "
