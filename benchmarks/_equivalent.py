@@ -53,6 +53,13 @@ KEYS_AGAIN = ("with_keys derives the keys from the settings columns: on a table 
               "again")
 NO_EDGE_COLUMN = ("when best has no lr_at_edge column the default only has to be all False after fillna(False): a "
                   "Series of NaN is, like one of False")
+
+
+def of_module(module: str, table: dict[tuple[str, str], str]) -> dict[tuple[str, str, str], str]:
+    """A module's (function, line) -> reason table keyed as EQUIVALENT is."""
+    return {(module, function, line): reason for (function, line), reason in table.items()}
+
+
 MODEL = "e2ettt/model.py"
 FP32_STREAM = ("e2ettt runs the model with fp32 weights, in fp32 or under autocast, where the embedding and rms_norm "
                "keep the residual stream fp32: a cast to its dtype is the identity either way")
@@ -183,10 +190,10 @@ DATA_EQUIVALENTS = {
 }
 
 EQUIVALENT: dict[tuple[str, str, str], str] = {
-    **{(DATA, function, line): reason for (function, line), reason in DATA_EQUIVALENTS.items()},
-    **{(EVALUATE, function, line): reason for (function, line), reason in EVALUATE_EQUIVALENTS.items()},
-    **{(TOKENIZER, function, line): reason for (function, line), reason in TOKENIZER_EQUIVALENTS.items()},
-    **{(MODEL, function, line): reason for (function, line), reason in MODEL_EQUIVALENTS.items()},
+    **of_module(DATA, DATA_EQUIVALENTS),
+    **of_module(EVALUATE, EVALUATE_EQUIVALENTS),
+    **of_module(TOKENIZER, TOKENIZER_EQUIVALENTS),
+    **of_module(MODEL, MODEL_EQUIVALENTS),
     (METRICS, "by_setting", 'for key, g in df.groupby("setting_key", sort=None):'):
         SORT_NONE,
     (METRICS, "settings_shown", "return always + [c for c in DISPLAY_SETTINGS if c in trials and c not in always and "
