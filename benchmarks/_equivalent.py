@@ -177,6 +177,10 @@ EVALUATE_EQUIVALENTS = {
 
 DATA = "e2ettt/data.py"
 SOME_SHARD = "find_shards raises when a split has no shard, so `ends` is never empty"
+WHOLE_REST = ("without a shape the map covers the rest of the file, which the size check above has just made exactly "
+              "`count` tokens")
+TEMP_NAME = ("the temporary file's name: it lives beside the shard only until os.replace, and no shard or sidecar "
+             "pattern (`*_{split}_*.bin`) matches any of these names")
 PROMOTED = "the piece it extends is int64 already, and np.concatenate promotes the uint16 tokens to int64"
 DATA_EQUIVALENTS = {
     ("spread_sequences", "piece = np.concatenate([piece, np.asarray(shards[i][: seq_len - piece.size], dtype=None)])"):
@@ -187,6 +191,13 @@ DATA_EQUIVALENTS = {
     ("spread_sequences", "i = int(np.searchsorted(ends, at, ))"):
         "at a shard's end side='left' picks the shard that ends there and reads nothing from it; the loop below then "
         "takes the next shard's first tokens: the same sequence",
+    ("read_shard", 'header = np.fromfile(path, dtype="<i4", )'):
+        "reads the whole file as int32 instead of the header alone; only the first three values are used, and they "
+        "are the same (a cost in memory on a large shard, not a different result)",
+    ("read_shard", 'return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=None)'): WHOLE_REST,
+    ("read_shard", 'return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, )'): WHOLE_REST,
+    ("write_shard", 'tmp = path.with_name(path.name + "XX.tmpXX")'): TEMP_NAME,
+    ("write_shard", 'tmp = path.with_name(path.name + ".TMP")'): TEMP_NAME,
 }
 
 EQUIVALENT: dict[tuple[str, str, str], str] = {

@@ -174,3 +174,42 @@ def test_seed_starts_by_hand_and_what_a_seed_too_many_is_told():
         with pytest.raises(ValueError) as err:
             data.segment_start(tokens, *args)
         assert str(err.value) == says
+
+
+def test_the_validation_cut_keeps_whole_windows_and_one_target_more():
+    # parameter-golf's load_validation_tokens: ((N-1)//T)*T + 1 tokens, the first ones
+    assert data.truncate_for_eval(np.arange(11), 4).tolist() == list(range(9))
+    assert data.truncate_for_eval(np.arange(9), 4).tolist() == list(range(9))
+    assert data.truncate_for_eval(np.arange(5), 4).tolist() == list(range(5))
+    assert data.truncate_for_eval(np.arange(2), 1).tolist() == [0, 1]  # one window of one token
+    with pytest.raises(data.ShardError, match="^validation stream of 4 tokens is shorter than one window of 4$"):
+        data.truncate_for_eval(np.arange(4), 4)
+
+
+def test_shards_of_no_token_and_one_token_and_the_uint16_edges(tmp_path):
+    empty = data.write_shard(tmp_path / "x_val_000000.bin", np.array([], dtype=np.int64))
+    assert empty.stat().st_size == 1024  # a header and nothing else is a valid shard
+    tokens = data.read_shard(empty)
+    assert tokens.size == 0 and tokens.dtype == np.uint16
+    one = data.read_shard(data.write_shard(tmp_path / "x_val_000001.bin", np.array([65535])))
+    assert one.tolist() == [65535] and one.dtype == np.uint16
+    assert not one.flags.writeable  # memory-mapped read-only: no caller can write into a user's shard
+    for bad, shown in ((-1, "[-1, 5]"), (65536, "[5, 65536]")):
+        with pytest.raises(ValueError, match=rf"y.bin: token ids must fit in uint16, got range \{shown}"):
+            data.write_shard(tmp_path / "y.bin", np.array([bad, 5]) if bad < 0 else np.array([5, bad]))
+    assert not (tmp_path / "y.bin").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "x_val_000000.bin", "x_val_000001.bin"]  # nothing half-written, no temporary file left
+
+
+def test_missing_files_and_directories_are_named(tmp_path):
+    with pytest.raises(data.ShardError, match=r"nope.bin: no such shard file$"):
+        data.read_shard(tmp_path / "nope.bin")
+    with pytest.raises(data.ShardError, match=r"absent: data directory does not exist$"):
+        data.find_shards(tmp_path / "absent", "val")
+
+
+def test_the_first_id_past_the_vocabulary_is_refused_and_the_last_inside_it_is_not(tmp_path):
+    data.write_shard(tmp_path / "x_val_000000.bin", np.array([1, 1023]))
+    assert data.load_tokens(tmp_path, "val", vocab_size=1024).tolist() == [1, 1023]
+    with pytest.raises(data.ShardError, match="token id 1023 is outside the tokenizer's vocabulary of 1023"):
+        data.load_tokens(tmp_path, "val", vocab_size=1023)
