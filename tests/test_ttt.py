@@ -8,11 +8,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from e2ettt.adapt import merge_
-from e2ettt.evaluate import DeviceTables, chunk_spans, plan_windows, score_windows, static_curve
+from e2ettt.evaluate import DeviceTables, Score, chunk_spans, plan_windows, score_windows, static_curve
 from e2ettt.launch import run_local
 from e2ettt.testing import ttt_rank
 from e2ettt.tokenizer import ByteTables
-from e2ettt.ttt import TTTConfig, lr_at, run_ttt
+from e2ettt.ttt import TTTConfig, TTTResult, lr_at, run_ttt
 
 
 @pytest.fixture
@@ -323,3 +323,61 @@ def test_a_result_larger_than_the_pipe_comes_back_from_two_ranks():
     worker.join(timeout=120)
     assert not worker.is_alive(), "run_local hung on a long result"
     assert len(out["curve"]) == 3000 and out["curve"][-1]["chunk"] == 2999
+
+
+# (field, a value refused, the message word for word, the values at the edge that are accepted)
+REFUSED = [
+    ("chunk_tokens", 0, "ttt.chunk_tokens must be positive, got 0", [1]),
+    ("context", 0, "ttt.context must be positive, got 0", [1]),
+    ("stride", -1, "ttt.stride must be in [0, context=256], got -1", [0, 256]),
+    ("stride", 257, "ttt.stride must be in [0, context=256], got 257", []),
+    ("optimizer", "lion", "ttt.optimizer must be one of sgd, adamw, dyneval, got 'lion'", ["sgd", "adamw", "dyneval"]),
+    ("train_windows", "all", "ttt.train_windows must be scored or sequences, got 'all'", ["scored", "sequences"]),
+    ("reset", "chunk", "ttt.reset must be never or document, got 'chunk'", ["never", "document"]),
+    ("phase_docs", 1, "ttt.phase_docs=1 needs ttt.reset=document (phases come between documents)", [0]),
+    ("phase_lr", -0.5, "ttt.phase_lr must be >= 0, got -0.5", [0.0]),
+    ("decay_to_start", -0.5, "ttt.decay_to_start must be >= 0, got -0.5", [0.0]),
+    ("stats_tokens", 0, "ttt.stats_tokens must be positive, got 0", [1]),
+    ("schedule", "linear", "ttt.schedule must be constant or cosine, got 'linear'", ["constant", "cosine"]),
+    ("inner_lr", -0.5, "ttt.inner_lr must be a finite number >= 0, got -0.5", [0.0]),
+    ("inner_lr", math.inf, "ttt.inner_lr must be a finite number >= 0, got inf", []),
+    ("inner_lr", math.nan, "ttt.inner_lr must be a finite number >= 0, got nan", []),
+    ("epochs", -1, "ttt.epochs must be >= 0, got -1", [0]),
+    ("step_windows", -1, "ttt.step_windows must be >= 0, got -1", [0]),
+    ("micro_batch", 0, "ttt.micro_batch must be positive, got 0", [1]),
+    ("grad_clip", -0.5, "ttt.grad_clip must be >= 0, got -0.5", [0.0]),
+    ("max_tokens", -1, "ttt.max_tokens must be >= 0, got -1", [0]),
+    ("heldout_tokens", -1, "ttt.heldout_tokens must be >= 0, got -1", [0]),
+    ("dtype", "fp8", "ttt.dtype must be one of ['bf16', 'fp16', 'fp32'], got 'fp8'", ["fp32", "bf16", "fp16"]),
+    ("checksum_every", -1, "ttt.checksum_every must be >= 0, got -1", [0]),
+    ("diverge_bpb", -0.5, "ttt.diverge_bpb must be >= 0, got -0.5", [0.0]),
+]
+
+
+@pytest.mark.parametrize("field, bad, message, edges", REFUSED, ids=[f"{r[0]}={r[1]}" for r in REFUSED])
+def test_each_setting_is_refused_past_its_edge_with_its_own_message_and_accepted_at_it(field, bad, message, edges):
+    with pytest.raises(ValueError) as err:
+        TTTConfig(**{field: bad}).validate()
+    assert str(err.value) == message
+    for ok in edges:
+        TTTConfig(**{field: ok}).validate()
+
+
+def test_phases_need_per_document_resets_and_are_accepted_with_them():
+    TTTConfig(reset="document", phase_docs=1).validate()
+    with pytest.raises(ValueError, match=r"^ttt.phase_docs=-1 needs ttt.reset=document"):
+        TTTConfig(reset="document", phase_docs=-1).validate()
+
+
+def test_dtypes_name_their_autocast_and_the_schedule_ends_at_zero():
+    assert [TTTConfig(dtype=d).autocast_dtype for d in ("fp32", "bf16", "fp16")] == [None, torch.bfloat16, torch.float16]
+    cos = TTTConfig(inner_lr=0.4, schedule="cosine")
+    assert [lr_at(cos, k, 3) for k in range(3)] == pytest.approx([0.4, 0.2, 0.0])
+    assert lr_at(cos, 0, 1) == 0.4  # one chunk: no schedule to follow
+    assert [lr_at(TTTConfig(inner_lr=0.4), k, 3) for k in range(3)] == [0.4, 0.4, 0.4]
+
+
+def test_a_result_reads_its_bpb_and_throughput_off_its_total():
+    done = TTTResult(total=Score(nll=8 * math.log(2), bytes=4.0, tokens=3000), seconds=2.0)
+    assert (done.bpb, done.tokens_per_second) == (2.0, 1500.0)
+    assert math.isnan(TTTResult(total=Score(1.0, 1.0, 10)).tokens_per_second)  # no time measured: no throughput
