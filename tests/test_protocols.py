@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from e2ettt import ttt
 from e2ettt.evaluate import DeviceTables, plan_spans, static_curve
 from e2ettt.launch import run_local
 from e2ettt.recipes import RECIPES
@@ -100,6 +101,8 @@ def plain_windows(a: int, b: int, context: int, stride: int, floor: int) -> list
 
 class Plain:
     """Score-first TTT written out, one window at a time."""
+
+    phase_step = 32  # sequences per step of a phase, as the records batch them
 
     def __init__(self, model, cfg: TTTConfig, tables: ByteTables, train_seqs=None):
         self.model, self.cfg, self.t = model, cfg, tables
@@ -217,11 +220,13 @@ class Plain:
                     base = list(self.base.values())
                     sgd = torch.optim.SGD(base, lr=cfg.phase_lr, momentum=0.9)
                     seqs = plain_windows(phase_from, b, cfg.context, cfg.context, 0)
-                    steps = list(range(0, len(seqs), 32))
+                    steps = list(range(0, len(seqs), self.phase_step))
                     for i, s in enumerate(steps):
                         lr = cfg.phase_lr * 0.5 * (1 + math.cos(math.pi * i / max(1, len(steps) - 1)))
-                        self.step(ids, seqs[s : s + 32], lr, params=base, opt=sgd)
+                        self.step(ids, seqs[s : s + self.phase_step], lr, params=base, opt=sgd)
                     phase_from = b
+                    if not self.lora:  # every weight is adapted: the pass moved the start the next document resets to
+                        self.start = {n: p.detach().clone() for n, p in self.base.items()}
                     self.reset()
         return out
 
@@ -314,3 +319,18 @@ def test_sequences_train_on_each_target_once_per_epoch_and_score_as_scored_windo
             for c in (seq, scored)]
     assert [c.nll for c in zero[0]] == [c.nll for c in zero[1]]
     assert a.chunks[0].nll == b.chunks[0].nll and a.chunks[1].nll != b.chunks[1].nll
+
+
+@pytest.mark.parametrize("params", ["lora:4", "all"])
+def test_a_phase_of_several_steps_matches_the_plain_loop(params, random_gpt, stream, byte_tables, monkeypatch):
+    """One sequence per step, so that a phase takes several steps (momentum and its cosine matter), adapting LoRA
+    between phases or every weight (then the phase trains them all, and moves the start the next document resets to)."""
+    monkeypatch.setattr(ttt, "PHASE_STEP_WINDOWS", 1)
+    cfg = config("phased", params=params, inner_lr=0.0 if params == "all" else 0.02, phase_lr=0.05)
+    got = [c.ttt_bpb for c in engine(copy.deepcopy(random_gpt), stream, cfg, byte_tables).chunks]
+    plain = Plain(copy.deepcopy(random_gpt), cfg, byte_tables)
+    plain.phase_step = 1
+    want = plain.run(stream)
+    assert got == pytest.approx(want, abs=0, rel=1e-6, nan_ok=True)
+    one_step = Plain(copy.deepcopy(random_gpt), cfg, byte_tables).run(stream)  # each phase in a single step
+    assert np.nanmax(np.abs(np.subtract(got, one_step))) > 1e-3  # the steps matter: the comparison can fail

@@ -8,11 +8,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from e2ettt.adapt import merge_
-from e2ettt.evaluate import DeviceTables, Score, chunk_spans, plan_windows, score_windows, static_curve
+from e2ettt.evaluate import DeviceTables, Score, chunk_spans, plan_windows, score_windows, static_curve, token_nll
 from e2ettt.launch import run_local
 from e2ettt.testing import ttt_rank
 from e2ettt.tokenizer import ByteTables
-from e2ettt.ttt import TTTConfig, TTTResult, lr_at, run_ttt
+from e2ettt.ttt import DynEval, TTTConfig, TTTResult, gradient_stats, lr_at, run_ttt
 
 
 @pytest.fixture
@@ -381,3 +381,43 @@ def test_a_result_reads_its_bpb_and_throughput_off_its_total():
     done = TTTResult(total=Score(nll=8 * math.log(2), bytes=4.0, tokens=3000), seconds=2.0)
     assert (done.bpb, done.tokens_per_second) == (2.0, 1500.0)
     assert math.isnan(TTTResult(total=Score(1.0, 1.0, 10)).tokens_per_second)  # no time measured: no throughput
+
+
+def test_dynamic_evaluation_steps_by_hand():
+    """θ ← θ − η g/(√MS + ε) + min(1, λ √MS / mean √MS) (θ₀ − θ): two steps on three weights, one pull capped at 1."""
+    p = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    idle = torch.tensor([5.0], requires_grad=True)  # no gradient: left alone
+    opt = DynEval([p, idle], lr=0.1, decay=0.9, ms=[torch.tensor([4.0, 1.0, 0.25]), torch.tensor([1.0])])
+    rms = torch.tensor([2.0, 1.0, 0.5])
+    pull = torch.clamp(0.9 * rms / (4.5 / 4), max=1.0)  # mean √MS over both tensors: (2 + 1 + 0.5 + 1) / 4
+    assert pull[0] == 1.0 and pull[1] < 1.0  # the first weight's pull is capped
+    p.grad = torch.ones(3)
+    opt.step()  # no pull yet: θ = θ₀
+    first = torch.tensor([1.0, 2.0, 3.0]) - 0.1 / rms
+    torch.testing.assert_close(p.detach(), first, rtol=0, atol=1e-6)
+    opt.step()
+    want = first - 0.1 / rms + pull * (torch.tensor([1.0, 2.0, 3.0]) - first)
+    torch.testing.assert_close(p.detach(), want, rtol=0, atol=1e-6)
+    assert idle.item() == 5.0
+
+
+def test_dynamic_evaluations_mean_squared_gradients_by_hand(random_gpt):
+    model = copy.deepcopy(random_gpt)
+    params = [model.tok_emb.weight]  # the tied embedding: every position's gradient reaches it
+    seqs = torch.randint(4, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+    squares = []
+    for row in seqs:
+        model.zero_grad(set_to_none=True)
+        token_nll(model, row[None, :-1], row[None, 1:]).mean().backward()
+        squares.append(params[0].grad.detach().square())
+    one = gradient_stats(model, params, seqs[:1])
+    both = gradient_stats(model, params, seqs)
+    torch.testing.assert_close(one[0], squares[0])  # one sequence: its own squared gradient, not halved
+    torch.testing.assert_close(both[0], (squares[0] + squares[1]) / 2)
+    assert params[0].grad is None  # the statistics leave no gradient behind
+    seen = []
+    hook = model.register_forward_hook(lambda m, a, out: seen.append(
+        torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
+    gradient_stats(model, params, seqs[:1], torch.bfloat16)
+    hook.remove()
+    assert seen == [torch.bfloat16]  # the run's dtype reaches the forward
