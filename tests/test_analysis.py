@@ -677,3 +677,69 @@ def test_the_best_settings_table_counts_what_was_tried_and_how_close_the_runner_
     top = metrics.best_setting(table([r for r in rows if r["inner_lr"] != 0.1])).set_index("regime").loc["int3"]
     assert top["lr_at_edge"] and np.isnan(metrics.best_setting(table(
         [r for r in rows if r["inner_lr"] == 0.03])).set_index("regime").loc["int3", "runner_up_gap"])
+
+
+def test_persistence_by_hand():
+    """Per regime at its best setting: in-stream recovery, held-out quantized − adapted (persistent), the same after
+    re-quantization, and the share that survives it (a share of a repair only where there is one)."""
+    rows, p, q = [], [0.010, 0.020, 0.030], [0.004, 0.006, 0.014]
+    for s in range(3):
+        held = {"heldout_quant_bpb": 1.80, "heldout_adapted_bpb": 1.80 - p[s], "heldout_requant_bpb": 1.80 - q[s]}
+        rows.append({**trial("fp", s, post=1.70, ttt=1.69 - 0.001 * s), **held, "heldout_requant_bpb": float("nan")})
+        rows.append({**trial("int3", s, post=1.74, ttt=1.73 - 0.01 * s), **held})
+        rows.append({**trial("int4", s, post=1.72, ttt=1.71 - 0.001 * s), **held,
+                     "heldout_adapted_bpb": 1.80 + p[s] - 0.02})
+        rows.append(trial("int2", s, post=1.90, ttt=1.85 - 0.001 * s))  # no held-out slice measured: no row
+    t = families.persistence(table(rows)).set_index("regime")
+    assert sorted(t.index) == ["fp", "int3", "int4"]
+    assert list(t.columns) == ["in-stream recovery", "persistent recovery", "persistent after re-quantization",
+                               "share surviving re-quantization", "n"]
+    assert t.loc["int3", "in-stream recovery"] == pytest.approx(0.02)
+    assert t.loc["int3", "persistent recovery"] == pytest.approx(0.02)
+    assert t.loc["int3", "persistent after re-quantization"] == pytest.approx(0.008)
+    assert t.loc["int3", "share surviving re-quantization"] == pytest.approx(0.4)  # 0.008 / 0.02: a ratio of means
+    assert t.loc["int3", "n"] == 3
+    assert t.loc["int4", "persistent recovery"] == pytest.approx(0.0, abs=1e-12)  # no repair: no share of one
+    assert np.isnan(t.loc["int4", "share surviving re-quantization"])
+    assert np.isnan(t.loc["fp", "share surviving re-quantization"])  # fp has no grid to go back on
+    assert families.persistence(table([trial("fp", s, post=1.70, ttt=1.69 - 0.001 * s) for s in range(3)])).empty
+
+
+def test_protocol_names_and_the_protocol_table_by_hand():
+    assert [families.protocol_name(r) for r in ("stream", "", None, float("nan"))] == [
+        "stream", "no recipe", "no recipe", "no recipe"]
+    rows = []
+    for s in range(3):
+        for recipe, fp_ttt, q_ttt in (("stream", 1.69, 1.74 - 0.01 * s), ("", 1.66, 1.75 - 0.001 * s)):
+            mine = {"recipe": recipe, "stride": 256 if recipe else 64}  # its own windows, its own fp reference
+            rows.append({**trial("fp", s, post=1.70, ttt=fp_ttt, tid=f"{recipe}-fp-{s}"), **mine})
+            rows.append({**trial("int3", s, post=1.80, ttt=q_ttt, tid=f"{recipe}-int3-{s}"), **mine})
+            rows.append({**trial("int2", s, post=1.90, ttt=q_ttt + 0.1, tid=f"{recipe}-int2-{s}"), **mine})
+    t = families.by_protocol(table(rows))
+    assert list(t.columns) == ["regime", "protocol", "lr", "n", "damage", "recovery", "fp gain", "healing"]
+    assert list(zip(t["regime"], t["protocol"])) == [("int3", "no recipe"), ("int3", "stream"),
+                                                     ("int2", "no recipe"), ("int2", "stream")]  # by damage
+    r = t.iloc[1]
+    assert (r["lr"], r["n"]) == (0.01, 3) and r["damage"] == pytest.approx(0.10)
+    assert r["recovery"].mean == pytest.approx(0.07) and r["fp gain"] == pytest.approx(0.01)
+    assert r["healing"].mean == pytest.approx(0.06)  # recovery beyond fp's gain on the same windows, per seed
+    assert t.iloc[0]["healing"].mean == pytest.approx(0.051 - 0.04)
+
+
+def test_climbing_by_hand():
+    """The mean per-chunk gain over the last quarter of a segment's tokens minus that over the quarter before."""
+    rows = [trial("fp", s, post=1.70, ttt=1.69) for s in range(3)]
+    rows += [trial("int3", s, post=1.80, ttt=1.75, tid=f"q{s}") for s in range(3)]
+    t = table(rows)
+    gains = {"q0": [k * k / 100 for k in range(1, 9)],  # eight chunks: quarters are chunks 7-8 and 5-6
+             "q1": [0.1, 0.2, 0.3, 0.5],  # four chunks, the fewest judged: quarters are chunks 4 and 3
+             "q2": [0.1, 0.2, 0.3]}  # three: too few
+    curves = pd.DataFrame([{"row_id": rid, "chunk": k, "tokens_seen": 100 * (k + 1), "static_bpb": 1.8,
+                            "ttt_bpb": 1.8 - g} for rid, gs in gains.items() for k, g in enumerate(gs)])
+    key = t.loc[t["row_id"] == "q0", "setting_key"].iloc[0]
+    got = families.climbing(t, curves, key)
+    assert got.tolist() == pytest.approx([(0.49 + 0.64) / 2 - (0.25 + 0.36) / 2, 0.5 - 0.3])
+    curves.loc[curves["row_id"] == "q1", "tokens_seen"] = [10, 20, 30, 1000]  # no chunk in the quarter before
+    assert families.climbing(t, curves, key).tolist() == pytest.approx([(0.49 + 0.64) / 2 - (0.25 + 0.36) / 2])
+    rows_short_first = curves[curves["row_id"] != "q0"]  # the first row has too few chunks; the others still count
+    assert families.climbing(t, pd.concat([rows_short_first, curves[curves["row_id"] == "q0"]]), key).size == 1
