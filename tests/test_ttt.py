@@ -12,7 +12,7 @@ from e2ettt.evaluate import DeviceTables, Score, chunk_spans, plan_windows, scor
 from e2ettt.launch import run_local
 from e2ettt.testing import ttt_rank
 from e2ettt.tokenizer import ByteTables
-from e2ettt.ttt import DynEval, TTTConfig, TTTResult, gradient_stats, lr_at, run_ttt
+from e2ettt.ttt import DynEval, TTTConfig, TTTResult, gradient_stats, lr_at, make_optimizer, run_ttt
 
 
 @pytest.fixture
@@ -421,3 +421,19 @@ def test_dynamic_evaluations_mean_squared_gradients_by_hand(random_gpt):
     gradient_stats(model, params, seqs[:1], torch.bfloat16)
     hook.remove()
     assert seen == [torch.bfloat16]  # the run's dtype reaches the forward
+
+
+def test_each_optimizer_gets_the_settings_it_is_given():
+    p = [torch.zeros(3, requires_grad=True)]
+    cfg = TTTConfig(inner_lr=0.2, momentum=0.8, weight_decay=0.1)
+    sgd = make_optimizer(cfg, p)
+    assert type(sgd) is torch.optim.SGD
+    assert [sgd.defaults[k] for k in ("lr", "momentum", "weight_decay")] == [0.2, 0.8, 0.1]
+    adamw = make_optimizer(dataclasses.replace(cfg, optimizer="adamw"), p)
+    assert type(adamw) is torch.optim.AdamW
+    assert [adamw.defaults[k] for k in ("lr", "betas", "weight_decay")] == [0.2, (0.8, 0.999), 0.1]
+    dyn = make_optimizer(dataclasses.replace(cfg, optimizer="dyneval", decay_to_start=0.5), p, [torch.ones(3)])
+    assert type(dyn) is DynEval and dyn.defaults["lr"] == 0.2
+    assert dyn.state[p[0]]["decay"].tolist() == [0.5, 0.5, 0.5]
+    with pytest.raises(ValueError, match="^ttt.optimizer=dyneval needs the mean squared gradients of the train split"):
+        make_optimizer(dataclasses.replace(cfg, optimizer="dyneval"), p)
