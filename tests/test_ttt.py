@@ -12,7 +12,17 @@ from e2ettt.evaluate import DeviceTables, Score, chunk_spans, plan_windows, scor
 from e2ettt.launch import run_local
 from e2ettt.testing import ttt_rank
 from e2ettt.tokenizer import ByteTables
-from e2ettt.ttt import DynEval, TTTConfig, TTTResult, gradient_stats, lr_at, make_optimizer, run_ttt
+from e2ettt.ttt import (
+    DynEval,
+    TTTConfig,
+    TTTResult,
+    backward_share_,
+    gradient_stats,
+    lr_at,
+    make_optimizer,
+    run_ttt,
+    sync_gradients_,
+)
 
 
 @pytest.fixture
@@ -437,3 +447,18 @@ def test_each_optimizer_gets_the_settings_it_is_given():
     assert dyn.state[p[0]]["decay"].tolist() == [0.5, 0.5, 0.5]
     with pytest.raises(ValueError, match="^ttt.optimizer=dyneval needs the mean squared gradients of the train split"):
         make_optimizer(dataclasses.replace(cfg, optimizer="dyneval"), p)
+
+
+def test_one_rank_divides_gradients_by_the_step_count_and_gives_an_untouched_weight_a_zero_one():
+    used, unused = torch.ones(2, requires_grad=True), torch.ones(3, requires_grad=True)
+    used.grad = torch.tensor([2.0, 6.0])
+    sync_gradients_([used, unused], 4)
+    assert used.grad.tolist() == [0.5, 1.5] and unused.grad.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_a_share_sums_on_the_streams_device(random_gpt, tokens, tables):
+    """Run on `meta` (the stand-in for a GPU here): every tensor the step makes is on the stream's device."""
+    model = copy.deepcopy(random_gpt).to("meta")
+    meta_tables = DeviceTables(*(t.to("meta") for t in (tables.base_bytes, tables.has_leading_space, tables.is_boundary)))
+    sums = backward_share_(model, tokens.to("meta"), plan_windows(1, 40, 32, 16), CFG, meta_tables)
+    assert [(t.device.type, t.dtype) for t in sums] == [("meta", torch.float64)] * 2
