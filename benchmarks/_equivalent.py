@@ -217,6 +217,10 @@ TTT_EQUIVALENTS = {
     ("gradient_stats", "count = torch.tensor([float(len(sequences))], dtype=torch.float64, )"): CPU_ONLY,
     ("gradient_stats", "count = torch.tensor([float(len(sequences))], dtype=None, device=sequences.device)"): COUNT_F32,
     ("gradient_stats", "count = torch.tensor([float(len(sequences))], device=sequences.device)"): COUNT_F32,
+    ("backward_share_", "torch.where(mask, nll, 1.0).sum().backward()"):
+        "the positions masked out add a constant, which has no gradient: the same gradients",
+    ("backward_share_", "return (nll_sum, byte_sum) if (tables is not None) or True else None"):
+        "without tables the callers (adapt_, global_pass_) drop what it returns",
 }
 
 EQUIVALENT: dict[tuple[str, str, str], str] = {

@@ -462,3 +462,16 @@ def test_a_share_sums_on_the_streams_device(random_gpt, tokens, tables):
     meta_tables = DeviceTables(*(t.to("meta") for t in (tables.base_bytes, tables.has_leading_space, tables.is_boundary)))
     sums = backward_share_(model, tokens.to("meta"), plan_windows(1, 40, 32, 16), CFG, meta_tables)
     assert [(t.device.type, t.dtype) for t in sums] == [("meta", torch.float64)] * 2
+
+
+def test_a_share_runs_in_micro_batches_under_the_runs_dtype_and_counts_a_sidecars_bytes(random_gpt, tokens, tables):
+    model = copy.deepcopy(random_gpt)
+    seen = []
+    model.register_forward_hook(lambda m, args, out: seen.append(
+        (args[0].shape[0], torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)))
+    sidecar = 1 + np.arange(tokens.numel()) % 5  # a dataset's own bytes per token, unlike the tables'
+    windows = plan_windows(1, 113, 32, 16)  # 7 windows of 16 targets: the first reads 16 tokens, the others 32
+    cfg = dataclasses.replace(CFG, micro_batch=3, dtype="bf16")
+    _, nbytes = backward_share_(model, tokens, windows, cfg, tables.for_stream(sidecar))
+    assert seen == [(1, torch.bfloat16), (3, torch.bfloat16), (3, torch.bfloat16)]
+    assert nbytes.item() == sidecar[1:113].sum()
