@@ -201,6 +201,8 @@ DATA_EQUIVALENTS = {
 }
 
 TTT = "e2ettt/ttt.py"
+ZEROED = ("sync_gradients_ gives every weight a gradient before the step (zeros where none came): a zeroed gradient and "
+          "a missing one end the same")
 COUNT_F32 = "a float32 count holds every whole number of sequences up to 2^24 exactly: the same n"
 CPU_ONLY = ("a tensor made on the CPU where the stream's device was asked for: the same on the CPU, and no test here "
             "has a GPU (on one, the all-reduce or the `|=` with a device tensor would fail)")
@@ -217,6 +219,13 @@ TTT_EQUIVALENTS = {
     ("gradient_stats", "count = torch.tensor([float(len(sequences))], dtype=torch.float64, )"): CPU_ONLY,
     ("gradient_stats", "count = torch.tensor([float(len(sequences))], dtype=None, device=sequences.device)"): COUNT_F32,
     ("gradient_stats", "count = torch.tensor([float(len(sequences))], device=sequences.device)"): COUNT_F32,
+    ("adapt_", "bad = torch.zeros((), dtype=torch.bool, device=None)"): CPU_ONLY,
+    ("adapt_", "bad = torch.zeros((), dtype=torch.bool, )"): CPU_ONLY,
+    ("adapt_", "opt.zero_grad(set_to_none=None)"): ZEROED,
+    ("adapt_", "opt.zero_grad(set_to_none=False)"): ZEROED,
+    ("adapt_", "bad = ~torch.isfinite(finish_step_(params, sum(w.scored for w in step), cfg))"):
+        "a step whose gradient norm is not finite leaves non-finite weights, so every later step of the chunk is "
+        "non-finite too: the last step's flag is the flag of any",
     ("backward_share_", "torch.where(mask, nll, 1.0).sum().backward()"):
         "the positions masked out add a constant, which has no gradient: the same gradients",
     ("backward_share_", "return (nll_sum, byte_sum) if (tables is not None) or True else None"):

@@ -16,6 +16,7 @@ from e2ettt.ttt import (
     DynEval,
     TTTConfig,
     TTTResult,
+    adapt_,
     backward_share_,
     gradient_stats,
     lr_at,
@@ -475,3 +476,37 @@ def test_a_share_runs_in_micro_batches_under_the_runs_dtype_and_counts_a_sidecar
     _, nbytes = backward_share_(model, tokens, windows, cfg, tables.for_stream(sidecar))
     assert seen == [(1, torch.bfloat16), (3, torch.bfloat16), (3, torch.bfloat16)]
     assert nbytes.item() == sidecar[1:113].sum()
+
+
+def test_a_gradient_that_is_not_finite_inside_a_chunks_adaptation_ends_the_run_at_that_chunk(random_gpt, tokens, tables):
+    """Two epochs at an absurd lr: the first step throws the weights to ~1e30, the second step's gradient is not
+    finite. The run is diverged at chunk 0, where it happened, not at chunk 1's score."""
+    wild = TTTConfig(**{**CFG.__dict__, "inner_lr": 1e30, "epochs": 2, "momentum": 0.0, "diverge_bpb": 0.0})
+    out = run_ttt(copy.deepcopy(random_gpt), tokens[:401], tables, wild)
+    assert out.diverged and out.diverged_chunk == 0 and len(out.chunks) == 1 and math.isfinite(out.chunks[0].nll)
+
+
+def test_fused_scoring_saves_exactly_one_forward_per_adapted_chunk(random_gpt, tokens, tables):
+    counts = []
+    for fuse in (True, False):
+        model = copy.deepcopy(random_gpt)
+        calls = []
+        model.register_forward_hook(lambda m, args, out, calls=calls: calls.append(args[0].shape[0]))
+        run_ttt(model, tokens[:401], tables, dataclasses.replace(CFG, fuse_score=fuse))
+        counts.append(sum(calls))
+    assert counts[1] - counts[0] == 3 * 7  # three adapted chunks of 7 windows each: their scoring forward reused
+
+
+def test_adapting_directly_takes_every_step_itself(random_gpt, tokens, tables):
+    model = copy.deepcopy(random_gpt)
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    opt = make_optimizer(CFG, params)
+    bad = adapt_(model, opt, params, tokens, plan_windows(1, 101, 32, 16), CFG, 0.05, 1)
+    assert not bool(bad) and any(not torch.equal(p, b) for p, b in zip(params, before))  # no fused step assumed
+
+
+def test_the_seed_picks_the_lora_adapters_start(random_gpt, tokens, tables):
+    runs = [[c.nll for c in run_ttt(copy.deepcopy(random_gpt), tokens[:401], tables,
+                                    dataclasses.replace(CFG, params="lora:2", seed=seed)).chunks] for seed in (0, 1)]
+    assert runs[0][0] == runs[1][0] and runs[0][1:] != runs[1][1:]  # the same first score, then other adapters
