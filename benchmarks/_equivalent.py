@@ -203,6 +203,8 @@ DATA_EQUIVALENTS = {
 TTT = "e2ettt/ttt.py"
 ZEROED = ("sync_gradients_ gives every weight a gradient before the step (zeros where none came): a zeroed gradient and "
           "a missing one end the same")
+NOTHING_TO_RESET = ("at chunk 0, and at chunk 1 when it opens a document, no update has happened yet (chunk 0 then ends "
+                    "its document and is never adapted on): the reset copies the start onto itself")
 COUNT_F32 = "a float32 count holds every whole number of sequences up to 2^24 exactly: the same n"
 CPU_ONLY = ("a tensor made on the CPU where the stream's device was asked for: the same on the CPU, and no test here "
             "has a GPU (on one, the all-reduce or the `|=` with a device tensor would fail)")
@@ -226,6 +228,13 @@ TTT_EQUIVALENTS = {
     ("adapt_", "bad = ~torch.isfinite(finish_step_(params, sum(w.scored for w in step), cfg))"):
         "a step whose gradient norm is not finite leaves non-finite weights, so every later step of the chunk is "
         "non-finite too: the last step's flag is the flag of any",
+    ("run_ttt", "start = [p.detach().clone() for p in params] if (by_document) or True else None"):
+        "the starting copy is read only by document (resets, phases): made also otherwise, it costs memory only",
+    ("run_ttt", "static_run = Score(0.0, 0.0, 1)"): "a running static Score's bpb reads its nll and bytes, not its tokens",
+    ("run_ttt", "if by_document and span.opens and k >= 0:  # a new document: the starting weights, a fresh optimizer"):
+        NOTHING_TO_RESET,
+    ("run_ttt", "if by_document and span.opens and k > 1:  # a new document: the starting weights, a fresh optimizer"):
+        NOTHING_TO_RESET,
     ("backward_share_", "torch.where(mask, nll, 1.0).sum().backward()"):
         "the positions masked out add a constant, which has no gradient: the same gradients",
     ("backward_share_", "return (nll_sum, byte_sum) if (tables is not None) or True else None"):

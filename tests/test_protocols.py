@@ -334,3 +334,11 @@ def test_a_phase_of_several_steps_matches_the_plain_loop(params, random_gpt, str
     assert got == pytest.approx(want, abs=0, rel=1e-6, nan_ok=True)
     one_step = Plain(copy.deepcopy(random_gpt), cfg, byte_tables).run(stream)  # each phase in a single step
     assert np.nanmax(np.abs(np.subtract(got, one_step))) > 1e-3  # the steps matter: the comparison can fail
+
+
+def test_dynamic_evaluation_by_document_matches_the_plain_loop(random_gpt, stream, byte_tables, train_seqs):
+    """Each document starts from the starting weights with a fresh optimizer that keeps the train-split statistics."""
+    cfg = config("dyneval", reset="document")
+    got = engine(copy.deepcopy(random_gpt), stream, cfg, byte_tables, train_seqs).chunks
+    want = Plain(copy.deepcopy(random_gpt), cfg, byte_tables, train_seqs).run(stream)
+    assert [c.ttt_bpb for c in got] == pytest.approx(want, abs=0, rel=1e-6, nan_ok=True)

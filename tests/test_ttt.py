@@ -510,3 +510,19 @@ def test_the_seed_picks_the_lora_adapters_start(random_gpt, tokens, tables):
     runs = [[c.nll for c in run_ttt(copy.deepcopy(random_gpt), tokens[:401], tables,
                                     dataclasses.replace(CFG, params="lora:2", seed=seed)).chunks] for seed in (0, 1)]
     assert runs[0][0] == runs[1][0] and runs[0][1:] != runs[1][1:]  # the same first score, then other adapters
+
+
+def test_divergence_is_judged_on_running_bpb_against_the_static_curve_to_the_margin(random_gpt, tokens, tables):
+    """At lr 0 the run scores the real static curve S; handed a static curve of S − 0.5 bpb on every chunk, its
+    running gap is 0.5 from the first chunk: diverged at a margin of 0.498, never at 0.502."""
+    stream = tokens[:401]
+    real = static_curve(random_gpt, stream, chunk_spans(400, 100), 32, 16, tables, 3)
+    lower = [Score(s.nll - 0.5 * math.log(2) * s.bytes, s.bytes, s.tokens) for s in real]
+    at = {}
+    for margin in (0.498, 0.502):
+        cfg = dataclasses.replace(CFG, inner_lr=0.0, diverge_bpb=margin)
+        out = run_ttt(copy.deepcopy(random_gpt), stream, tables, cfg, lower)
+        at[margin] = (out.diverged, out.diverged_chunk, len(out.chunks), out.world_size)
+    assert at == {0.498: (True, 0, 1, 1), 0.502: (False, -1, 4, 1)}
+    with pytest.raises(ValueError, match="^static curve has 3 chunks, the stream has 4$"):
+        run_ttt(copy.deepcopy(random_gpt), stream, tables, CFG, real[:3])
