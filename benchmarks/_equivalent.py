@@ -205,6 +205,10 @@ ZEROED = ("sync_gradients_ gives every weight a gradient before the step (zeros 
           "a missing one end the same")
 NOTHING_TO_RESET = ("at chunk 0, and at chunk 1 when it opens a document, no update has happened yet (chunk 0 then ends "
                     "its document and is never adapted on): the reset copies the start onto itself")
+NAN_STAYS = ("a step whose gradient norm is not finite leaves non-finite weights, so every later step of the pass is "
+             "non-finite too: the last step's flag is the flag of any")
+ZEROED_RUN = ("gradients zeroed rather than dropped before the fused scoring's backward, which accumulates into them the "
+              "same, or after it, where the next step zeroes them again")
 COUNT_F32 = "a float32 count holds every whole number of sequences up to 2^24 exactly: the same n"
 CPU_ONLY = ("a tensor made on the CPU where the stream's device was asked for: the same on the CPU, and no test here "
             "has a GPU (on one, the all-reduce or the `|=` with a device tensor would fail)")
@@ -225,9 +229,7 @@ TTT_EQUIVALENTS = {
     ("adapt_", "bad = torch.zeros((), dtype=torch.bool, )"): CPU_ONLY,
     ("adapt_", "opt.zero_grad(set_to_none=None)"): ZEROED,
     ("adapt_", "opt.zero_grad(set_to_none=False)"): ZEROED,
-    ("adapt_", "bad = ~torch.isfinite(finish_step_(params, sum(w.scored for w in step), cfg))"):
-        "a step whose gradient norm is not finite leaves non-finite weights, so every later step of the chunk is "
-        "non-finite too: the last step's flag is the flag of any",
+    ("adapt_", "bad = ~torch.isfinite(finish_step_(params, sum(w.scored for w in step), cfg))"): NAN_STAYS,
     ("run_ttt", "start = [p.detach().clone() for p in params] if (by_document) or True else None"):
         "the starting copy is read only by document (resets, phases): made also otherwise, it costs memory only",
     ("run_ttt", "static_run = Score(0.0, 0.0, 1)"): "a running static Score's bpb reads its nll and bytes, not its tokens",
@@ -235,6 +237,14 @@ TTT_EQUIVALENTS = {
         NOTHING_TO_RESET,
     ("run_ttt", "if by_document and span.opens and k > 1:  # a new document: the starting weights, a fresh optimizer"):
         NOTHING_TO_RESET,
+    ("run_ttt", 'train = windows if cfg.train_windows == "scored" else plan_windows(a, b, cfg.context, cfg.context, )'):
+        "a window of `context` targets (stride = context) reads from the token before its first target, never earlier: "
+        "from a document's first target that is its BOS, the floor, so the floor never binds",
+    ("run_ttt", 'train = windows if cfg.train_windows == "scored" else plan_windows(a, b, cfg.context, None, span.floor)'):
+        DEFAULT_STRIDE,
+    ("run_ttt", "opt.zero_grad(set_to_none=None)"): ZEROED_RUN,
+    ("run_ttt", "opt.zero_grad(set_to_none=False)"): ZEROED_RUN,
+    ("global_pass_", "bad = ~torch.isfinite(finish_step_(base, sum(w.scored for w in step), cfg))"): NAN_STAYS,
     ("backward_share_", "torch.where(mask, nll, 1.0).sum().backward()"):
         "the positions masked out add a constant, which has no gradient: the same gradients",
     ("backward_share_", "return (nll_sum, byte_sum) if (tables is not None) or True else None"):

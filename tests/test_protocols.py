@@ -342,3 +342,20 @@ def test_dynamic_evaluation_by_document_matches_the_plain_loop(random_gpt, strea
     got = engine(copy.deepcopy(random_gpt), stream, cfg, byte_tables, train_seqs).chunks
     want = Plain(copy.deepcopy(random_gpt), cfg, byte_tables, train_seqs).run(stream)
     assert [c.ttt_bpb for c in got] == pytest.approx(want, abs=0, rel=1e-6, nan_ok=True)
+
+
+def test_sequences_inside_documents_match_the_plain_loop(random_gpt, stream, byte_tables):
+    """Training on context-long sequences by document: the sequences read nothing before the document's BOS."""
+    cfg = config("doc-lora", train_windows="sequences", chunk_tokens=40)
+    got = [c.ttt_bpb for c in engine(copy.deepcopy(random_gpt), stream, cfg, byte_tables).chunks]
+    want = Plain(copy.deepcopy(random_gpt), cfg, byte_tables).run(stream)
+    assert got == pytest.approx(want, abs=0, rel=1e-6, nan_ok=True)
+
+
+def test_a_phase_that_blows_up_ends_the_run_at_the_chunk_it_follows(random_gpt, stream, byte_tables, monkeypatch):
+    monkeypatch.setattr(ttt, "PHASE_STEP_WINDOWS", 1)  # several steps: the second one's gradient is not finite
+    cfg = config("phased", phase_lr=1e30, momentum=0.0)
+    out = engine(copy.deepcopy(random_gpt), stream, cfg, byte_tables)
+    spans = plan_spans(stream, 1, stream.numel() - 1, cfg.chunk_tokens, True)
+    second_end = [k for k in range(len(spans) - 1) if spans[k + 1].opens][1]  # the chunk ending document 2
+    assert out.diverged and out.diverged_chunk == second_end

@@ -526,3 +526,9 @@ def test_divergence_is_judged_on_running_bpb_against_the_static_curve_to_the_mar
     assert at == {0.498: (True, 0, 1, 1), 0.502: (False, -1, 4, 1)}
     with pytest.raises(ValueError, match="^static curve has 3 chunks, the stream has 4$"):
         run_ttt(copy.deepcopy(random_gpt), stream, tables, CFG, real[:3])
+
+
+def test_no_epochs_means_no_backward(random_gpt, tokens, tables):
+    model = copy.deepcopy(random_gpt)
+    run_ttt(model, tokens[:401], tables, dataclasses.replace(CFG, epochs=0))
+    assert all(p.grad is None for p in model.parameters())  # scored only: no gradient was ever taken
