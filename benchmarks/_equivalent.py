@@ -209,6 +209,8 @@ NAN_STAYS = ("a step whose gradient norm is not finite leaves non-finite weights
              "non-finite too: the last step's flag is the flag of any")
 ZEROED_RUN = ("gradients zeroed rather than dropped before the fused scoring's backward, which accumulates into them the "
               "same, or after it, where the next step zeroes them again")
+SIGNAL_F32 = ("the signal is a count (worker.ChunkSignal's flags), exact in float32, and torch.stack promotes it to "
+              "the float64 of the sums it is stacked with")
 COUNT_F32 = "a float32 count holds every whole number of sequences up to 2^24 exactly: the same n"
 CPU_ONLY = ("a tensor made on the CPU where the stream's device was asked for: the same on the CPU, and no test here "
             "has a GPU (on one, the all-reduce or the `|=` with a device tensor would fail)")
@@ -245,6 +247,15 @@ TTT_EQUIVALENTS = {
     ("run_ttt", "opt.zero_grad(set_to_none=None)"): ZEROED_RUN,
     ("run_ttt", "opt.zero_grad(set_to_none=False)"): ZEROED_RUN,
     ("global_pass_", "bad = ~torch.isfinite(finish_step_(base, sum(w.scored for w in step), cfg))"): NAN_STAYS,
+    ("run_ttt", "local = torch.stack([nll_sum, byte_sum, torch.tensor(float(signal()) if signal else 0.0, dtype=None,"):
+        SIGNAL_F32,
+    ("run_ttt", "local = torch.stack([nll_sum, byte_sum, torch.tensor(float(signal()) if signal else 0.0, "
+                "device=tokens.device)]) (removed: local = torch.stack([nll_sum, byte_sum, torch.tensor(float(signal()) if "
+                "signal else 0.0, dtype=torch.float64, / device=tokens.device)]))"): SIGNAL_F32,
+    ("run_ttt", "device=None)])"): CPU_ONLY,
+    ("run_ttt", ")])"): CPU_ONLY,
+    ("run_ttt", 'static_bpb = static[k].bpb if static is not None else float("NAN")'):
+        'Python reads float("NAN") as float("nan"), case aside',
     ("backward_share_", "torch.where(mask, nll, 1.0).sum().backward()"):
         "the positions masked out add a constant, which has no gradient: the same gradients",
     ("backward_share_", "return (nll_sum, byte_sum) if (tables is not None) or True else None"):

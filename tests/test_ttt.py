@@ -532,3 +532,20 @@ def test_no_epochs_means_no_backward(random_gpt, tokens, tables):
     model = copy.deepcopy(random_gpt)
     run_ttt(model, tokens[:401], tables, dataclasses.replace(CFG, epochs=0))
     assert all(p.grad is None for p in model.parameters())  # scored only: no gradient was ever taken
+
+
+def test_unfused_scoring_runs_in_micro_batches_under_the_runs_dtype(random_gpt, tokens, tables):
+    model = copy.deepcopy(random_gpt)
+    seen = set()
+    model.register_forward_hook(lambda m, args, out: seen.add(
+        (args[0].shape[0], torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)))
+    run_ttt(model, tokens[:401], tables, dataclasses.replace(CFG, fuse_score=False, dtype="bf16", epochs=0))
+    assert seen == {(1, torch.bfloat16), (3, torch.bfloat16)}  # 7 windows a chunk: the short first, then 3 and 3
+
+
+def test_chunk_records_carry_the_signal_summed_and_the_lr_that_followed(random_gpt, tokens, tables):
+    got = run_ttt(copy.deepcopy(random_gpt), tokens[:401], tables, CFG, signal=lambda: 2.5).chunks
+    assert [c.signal for c in got] == [2.5] * 4
+    assert [c.inner_lr for c in got] == [0.05, 0.05, 0.05, 0.0]  # nothing is adapted on after the last chunk
+    quiet = run_ttt(copy.deepcopy(random_gpt), tokens[:401], tables, CFG).chunks
+    assert [c.signal for c in quiet] == [0.0] * 4
