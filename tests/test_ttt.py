@@ -549,3 +549,16 @@ def test_chunk_records_carry_the_signal_summed_and_the_lr_that_followed(random_g
     assert [c.inner_lr for c in got] == [0.05, 0.05, 0.05, 0.0]  # nothing is adapted on after the last chunk
     quiet = run_ttt(copy.deepcopy(random_gpt), tokens[:401], tables, CFG).chunks
     assert [c.signal for c in quiet] == [0.0] * 4
+
+
+@pytest.mark.parametrize("every, checked", [(1, [0, 1, 2]), (2, [1]), (0, [])])
+def test_weights_are_compared_across_ranks_every_n_adapted_chunks(random_gpt, tokens, tables, monkeypatch, every, checked):
+    import e2ettt.ttt as engine
+
+    seen = []
+    monkeypatch.setattr(engine, "assert_same_weights", lambda params, where: seen.append(where))
+    out = run_ttt(copy.deepcopy(random_gpt), tokens[:401], tables, dataclasses.replace(CFG, checksum_every=every))
+    assert seen == [f"after chunk {k}" for k in checked]  # the last chunk is not adapted on: nothing to compare
+    windows = [plan_windows(a, a + 100, 32, 16) for a in (1, 101, 201)]  # the three adapted chunks
+    assert out.trained_targets == sum(w.scored for ws in windows for w in ws) == 300
+    assert out.trained_positions == sum(w.stop - w.start for ws in windows for w in ws)
