@@ -259,6 +259,9 @@ TTT_EQUIVALENTS = {
     ("run_ttt", "static is not None and cfg.diverge_bpb > 0 and result.total.bpb - static_run.bpb >= cfg.diverge_bpb)"):
         "differs only when the float64 running gap equals the margin exactly; the margin test puts the gap 0.002 "
         "either side of it",
+    ("run_ttt", "docs_done -= 1"): "−n is a multiple of phase_docs exactly when n is: the phases fall after the same documents",
+    ("run_ttt", "opt = None"):
+        "a phase comes only before a chunk that opens a document, whose reset makes a fresh optimizer before any step",
     ("backward_share_", "torch.where(mask, nll, 1.0).sum().backward()"):
         "the positions masked out add a constant, which has no gradient: the same gradients",
     ("backward_share_", "return (nll_sum, byte_sum) if (tables is not None) or True else None"):

@@ -556,9 +556,10 @@ def test_weights_are_compared_across_ranks_every_n_adapted_chunks(random_gpt, to
     import e2ettt.ttt as engine
 
     seen = []
-    monkeypatch.setattr(engine, "assert_same_weights", lambda params, where: seen.append(where))
+    monkeypatch.setattr(engine, "assert_same_weights", lambda params, where: seen.append((len(params), where)))
     out = run_ttt(copy.deepcopy(random_gpt), tokens[:401], tables, dataclasses.replace(CFG, checksum_every=every))
-    assert seen == [f"after chunk {k}" for k in checked]  # the last chunk is not adapted on: nothing to compare
+    n = len(list(random_gpt.parameters()))  # every adapted weight is compared
+    assert seen == [(n, f"after chunk {k}") for k in checked]  # the last chunk is not adapted on: nothing to compare
     windows = [plan_windows(a, a + 100, 32, 16) for a in (1, 101, 201)]  # the three adapted chunks
     assert out.trained_targets == sum(w.scored for ws in windows for w in ws) == 300
     assert out.trained_positions == sum(w.stop - w.start for ws in windows for w in ws)
