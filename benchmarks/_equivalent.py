@@ -262,6 +262,8 @@ TTT_EQUIVALENTS = {
     ("run_ttt", "docs_done -= 1"): "−n is a multiple of phase_docs exactly when n is: the phases fall after the same documents",
     ("run_ttt", "opt = None"):
         "a phase comes only before a chunk that opens a document, whose reset makes a fresh optimizer before any step",
+    ("global_pass_", "opt.zero_grad(set_to_none=None)"): ZEROED,
+    ("global_pass_", "opt.zero_grad(set_to_none=False)"): ZEROED,
     ("backward_share_", "torch.where(mask, nll, 1.0).sum().backward()"):
         "the positions masked out add a constant, which has no gradient: the same gradients",
     ("backward_share_", "return (nll_sum, byte_sum) if (tables is not None) or True else None"):

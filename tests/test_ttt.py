@@ -385,6 +385,7 @@ def test_dtypes_name_their_autocast_and_the_schedule_ends_at_zero():
     cos = TTTConfig(inner_lr=0.4, schedule="cosine")
     assert [lr_at(cos, k, 3) for k in range(3)] == pytest.approx([0.4, 0.2, 0.0])
     assert lr_at(cos, 0, 1) == 0.4  # one chunk: no schedule to follow
+    assert [lr_at(cos, k, 2) for k in range(2)] == pytest.approx([0.4, 0.0])
     assert [lr_at(TTTConfig(inner_lr=0.4), k, 3) for k in range(3)] == [0.4, 0.4, 0.4]
 
 
@@ -544,14 +545,17 @@ def test_unfused_scoring_runs_in_micro_batches_under_the_runs_dtype(random_gpt, 
 
 
 def test_chunk_records_carry_the_signal_summed_and_the_lr_that_followed(random_gpt, tokens, tables):
-    got = run_ttt(copy.deepcopy(random_gpt), tokens[:401], tables, CFG, signal=lambda: 2.5).chunks
+    out = run_ttt(copy.deepcopy(random_gpt), tokens[:401], tables, CFG, signal=lambda: 2.5)
+    got = out.chunks
     assert [c.signal for c in got] == [2.5] * 4
     assert [c.inner_lr for c in got] == [0.05, 0.05, 0.05, 0.0]  # nothing is adapted on after the last chunk
+    assert [c.tokens_seen for c in got] == [100, 200, 300, 400] and all(c.bytes > 100 for c in got)
+    assert all(c.adapt_seconds >= 0 for c in got) and sum(c.adapt_seconds for c in got) <= out.seconds  # durations
     quiet = run_ttt(copy.deepcopy(random_gpt), tokens[:401], tables, CFG).chunks
     assert [c.signal for c in quiet] == [0.0] * 4
 
 
-@pytest.mark.parametrize("every, checked", [(1, [0, 1, 2]), (2, [1]), (0, [])])
+@pytest.mark.parametrize("every, checked", [(1, [0, 1, 2]), (2, [1]), (3, [2]), (0, [])])
 def test_weights_are_compared_across_ranks_every_n_adapted_chunks(random_gpt, tokens, tables, monkeypatch, every, checked):
     import e2ettt.ttt as engine
 
