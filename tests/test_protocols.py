@@ -321,15 +321,16 @@ def test_sequences_train_on_each_target_once_per_epoch_and_score_as_scored_windo
     assert a.chunks[0].nll == b.chunks[0].nll and a.chunks[1].nll != b.chunks[1].nll
 
 
-@pytest.mark.parametrize("params", ["lora:4", "all"])
-def test_a_phase_of_several_steps_matches_the_plain_loop(params, random_gpt, stream, byte_tables, monkeypatch):
+@pytest.mark.parametrize("params, per_step", [("lora:4", 1), ("all", 1), ("lora:4", 2)])
+def test_a_phase_of_several_steps_matches_the_plain_loop(params, per_step, random_gpt, stream, byte_tables, monkeypatch):
     """One sequence per step, so that a phase takes several steps (momentum and its cosine matter), adapting LoRA
-    between phases or every weight (then the phase trains them all, and moves the start the next document resets to)."""
-    monkeypatch.setattr(ttt, "PHASE_STEP_WINDOWS", 1)
+    between phases or every weight (then the phase trains them all, and moves the start the next document resets to).
+    At two sequences a step the first phase (3 sequences) takes two steps: its cosine goes from phase_lr to 0 at once."""
+    monkeypatch.setattr(ttt, "PHASE_STEP_WINDOWS", per_step)
     cfg = config("phased", params=params, inner_lr=0.0 if params == "all" else 0.02, phase_lr=0.05)
     got = [c.ttt_bpb for c in engine(copy.deepcopy(random_gpt), stream, cfg, byte_tables).chunks]
     plain = Plain(copy.deepcopy(random_gpt), cfg, byte_tables)
-    plain.phase_step = 1
+    plain.phase_step = per_step
     want = plain.run(stream)
     assert got == pytest.approx(want, abs=0, rel=1e-6, nan_ok=True)
     one_step = Plain(copy.deepcopy(random_gpt), cfg, byte_tables).run(stream)  # each phase in a single step

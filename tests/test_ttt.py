@@ -567,3 +567,15 @@ def test_weights_are_compared_across_ranks_every_n_adapted_chunks(random_gpt, to
     windows = [plan_windows(a, a + 100, 32, 16) for a in (1, 101, 201)]  # the three adapted chunks
     assert out.trained_targets == sum(w.scored for ws in windows for w in ws) == 300
     assert out.trained_positions == sum(w.stop - w.start for ws in windows for w in ws)
+
+
+@pytest.mark.parametrize("at, stopped, scored", [(0, True, 1), (2, True, 3), (3, False, 4)])
+def test_a_stop_asked_for_after_a_chunk_ends_the_run_there_unless_it_was_the_last(random_gpt, tokens, tables, at,
+                                                                                  stopped, scored):
+    """The early stopper's answer to a chunk's record: the run ends after that chunk, marked stopped; a stop asked for
+    after the last chunk stops nothing, and the run is complete."""
+    asked = []
+    out = run_ttt(copy.deepcopy(random_gpt), tokens[:401], tables, CFG,
+                  on_chunk=lambda record: asked.append(record.chunk) or record.chunk == at)
+    assert out.stopped is stopped and not out.diverged
+    assert asked == list(range(scored)) and [c.chunk for c in out.chunks] == list(range(scored))
