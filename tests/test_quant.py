@@ -435,3 +435,148 @@ def test_a_model_with_nothing_to_quantize_is_refused_with_one_line():
     tiny = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16))
     with pytest.raises(QuantSelectionError, match="regime int4: Sequential has no weight to quantize"):
         quantize_model(tiny, parse_regime("int4"), QuantConfig())
+
+
+def _reference_int8_one_scale(t: Tensor) -> tuple[Tensor, Tensor]:
+    """parameter-golf's rule for a large float tensor that is not a matrix: one fp32 scale, clip/127 (1 when the
+    clip is 0), codes clamped to ±127."""
+    t = t.float()
+    clip = float(torch.quantile(t.abs().flatten(), 0.9999984)) if t.numel() else 0.0
+    scale = torch.tensor(clip / 127.0 if clip > 0 else 1.0, dtype=torch.float32)
+    return torch.clamp(torch.round(torch.clamp(t, -clip, clip) / scale), -127, 127).to(torch.int8), scale
+
+
+def test_pg_int8_gives_a_large_tensor_that_is_not_a_matrix_one_scale():
+    """A bank (3-D, bf16) and a vector over 65,536 elements: one fp32 scale each, codes by parameter-golf's rule; an
+    all-zero one gets scale 1; the clip is below 1 here, so clip/127 is taken as it is."""
+    g = torch.Generator().manual_seed(4)
+    sd = {"bank": (torch.randn(4, 130, 140, generator=g) * 0.01).bfloat16(),
+          "vector": torch.randn(70_000, generator=g) * 0.02, "zeros": torch.zeros(66_000)}
+    obj = pg_int8.quantize_state_dict(sd)
+    for name, t in sd.items():
+        q, s = _reference_int8_one_scale(t)
+        assert torch.equal(obj["quantized"][name], q) and obj["quantized"][name].dtype == torch.int8, name
+        assert obj["scales"][name].dtype == torch.float32 and obj["scales"][name].ndim == 0
+        assert torch.equal(obj["scales"][name], s), name
+        assert name not in obj["qmeta"]  # one scale, not per row
+    assert float(obj["scales"]["zeros"]) == 1.0 and 0 < float(obj["scales"]["vector"]) < 1 / 127
+    assert obj["dtypes"] == {"bank": "bfloat16", "vector": "float32", "zeros": "float32"}
+    out = pg_int8.dequantize_state_dict(obj)
+    for name, t in sd.items():
+        q, s = _reference_int8_one_scale(t)
+        assert out[name].dtype == t.dtype and torch.equal(out[name], (q.float() * float(s)).to(t.dtype)), name
+
+
+def test_pg_int8_quantizes_empty_tensors_to_empty_codes():
+    q, s = pg_int8.quantize_tensor(torch.zeros(0, 4))
+    assert q.shape == (0, 4) and s.shape == (0,) and s.dtype == torch.float16
+    q, s = pg_int8.quantize_tensor(torch.zeros(0))
+    assert q.shape == (0,) and float(s) == 1.0
+
+
+def test_pg_int8_keeps_integer_and_fp16_tensors_and_reads_an_artifact_without_its_optional_maps():
+    sd = {"steps": torch.arange(7), "half": torch.randn(8, 8).half(), "w": torch.randn(300, 256)}
+    obj = pg_int8.quantize_state_dict(sd)
+    assert obj["passthrough"]["steps"] is not None and torch.equal(obj["passthrough"]["steps"], sd["steps"])
+    assert obj["passthrough"]["half"].dtype == torch.float16 and torch.equal(obj["passthrough"]["half"], sd["half"])
+    assert "half" not in obj["passthrough_orig_dtypes"]
+    bare = {k: v for k, v in obj.items() if k not in ("qmeta", "passthrough_orig_dtypes")}  # both are optional
+    out, full = pg_int8.dequantize_state_dict(bare), pg_int8.dequantize_state_dict(obj)
+    assert set(out) == set(sd) and all(torch.equal(out[k], full[k]) and out[k].dtype == full[k].dtype for k in sd)
+    assert out["steps"].dtype == torch.int64 and out["half"].dtype == torch.float16
+    with pytest.raises(ValueError) as e:
+        pg_int8.dequantize_state_dict({**obj, "__quant_format__": "int6_gptq"})
+    assert str(e.value) == "artifact format 'int6_gptq' is not 'int8_clean_per_row_v1'"
+
+
+def test_pg_int8_packs_at_zlib_level_9_and_unpacks_weights_only():
+    import datetime
+    import pickle
+
+    obj = pg_int8.quantize_state_dict({"w": torch.randn(300, 256, generator=torch.Generator().manual_seed(2))})
+    blob = pg_int8.pack(obj)
+    raw = zlib.decompress(blob)
+    assert zlib.compress(raw, 9) == blob and zlib.compress(raw) != blob  # level 9, as parameter-golf writes it
+    back = pg_int8.unpack(blob)
+    assert torch.equal(back["quantized"]["w"], obj["quantized"]["w"])
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(2), "when": datetime.date(2026, 1, 1)}, buf)  # an object only full pickle reads
+    with pytest.raises(pickle.UnpicklingError):
+        pg_int8.unpack(zlib.compress(buf.getvalue(), 9))
+
+
+class _PgModule(nn.Module):
+    """A bank over the float limit (one scale), a matrix (per-row scales), a control tensor (fp32), a small
+    weight (fp16) and an integer buffer: every path of parameter-golf's artifact."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(8)
+        self.bank = nn.Parameter(torch.randn(4, 130, 140, generator=g) * 0.001)  # norm 0.27: below 1
+        self.proj = nn.Parameter(torch.randn(300, 256, generator=g))
+        self.mlp_scale = nn.Parameter(torch.rand(256, generator=g))
+        self.small = nn.Parameter(torch.randn(64, 64, generator=g))
+        self.register_buffer("steps", torch.arange(5))
+
+
+def test_the_pg_int8_report_and_weights_by_hand():
+    import lzma
+
+    model = _PgModule()
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    q, report = quantize_model(model, parse_regime("pg-int8"), QuantConfig())
+    bank_q, bank_s = _reference_int8_one_scale(sd["bank"])
+    proj_q, proj_s = _reference_int8(sd["proj"])
+    want = {"bank": bank_q.float() * float(bank_s), "proj": proj_q.float() * proj_s.float()[:, None],
+            "mlp_scale": sd["mlp_scale"], "small": sd["small"].half().float(), "steps": sd["steps"]}
+    got = q.state_dict()
+    for k, v in want.items():
+        assert torch.equal(got[k], v) and got[k].dtype == sd[k].dtype, k
+    assert [t["name"] for t in report.tensors] == ["bank", "proj"] and report.quantized_params == 72_800 + 76_800
+    for t in report.tensors:
+        assert t["numel"] == sd[t["name"]].numel() and t["bits"] == 8
+        assert t["rel_error"] == pytest.approx(float((want[t["name"]] - sd[t["name"]]).norm() / sd[t["name"]].norm()),
+                                               rel=1e-6)
+    assert 0 < report.tensors[0]["rel_error"] < 0.05  # the bank's clip/127 is taken, not floored at 1/127
+    assert set(report.grid) == {"bank", "proj", "small"}  # the fp32 control tensor and the integers are not re-encoded
+    assert report.grid["bank"] == {"kind": "scalar", "param": "bank", "scale": float(bank_s)}
+    proj = dict(report.grid["proj"])
+    np.testing.assert_array_equal(proj.pop("scales"), proj_s.float().numpy())
+    assert proj == {"kind": "codes", "param": "proj", "index": None, "transposed": False, "levels": 255,
+                    "rotation_seed": -1}
+    assert report.grid["small"] == {"kind": "fp16", "param": "small", "index": None, "transposed": False}
+    assert report.selection == {"rule": "parameter-golf int8_clean_per_row_v1: float tensors above 65,536 elements"}
+    raw = zlib.decompress(pg_int8.pack(pg_int8.quantize_state_dict(sd)))
+    assert report.artifact_bytes_zlib == len(zlib.compress(raw, 9))
+    assert report.artifact_bytes_lzma == len(lzma.compress(raw, preset=9))
+
+
+def test_a_power_of_two_width_rotates_by_signed_hadamard_and_any_width_inverts_in_its_own_dtype():
+    for n in (1, 8, 64):
+        R = Rotation(n, seed=1)
+        M = R.apply(torch.eye(n, dtype=torch.float64))
+        torch.testing.assert_close(M.abs(), torch.full((n, n), n**-0.5, dtype=torch.float64))  # every entry ±1/√n
+    M6 = Rotation(6, seed=1).apply(torch.eye(6, dtype=torch.float64))
+    torch.testing.assert_close(M6 @ M6.T, torch.eye(6, dtype=torch.float64))
+    assert M6.abs().std() > 0.05  # not a signed Hadamard matrix (none exists at width 6)
+    for n in (8, 6):
+        R = Rotation(n, seed=2)
+        x = torch.randn(5, n)
+        back = R.inverse(R.apply(x))
+        assert back.dtype == torch.float32
+        torch.testing.assert_close(back, x, rtol=0, atol=1e-6)
+    x = torch.randn(2, 3, 1)
+    assert torch.equal(fwht(x), x)  # width 1: the transform is the identity
+    with pytest.raises(ValueError) as e:
+        fwht(torch.zeros(2, 12))
+    assert str(e.value) == "fwht needs a power-of-two width, got 12"
+
+
+def test_a_packed_artifact_reads_back_as_float32_passthrough_and_refuses_another_format():
+    art = {"format": "e2ettt_packed_v1", "quantized": {},
+           "passthrough": {"a": torch.ones(3, dtype=torch.float16), "n": torch.arange(3)}}
+    out = decode(art)
+    assert out["a"].dtype == torch.float32 and out["n"].dtype == torch.int64 and torch.equal(out["n"], torch.arange(3))
+    with pytest.raises(ValueError) as e:
+        decode({**art, "format": "int8_clean_per_row_v1"})
+    assert str(e.value) == "artifact format 'int8_clean_per_row_v1' is not 'e2ettt_packed_v1'"

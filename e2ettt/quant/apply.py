@@ -311,7 +311,8 @@ def quantize_model(model: nn.Module, regime: Regime, cfg: QuantConfig = QuantCon
 
 
 def _pg_round_trip(out: nn.Module, report: QuantReport, dtypes: dict[str, torch.dtype]) -> None:
-    state = {k: v.detach().cpu().to(dtypes.get(k, v.dtype)) for k, v in out.state_dict().items()}
+    # copies: loading the round trip into `out` below writes into its tensors, which the errors compare against
+    state = {k: v.detach().cpu().to(dtypes.get(k, v.dtype), copy=True) for k, v in out.state_dict().items()}
     obj = pg_int8.quantize_state_dict(state)
     blob = pg_int8.pack(obj)
     deq = pg_int8.dequantize_state_dict(pg_int8.unpack(blob))
