@@ -580,3 +580,50 @@ def test_a_packed_artifact_reads_back_as_float32_passthrough_and_refuses_another
     with pytest.raises(ValueError) as e:
         decode({**art, "format": "int8_clean_per_row_v1"})
     assert str(e.value) == "artifact format 'int8_clean_per_row_v1' is not 'e2ettt_packed_v1'"
+
+
+# (setting, a value refused, the message word for word, the values at the edge that are accepted)
+QUANT_REFUSED = [
+    ("grid", "asym", "quant.grid must be one of symmetric, midrise, got 'asym'", ["symmetric", "midrise"]),
+    ("clip_q", 0.5, "quant.clip_q must be in (0.5, 1], got 0.5", [0.5000001, 1.0]),
+    ("clip_q", 1.0001, "quant.clip_q must be in (0.5, 1], got 1.0001", []),
+    ("embed_bits", 1, "quant.embed_bits must be 0 or 2..8, got 1", [0, 2, 8]),
+    ("embed_bits", 9, "quant.embed_bits must be 0 or 2..8, got 9", []),
+    ("calib_tokens", 255, "quant.calib_tokens=255 is less than one sequence of 256", [256]),
+    ("min_share", -0.01, "quant.min_share must be in [0, 1], got -0.01", [0.0, 1.0]),
+    ("min_share", 1.01, "quant.min_share must be in [0, 1], got 1.01", []),
+    ("linear_types", " ", "quant.linear_types must name at least one module class, e.g. torch.nn.Linear",
+     ["torch.nn.Linear"]),
+]
+
+
+@pytest.mark.parametrize("setting, bad, message, edges", QUANT_REFUSED, ids=[f"{r[0]}={r[1]}" for r in QUANT_REFUSED])
+def test_each_quant_setting_is_refused_past_its_edge_with_its_own_message_and_accepted_at_it(setting, bad, message,
+                                                                                               edges):
+    with pytest.raises(ValueError) as err:
+        QuantConfig(**{setting: bad}).validate()
+    assert str(err.value) == message
+    for ok in edges:
+        QuantConfig(**{setting: ok}).validate()
+
+
+def test_calibration_takes_whole_sequences_down_to_one_and_refuses_less():
+    from e2ettt.quant.apply import _calibration_batches
+
+    cfg = QuantConfig(calib_tokens=600, calib_seq_len=256)
+    assert torch.equal(_calibration_batches(torch.arange(1000), cfg), torch.arange(512).view(2, 256))  # the budget's 2
+    assert torch.equal(_calibration_batches(torch.arange(300), cfg), torch.arange(256).view(1, 256))  # the stream's 1
+    with pytest.raises(ValueError) as e:
+        _calibration_batches(torch.arange(255), cfg)
+    assert str(e.value) == "calibration stream of 255 tokens is shorter than one sequence of 256"
+
+
+def test_rotations_are_drawn_from_their_seed():
+    for n in (8, 6):  # signed Hadamard and random orthogonal
+        eye = torch.eye(n, dtype=torch.float64)
+        a, b, c = (Rotation(n, seed=s).apply(eye) for s in (5, 5, 6))
+        assert torch.equal(a, b) and not torch.equal(a, c)
+        torch.manual_seed(0)
+        d = Rotation(n, seed=5).apply(eye)
+        torch.manual_seed(1)
+        assert torch.equal(d, Rotation(n, seed=5).apply(eye))  # the global generator plays no part
