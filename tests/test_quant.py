@@ -480,6 +480,7 @@ def test_pg_int8_keeps_integer_and_fp16_tensors_and_reads_an_artifact_without_it
     assert obj["passthrough"]["steps"] is not None and torch.equal(obj["passthrough"]["steps"], sd["steps"])
     assert obj["passthrough"]["half"].dtype == torch.float16 and torch.equal(obj["passthrough"]["half"], sd["half"])
     assert "half" not in obj["passthrough_orig_dtypes"]
+    assert obj["quantized"]["w"].dtype == torch.int8 and obj["scales"]["w"].dtype == torch.float16
     bare = {k: v for k, v in obj.items() if k not in ("qmeta", "passthrough_orig_dtypes")}  # both are optional
     out, full = pg_int8.dequantize_state_dict(bare), pg_int8.dequantize_state_dict(obj)
     assert set(out) == set(sd) and all(torch.equal(out[k], full[k]) and out[k].dtype == full[k].dtype for k in sd)
