@@ -1,6 +1,7 @@
 import copy
 import dataclasses
 import math
+import time
 
 import numpy as np
 import pytest
@@ -545,12 +546,15 @@ def test_unfused_scoring_runs_in_micro_batches_under_the_runs_dtype(random_gpt, 
 
 
 def test_chunk_records_carry_the_signal_summed_and_the_lr_that_followed(random_gpt, tokens, tables):
+    t0 = time.perf_counter()
     out = run_ttt(copy.deepcopy(random_gpt), tokens[:401], tables, CFG, signal=lambda: 2.5)
+    wall = time.perf_counter() - t0
     got = out.chunks
     assert [c.signal for c in got] == [2.5] * 4
     assert [c.inner_lr for c in got] == [0.05, 0.05, 0.05, 0.0]  # nothing is adapted on after the last chunk
     assert [c.tokens_seen for c in got] == [100, 200, 300, 400] and all(c.bytes > 100 for c in got)
     assert all(c.adapt_seconds >= 0 for c in got) and sum(c.adapt_seconds for c in got) <= out.seconds  # durations
+    assert 0 < out.seconds <= wall
     quiet = run_ttt(copy.deepcopy(random_gpt), tokens[:401], tables, CFG).chunks
     assert [c.signal for c in quiet] == [0.0] * 4
 
