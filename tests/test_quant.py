@@ -628,3 +628,55 @@ def test_rotations_are_drawn_from_their_seed():
         d = Rotation(n, seed=5).apply(eye)
         torch.manual_seed(1)
         assert torch.equal(d, Rotation(n, seed=5).apply(eye))  # the global generator plays no part
+
+
+# regime -> (method, bits, rotate, ternary, decode, share, noise, family, draws, strength, levels symmetric, midrise)
+REGIMES = {
+    "fp": ("fp", 32, False, False, "right", 1.0, 0.0, "control", False, 1.0, 2**32 - 1, 2**32),
+    "pg-int8": ("pg", 8, False, False, "right", 1.0, 0.0, "pg-int8", False, 1.0, 255, 256),
+    "mine": ("own", 0, False, False, "right", 1.0, 0.0, "own", False, 1.0, 0, 1),
+    " int2 ": ("rtn", 2, False, False, "right", 1.0, 0.0, "rtn", False, 1.0, 3, 4),
+    "int8": ("rtn", 8, False, False, "right", 1.0, 0.0, "rtn", False, 1.0, 255, 256),
+    "gptq-int4": ("gptq", 4, False, False, "right", 1.0, 0.0, "gptq", False, 1.0, 15, 16),
+    "hadamard-int6": ("rtn", 6, True, False, "right", 1.0, 0.0, "hadamard-rtn", False, 1.0, 63, 64),
+    "hadamard-gptq-ternary": ("gptq", 2, True, True, "right", 1.0, 0.0, "hadamard-gptq", False, 1.0, 3, 3),
+    "int3-.5": ("rtn", 3, False, False, "right", 0.5, 0.0, "rtn", True, 0.5, 7, 8),
+    "int3-1": ("rtn", 3, False, False, "right", 1.0, 0.0, "rtn", False, 1.0, 7, 8),
+    "hadamard-int4-unrotated": ("rtn", 4, True, False, "unrotated", 1.0, 0.0, "structured", True, 1.0, 15, 16),
+    "hadamard-gptq-int6-mismatch-0.25": ("gptq", 6, True, False, "mismatch", 0.25, 0.0, "structured", True, 0.25, 63,
+                                         64),
+    "noise-10": ("noise", 16, False, False, "right", 1.0, 10.0, "unstructured", True, 10.0, 2**16 - 1, 2**16),
+    "noise-0.05": ("noise", 16, False, False, "right", 1.0, 0.05, "unstructured", True, 0.05, 2**16 - 1, 2**16),
+}
+
+
+@pytest.mark.parametrize("name", list(REGIMES))
+def test_every_regime_form_parses_to_its_settings_family_and_grid(name):
+    r = parse_regime(name, own={"mine"})
+    want = REGIMES[name]
+    assert r.name == name.strip()
+    assert (r.method, r.bits, r.rotate, r.ternary, r.decode, r.share, r.noise) == want[:7]
+    assert (r.family, r.draws, r.strength, r.levels("symmetric"), r.levels("midrise")) == want[7:]
+    assert r.levels() == want[10] and r.needs_calibration == (r.method == "gptq")
+
+
+VALID_FORMS = ("fp, pg-int8, intN, gptq-intN, hadamard-intN, hadamard-gptq-intN (N = 2..8; ternary in place of intN), "
+               "each with an optional share -S (0 < S < 1); hadamard-[gptq-]intN-mismatch[-S] and -unrotated[-S]; "
+               "noise-X (0 < X <= 10); the NAME of an --artifact NAME=PATH")
+
+
+@pytest.mark.parametrize("name, message", [
+    ("int9", None), ("int1", None), ("mine", None),  # "mine" names no artifact here
+    ("noise-10.5", "regime 'noise-10.5': the noise size must be in (0, 10], got 10.5"),
+    ("noise-0", "regime 'noise-0': the noise size must be in (0, 10], got 0"),
+    ("int4-0", "regime 'int4-0': the share must be in (0, 1], got 0"),
+    ("int4-1.01", "regime 'int4-1.01': the share must be in (0, 1], got 1.01"),
+    ("gptq-int4-mismatch", "regime 'gptq-int4-mismatch': -mismatch decodes rotated weights wrongly, so it needs "
+                           "hadamard-"),
+    ("int4-unrotated-0.5", "regime 'int4-unrotated-0.5': -unrotated decodes rotated weights wrongly, so it needs "
+                           "hadamard-"),
+])
+def test_each_bad_regime_is_refused_with_its_own_message(name, message):
+    with pytest.raises(RegimeError) as e:
+        parse_regime(name)
+    assert str(e.value) == (message or f"unknown quantization regime {name!r}; valid forms: {VALID_FORMS}")
