@@ -680,3 +680,24 @@ def test_each_bad_regime_is_refused_with_its_own_message(name, message):
     with pytest.raises(RegimeError) as e:
         parse_regime(name)
     assert str(e.value) == (message or f"unknown quantization regime {name!r}; valid forms: {VALID_FORMS}")
+
+
+@pytest.mark.parametrize("levels, clip_q", [(15, 1.0), (16, 1.0), (7, 0.75), (3, 1.0)])
+def test_rtn_by_hand_clip_scale_codes_and_a_zero_row(levels, clip_q):
+    """s = clip/c in fp16 (clip the row's max, or its clip_q quantile of |w|), u = clamp(round(w/s + c), 0, n-1),
+    Q = (u - c)·s; a row of zeros gets the smallest fp16 scale and decodes to its levels nearest zero (0 on a grid
+    with a zero, ±2^-25 on a midrise one)."""
+    g = torch.Generator().manual_seed(levels)
+    W = torch.randn(5, 40, generator=g)
+    W[2] = 0
+    c = (levels - 1) / 2
+    clip = W.abs().amax(dim=1) if clip_q == 1.0 else torch.quantile(W.abs(), clip_q, dim=1)
+    s = torch.where(clip > 0, clip / c, torch.full_like(clip, 2.0**-24)).half().float()
+    u = torch.clamp(torch.round(W / s[:, None] + c), 0, levels - 1)
+    q = rtn(W, levels, clip_q)
+    assert torch.equal(q.scales, s) and float(q.scales[2]) == 2.0**-24
+    assert torch.equal(q.codes, u.to(torch.uint8)) and q.codes.dtype == torch.uint8
+    assert torch.equal(q.Q, (u - c) * s[:, None]) and q.Q.dtype == torch.float32
+    assert float(q.Q[2].abs().max()) == (0.0 if levels % 2 else 2.0**-25)
+    if clip_q < 1:  # entries past the clip take the end codes
+        assert int(q.codes.max()) == levels - 1 and int(q.codes.min()) == 0
