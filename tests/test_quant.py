@@ -701,3 +701,50 @@ def test_rtn_by_hand_clip_scale_codes_and_a_zero_row(levels, clip_q):
     assert float(q.Q[2].abs().max()) == (0.0 if levels % 2 else 2.0**-25)
     if clip_q < 1:  # entries past the clip take the end codes
         assert int(q.codes.max()) == levels - 1 and int(q.codes.min()) == 0
+
+
+def test_an_artifact_entry_by_hand_and_its_sizes():
+    """entry() stores packed codes, fp16 scales, bits, levels, shape and the rotation seed (-1: none); decode_entry
+    reads back (u - c)·s, un-rotated by the seed's rotation when there is one (seed 0 included)."""
+    import lzma
+
+    from e2ettt.quant.artifact import compressed_sizes, decode_entry, entry
+
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 15, (4, 8), generator=g).to(torch.uint8)
+    scales = torch.rand(4, generator=g).half().float()
+    plain = entry(codes, scales, 4, 15, None)
+    assert plain["bits"] == 4 and plain["levels"] == 15 and plain["shape"] == [4, 8] and plain["rotation_seed"] == -1
+    assert plain["scales"].dtype == torch.float16 and torch.equal(plain["scales"].float(), scales)
+    assert plain["codes"].dtype == torch.uint8 and bytes(plain["codes"].numpy()) == pack_codes(codes, 4)
+    W = (codes.float() - 7) * scales[:, None]
+    assert torch.equal(decode_entry(plain), W)
+    for seed in (0, 5):
+        rotated = entry(codes, scales, 4, 15, seed)
+        assert rotated["rotation_seed"] == seed
+        torch.testing.assert_close(decode_entry(rotated), Rotation(8, seed).inverse(W.double()).float(), rtol=0, atol=0)
+        assert not torch.allclose(decode_entry(rotated), W)
+    obj = {"w": torch.randn(200, 100, generator=g), "n": torch.arange(10)}
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    raw = buf.getvalue()
+    assert compressed_sizes(obj) == {"raw": len(raw), "zlib": len(zlib.compress(raw, 9)),
+                                     "lzma": len(lzma.compress(raw, preset=9))}
+    assert len(zlib.compress(raw)) != len(zlib.compress(raw, 9))  # the size tells zlib's default level from 9
+
+
+def test_the_lzma_size_is_preset_9s_whose_window_reaches_back_past_8_mib():
+    """A 16 MB record's artifact is larger than lzma's default 8 MiB window: a block repeated 9.5 MiB later is found
+    by preset 9 (64 MiB window) only, and the headline size is preset 9's."""
+    import lzma
+
+    from e2ettt.quant.artifact import compressed_sizes
+
+    g = torch.Generator().manual_seed(0)
+    block = torch.randint(0, 256, (1 << 20,), generator=g, dtype=torch.uint8)
+    period = torch.randint(0, 256, (1 << 16,), generator=g, dtype=torch.uint8)
+    obj = {"w": torch.cat([block, period.repeat(136), block])}
+    size = compressed_sizes(obj)["lzma"]
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    assert size == len(lzma.compress(buf.getvalue(), preset=9)) < 0.6 * len(lzma.compress(buf.getvalue()))
