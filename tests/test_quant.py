@@ -748,3 +748,45 @@ def test_the_lzma_size_is_preset_9s_whose_window_reaches_back_past_8_mib():
     buf = io.BytesIO()
     torch.save(obj, buf)
     assert size == len(lzma.compress(buf.getvalue(), preset=9)) < 0.6 * len(lzma.compress(buf.getvalue()))
+
+
+def _reference_gptq(W: Tensor, H: Tensor, levels: int, damp: float, act_order: bool) -> Tensor:
+    """GPTQ's codes as Algorithm 1 states it, in float64 without lazy batches or Cholesky factors: quantize one
+    column at a time (by decreasing diag(H) with act order), spread its error over the columns not yet quantized
+    through the inverse Hessian, and remove the column from that inverse. A dead input (diag(H) = 0) gets weight 0."""
+    W, H = W.double().clone(), H.double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    c = (levels - 1) / 2
+    s = (W.abs().amax(dim=1) / c).clamp_min(2.0**-24).half().double()
+    order = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(W.shape[1])
+    Hinv = torch.linalg.inv(H + damp * torch.diag(H).mean() * torch.eye(W.shape[1], dtype=torch.float64))
+    codes, done = torch.zeros_like(W), torch.zeros(W.shape[1], dtype=torch.bool)
+    for j in order.tolist():
+        u = torch.clamp(torch.round(W[:, j] / s + c), 0, levels - 1)
+        codes[:, j] = u
+        err = (W[:, j] - (u - c) * s) / Hinv[j, j]
+        done[j] = True
+        W[:, ~done] -= err[:, None] * Hinv[j, ~done][None, :]
+        Hinv = Hinv - torch.outer(Hinv[:, j], Hinv[j, :]) / Hinv[j, j]
+    return codes
+
+
+@pytest.mark.parametrize("levels, block, damp, act_order", [(15, 16, 0.01, True), (7, 48, 0.1, False),
+                                                            (3, 5, 0.01, True), (16, 128, 0.05, True)])
+def test_gptq_gives_the_codes_of_algorithm_1_written_plainly(levels, block, damp, act_order):
+    """Lazy batches of any width (a partial last one included), act order or not, damping, a dead input: the same
+    codes as the plain algorithm, the row scales of RTN, and W and H left as they were."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2048, 48, generator=g) @ torch.randn(48, 48, generator=g)
+    X[:, 5] = 0  # an input that is always zero
+    H = 2 * X.T @ X / X.shape[0]
+    W = torch.randn(24, 48, generator=g)
+    W0, H0 = W.clone(), H.clone()
+    q = gptq(W, H, levels, block=block, damp=damp, act_order=act_order)
+    assert torch.equal(q.codes, _reference_gptq(W, H, levels, damp, act_order).to(torch.uint8))
+    c = (levels - 1) / 2
+    s = (torch.where(torch.arange(48) == 5, 0.0, W).abs().amax(dim=1) / c).half().float()
+    assert torch.equal(q.scales, s) and torch.equal(q.Q, (q.codes.float() - c) * s[:, None])
+    assert torch.equal(W, W0) and torch.equal(H, H0)
