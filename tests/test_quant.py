@@ -790,3 +790,100 @@ def test_gptq_gives_the_codes_of_algorithm_1_written_plainly(levels, block, damp
     s = (torch.where(torch.arange(48) == 5, 0.0, W).abs().amax(dim=1) / c).half().float()
     assert torch.equal(q.scales, s) and torch.equal(q.Q, (q.codes.float() - c) * s[:, None])
     assert torch.equal(W, W0) and torch.equal(H, H0)
+
+
+class _Small(nn.Module):
+    """An embedding and two linear weights above the float limit (76,800 elements each), one below it, a control
+    tensor and an integer buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(300, 256)
+        self.fc = nn.Linear(256, 300, bias=False)
+        self.proj = nn.Linear(300, 256, bias=False)
+        self.tiny = nn.Linear(8, 8, bias=False)
+        self.attn_scale = nn.Parameter(torch.ones(256))
+        self.register_buffer("steps", torch.arange(4))
+        g = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+
+    def forward(self, ids):
+        return self.proj(torch.relu(self.fc(self.emb(ids) * self.attn_scale)))
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("grid", ["symmetric", "midrise"])
+def test_an_rtn_regime_stores_and_reports_each_weight_by_hand(grid):
+    """int4: the two linear weights on the grid's 4-bit levels, the embedding at embed_bits=8, each by RTN; the small
+    weight stored fp16, the control tensor fp32, the integers as they are; report, selection and grid by hand."""
+    model = _Small()
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cfg = QuantConfig(grid=grid)
+    q, report = quantize_model(model, parse_regime("int4"), cfg)
+    levels = {"emb.weight": 255 if grid == "symmetric" else 256, "fc.weight": 15 if grid == "symmetric" else 16}
+    levels["proj.weight"] = levels["fc.weight"]
+    got = q.state_dict()
+    for name, n in levels.items():
+        want = rtn(sd[name], n).Q
+        assert torch.equal(got[name], want), name
+    assert torch.equal(got["tiny.weight"], sd["tiny.weight"].half().float())
+    assert torch.equal(got["attn_scale"], sd["attn_scale"]) and torch.equal(got["steps"], sd["steps"])
+    assert report.tensors == [
+        {"name": name, "uses": [name.split(".")[0]], "shared": False, "numel": 76_800, "bits": 8 if name == "emb.weight"
+         else 4, "levels": n, "decode": "right", "rel_error": pytest.approx(_rel(rtn(sd[name], n).Q, sd[name]), rel=1e-6)}
+        for name, n in levels.items()]
+    assert report.quantized_params == 3 * 76_800 and report.notes == []
+    assert report.selection == {"linear_types": "torch.nn.Linear", "keep_float": cfg.keep_float, "min_numel": 65_536,
+                                "embed_bits": 8, "grid": grid, "share": 1.0,
+                                "treated": ["fc.weight", "proj.weight"], "matrix_parameters": 3 * 76_800,
+                                "reached": 3 * 76_800, "outside_modules": []}
+    stored = report.artifact
+    assert stored["format"] == "e2ettt_packed_v1" and set(stored["quantized"]) == set(levels)
+    assert {k: (v.dtype, v.shape) for k, v in stored["passthrough"].items()} == {
+        "tiny.weight": (torch.float16, (8, 8)), "attn_scale": (torch.float32, (256,)), "steps": (torch.int64, (4,))}
+    for name, n in levels.items():
+        g = dict(report.grid[name])
+        np.testing.assert_array_equal(g.pop("scales"), rtn(sd[name], n).scales.numpy())
+        assert g == {"kind": "codes", "param": name, "index": None, "transposed": False, "levels": n,
+                     "rotation_seed": -1}
+    assert report.grid["tiny.weight"] == {"kind": "fp16", "param": "tiny.weight", "index": None, "transposed": False}
+    assert set(report.grid) == set(levels) | {"tiny.weight"}
+
+
+def test_a_share_treats_a_seeded_half_of_the_linear_weights_and_keeps_the_rest_in_fp16():
+    model = _Small()
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    treated = []
+    for seed in range(6):
+        q, report = quantize_model(model, parse_regime("int4-0.5"), QuantConfig(rotation_seed=seed))
+        (name,) = report.selection["treated"]  # round(0.5 · 2) = 1 of the two linear weights
+        other = ({"fc.weight", "proj.weight"} - {name}).pop()
+        got = q.state_dict()
+        assert torch.equal(got[name], rtn(sd[name], 15).Q) and torch.equal(got[other], sd[other].half().float())
+        assert torch.equal(got["emb.weight"], rtn(sd["emb.weight"], 255).Q)  # the embedding is not in the draw
+        assert set(report.artifact["passthrough"]) == {other, "tiny.weight", "attn_scale", "steps"}
+        kept = next(t for t in report.tensors if t["name"] == other)
+        assert kept["bits"] == 16 and kept["rel_error"] == pytest.approx(_rel(sd[other].half().float(), sd[other]))
+        assert report.quantized_params == 2 * 76_800 and report.grid[other]["kind"] == "fp16"
+        treated.append(name)
+    assert set(treated) == {"fc.weight", "proj.weight"}  # the seed decides which
+
+
+def test_noise_adds_seeded_noise_of_x_times_each_rows_rms_to_every_weight_it_treats():
+    """noise-0.5: each weight (the embedding too) gets 0.5 · its row's RMS times a standard normal draw seeded by
+    rotation_seed · 1,000,003 + crc32(name), stored in fp16."""
+    model = _Small()
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    q, report = quantize_model(model, parse_regime("noise-0.5"), QuantConfig(rotation_seed=2))
+    got = q.state_dict()
+    for name in ("emb.weight", "fc.weight", "proj.weight"):
+        W = sd[name]
+        g = torch.Generator().manual_seed(2 * 1_000_003 + zlib.crc32(name.encode()))
+        noised = W + 0.5 * W.square().mean(dim=1, keepdim=True).sqrt() * torch.randn(W.shape, generator=g)
+        assert torch.equal(got[name], noised.half().float()), name
+    assert report.selection["treated"] == ["emb.weight", "fc.weight", "proj.weight"] and report.quantized_params == 0
