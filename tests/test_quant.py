@@ -887,3 +887,68 @@ def test_noise_adds_seeded_noise_of_x_times_each_rows_rms_to_every_weight_it_tre
         noised = W + 0.5 * W.square().mean(dim=1, keepdim=True).sqrt() * torch.randn(W.shape, generator=g)
         assert torch.equal(got[name], noised.half().float()), name
     assert report.selection["treated"] == ["emb.weight", "fc.weight", "proj.weight"] and report.quantized_params == 0
+
+
+def test_gptq_calibrates_each_layer_on_the_inputs_the_layers_quantized_before_it_give():
+    """gptq-int4 on the small model: the embedding first (RTN at 8 bits), then fc with H = 2XᵀX/n of the quantized
+    embedding's output, then proj with H of relu(fc's quantized output): whole sequences of the calibration stream,
+    at most calib_tokens of it. Proxy losses by hand."""
+    model = _Small()
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cfg = QuantConfig(calib_tokens=600, calib_seq_len=128)
+    calib = torch.randint(0, 300, (1000,), generator=torch.Generator().manual_seed(1))
+    q, report = quantize_model(model, parse_regime("gptq-int4"), cfg, calib)
+    ids = calib[:512].view(4, 128)  # four whole sequences fit in 600 tokens
+
+    def hessian(x):
+        x = x.reshape(-1, x.shape[-1]).double()
+        return (2.0 * (x.T @ x) / x.shape[0]).float()
+
+    emb = rtn(sd["emb.weight"], 255).Q
+    x_fc = F.embedding(ids, emb) * sd["attn_scale"]
+    H_fc = hessian(x_fc)
+    fc = gptq(sd["fc.weight"], H_fc, 15, cfg.gptq_block, cfg.gptq_damp, cfg.act_order)
+    H_proj = hessian(torch.relu(F.linear(x_fc, fc.Q)))
+    proj = gptq(sd["proj.weight"], H_proj, 15, cfg.gptq_block, cfg.gptq_damp, cfg.act_order)
+    got = q.state_dict()
+    assert torch.equal(got["emb.weight"], emb)
+    assert torch.equal(got["fc.weight"], fc.Q) and torch.equal(got["proj.weight"], proj.Q)
+    stats = {t["name"]: t for t in report.tensors}
+    assert "proxy_loss" not in stats["emb.weight"]  # looked up, not multiplied: no Hessian
+    for name, H, Q in (("fc.weight", H_fc, fc.Q), ("proj.weight", H_proj, proj.Q)):
+        assert stats[name]["proxy_loss"] == pytest.approx(proxy_loss(sd[name], Q, H), rel=1e-9)
+        assert stats[name]["rtn_proxy_loss"] == pytest.approx(proxy_loss(sd[name], rtn(sd[name], 15).Q, H), rel=1e-9)
+    assert report.notes == []
+    with pytest.raises(ValueError) as e:
+        quantize_model(model, parse_regime("gptq-int4"), cfg)
+    assert str(e.value) == "regime gptq-int4 needs calibration tokens from the train split"
+
+
+@pytest.mark.parametrize("regime", ["hadamard-int4", "hadamard-int4-mismatch", "hadamard-int4-unrotated",
+                                    "hadamard-int4-mismatch-0.5"])
+def test_rotated_and_wrongly_decoded_weights_by_hand(regime):
+    """hadamard-int4: W R quantized by RTN, stored with the weight's seed (rotation_seed · 1,000,003 + crc32(name)),
+    decoded as Q Rᵀ; -mismatch decodes with Rotation(seed + 1), -unrotated not at all, each for the weights it draws
+    (the embedding too: it is rotated like the rest); the note counts them."""
+    model = _Small()
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    q, report = quantize_model(model, parse_regime(regime), QuantConfig())
+    r = parse_regime(regime)
+    treated = report.selection["treated"]
+    # a right decode treats the linear weights (the embedding is quantized anyway); a wrong one draws from all three,
+    # round(0.5 · 3) = 2 of them at share 0.5
+    assert len(treated) == (2 if r.decode == "right" or r.share < 1 else 3)
+    got, entries = q.state_dict(), report.artifact["quantized"]
+    for name, levels in (("emb.weight", 255), ("fc.weight", 15), ("proj.weight", 15)):
+        W, seed = sd[name], zlib.crc32(name.encode())
+        codes = rtn(Rotation(W.shape[1], seed).apply(W.double()).float(), levels)
+        wrong = r.decode != "right" and name in treated
+        stored = {"mismatch": seed + 1, "unrotated": -1}[r.decode] if wrong else seed
+        want = codes.Q if stored < 0 else Rotation(W.shape[1], stored).inverse(codes.Q.double()).float()
+        assert torch.equal(got[name], want), name
+        assert entries[name]["rotation_seed"] == stored and report.grid[name]["rotation_seed"] == stored
+        stats = next(t for t in report.tensors if t["name"] == name)
+        assert stats["decode"] == (stored if wrong else "right")
+        assert stats["rel_error"] == pytest.approx(_rel(want, W), rel=1e-5)
+    how = {"mismatch": "with another rotation", "unrotated": "without the inverse rotation"}.get(r.decode)
+    assert report.notes == ([f"{len(treated)} of 3 quantized weights decoded {how}"] if how else [])

@@ -426,7 +426,7 @@ def _quantize_packed(out: nn.Module, regime: Regime, cfg: QuantConfig, calib: Te
     for key, W in wrong.items():
         targets[key].store_(W)
     if wrong:
-        report.notes.append(f"{len(wrong)} of {sum(1 for t in targets.values() if t.multiplied)} linear weights decoded "
+        report.notes.append(f"{len(wrong)} of {len(targets)} quantized weights decoded "
                             f"{'with another rotation' if regime.decode == 'mismatch' else 'without the inverse rotation'}")
     done = {id(t.param) for t in targets.values()}
     for name, tensor in out.state_dict(keep_vars=True).items():
