@@ -952,3 +952,42 @@ def test_rotated_and_wrongly_decoded_weights_by_hand(regime):
         assert stats["rel_error"] == pytest.approx(_rel(want, W), rel=1e-5)
     how = {"mismatch": "with another rotation", "unrotated": "without the inverse rotation"}.get(r.decode)
     assert report.notes == ([f"{len(treated)} of 3 quantized weights decoded {how}"] if how else [])
+
+
+@pytest.mark.parametrize("regime", ["pg-int8", "int4", "hadamard-int4"])
+def test_requantization_puts_moved_weights_back_on_the_stored_grid_by_hand(regime):
+    """After TTT moves the weights, each stored tensor is re-encoded with its stored scales and rotation: a one-scale
+    tensor as round(w/s) clamped to ±127, times s; codes as (clamp(round(w R / s + c), 0, n-1) - c)·s Rᵀ; fp16 as
+    fp16. Weights left where they were come back unchanged."""
+    from e2ettt.quant.apply import requantize_
+
+    model = _PgModule() if regime == "pg-int8" else _Small()
+    q, report = quantize_model(model, parse_regime(regime), QuantConfig())
+    stored = {k: v.clone() for k, v in q.state_dict().items()}
+    requantize_(q, report.grid)
+    assert all(torch.equal(q.state_dict()[k], v) for k, v in stored.items())  # already on the grid
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in q.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * p.abs().mean() * 0.3)
+    moved = {k: v.clone() for k, v in q.state_dict().items()}
+    requantize_(q, report.grid)
+    got = q.state_dict()
+    for name, grid in report.grid.items():
+        W = moved[name]
+        if grid["kind"] == "scalar":
+            want = torch.clamp(torch.round(W / grid["scale"]), -127, 127) * grid["scale"]
+        elif grid["kind"] == "fp16":
+            want = W.half().float()
+        else:
+            s, n, seed = torch.as_tensor(grid["scales"]), grid["levels"], grid["rotation_seed"]
+            Wr = Rotation(W.shape[1], seed).apply(W.double()).float() if seed >= 0 else W
+            c = (n - 1) / 2
+            Q = (torch.clamp(torch.round(Wr / s[:, None] + c), 0, n - 1) - c) * s[:, None]
+            want = Rotation(W.shape[1], seed).inverse(Q.double()).float() if seed >= 0 else Q
+        torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6, msg=name)
+        assert not torch.equal(got[name], moved[name]), name  # the test moved it off the grid
+    kinds = {g["kind"] for g in report.grid.values()}
+    assert kinds == ({"scalar", "codes", "fp16"} if regime == "pg-int8" else {"codes", "fp16"})
+    untouched = set(moved) - set(report.grid)  # control tensors and integers: not re-encoded
+    assert untouched and all(torch.equal(got[k], moved[k]) for k in untouched)
