@@ -991,3 +991,52 @@ def test_requantization_puts_moved_weights_back_on_the_stored_grid_by_hand(regim
     assert kinds == ({"scalar", "codes", "fp16"} if regime == "pg-int8" else {"codes", "fp16"})
     untouched = set(moved) - set(report.grid)  # control tensors and integers: not re-encoded
     assert untouched and all(torch.equal(got[k], moved[k]) for k in untouched)
+
+
+def test_linear_types_name_module_classes_or_are_refused_with_one_line():
+    from e2ettt.quant.apply import QuantSelectionError, module_classes
+
+    assert module_classes("torch.nn.Linear, ,torch.nn.Embedding") == (nn.Linear, nn.Embedding)
+    for spec, why in (("torch.nn.Nope", "cannot import 'torch.nn.Nope'"), ("no_such_pkg.X", "cannot import 'no_such_pkg.X'"),
+                      ("Linear", "cannot import 'Linear'"), ("math.pi", "'math.pi' is not an nn.Module class"),
+                      ("torch.Tensor", "'torch.Tensor' is not an nn.Module class")):
+        with pytest.raises(QuantSelectionError) as e:
+            module_classes(spec)
+        assert str(e.value) == f"quant.linear_types: {why}"
+
+
+class _Unused(_Small):
+    """_Small with a matrix parameter no forward pass uses, and fc tied to the embedding table."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.randn(300, 256))
+        self.fc.weight = self.emb.weight
+
+
+def test_selection_by_size_name_and_kind_and_the_share_it_must_reach():
+    from e2ettt.quant.apply import QuantSelectionError, matrix_parameters, require_targets, select_targets
+
+    model = _Small()
+    assert set(select_targets(model, QuantConfig(min_numel=76_799))) == {"emb.weight", "fc.weight", "proj.weight"}
+    assert select_targets(model, QuantConfig(min_numel=76_800)) == {}  # more elements than min_numel, not as many
+    with pytest.raises(QuantSelectionError) as e:
+        require_targets(model, QuantConfig(min_numel=76_800), "int4")
+    assert str(e.value) == ("regime int4: _Small has no weight to quantize (no torch.nn.Linear or nn.Embedding weight "
+                            "above quant.min_numel=76,800 elements outside quant.keep_float, and no matrix the forward "
+                            "pass multiplies)")
+    kept = QuantConfig(keep_float="attn_scale, fc", embed_bits=0)
+    assert set(select_targets(model, kept)) == {"proj.weight"}
+    assert matrix_parameters(model, kept) == {"proj.weight": 76_800}
+    assert matrix_parameters(model, QuantConfig()) == {"emb.weight": 76_800, "fc.weight": 76_800, "proj.weight": 76_800}
+
+    tied = _Unused()
+    targets = select_targets(tied, QuantConfig())
+    assert set(targets) == {"emb.weight", "proj.weight"}  # the tied table once; the unused matrix is found by nobody
+    assert targets["emb.weight"].uses == ["fc", "emb"] and targets["emb.weight"].multiplied
+    with pytest.raises(QuantSelectionError) as e:
+        require_targets(tied, QuantConfig(), "int4")
+    assert str(e.value) == ("regime int4: reaches 67% of _Unused's 230,400 matrix parameters (quant.min_share=0.9); "
+                            "not reached: unused (76,800): no linear module, embedding or F.linear/matmul in a forward "
+                            "pass uses them; set quant.min_share to accept that share")
+    assert set(require_targets(tied, QuantConfig(min_share=2 / 3), "int4")) == {"emb.weight", "proj.weight"}
