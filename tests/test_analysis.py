@@ -743,3 +743,35 @@ def test_climbing_by_hand():
     assert families.climbing(t, curves, key).tolist() == pytest.approx([(0.49 + 0.64) / 2 - (0.25 + 0.36) / 2])
     # rows are read in the table's order: reversed, the one with too few chunks comes first and the others still count
     assert families.climbing(t.iloc[::-1], curves, key).tolist() == pytest.approx([(0.49 + 0.64) / 2 - (0.25 + 0.36) / 2])
+
+
+def test_tokens_to_heal_by_family_by_hand():
+    """Per regime at its best setting, families in FAMILY_ORDER: the median tokens until the running gain over the
+    static curve reaches half the damage (a gain of exactly half counts), how many runs reach it, the median tokens
+    until the running bpb is within 0.01 of fp's static bpb on the same chunks, and the median tokens a row ran."""
+    rows = [{**trial("fp", s, post=1.70, ttt=1.69 - 0.001 * s, tid=f"f{s}"), "family": "control"} for s in range(3)]
+    rows += [{**trial("int3", s, post=1.80, ttt=1.75 + 0.001 * s, tid=f"q{s}"), "family": "rtn"} for s in range(3)]
+    rows += [{**trial("noise-1", s, post=1.85, ttt=1.82 + 0.001 * s, tid=f"n{s}"), "family": "unstructured"}
+             for s in range(3)]
+    t = table(rows)
+    half_q1 = 0.5 * (1.80 - 1.70)  # q1 reaches exactly half its damage at its last chunk
+    gains = {"f0": [0.01] * 4, "f1": [0.01] * 4, "f2": [0.01] * 4,
+             "q0": [0.01, 0.06, 0.07, 0.095],  # half at 200 tokens; within 0.01 of fp (1.705 <= 1.71) at 400
+             "q1": [0.01, 0.02, 0.03, half_q1],  # half at 400; never within
+             "q2": [0.01] * 5,  # neither; five chunks (500 tokens), so no fp curve of its length to compare with
+             "n0": [0.01, 0.15, 0.15, 0.15], "n1": [0.01] * 4, "n2": [0.01] * 4}  # n0: both at 200
+    static = {"f": 1.70, "q": 1.80, "n": 1.85}
+    curves = pd.DataFrame([{"row_id": rid, "chunk": k, "tokens_seen": 100 * (k + 1), "static_bpb": static[rid[0]],
+                            "ttt_bpb": static[rid[0]] - g, "running_ttt_bpb": static[rid[0]] - g, "bytes": 1.0}
+                           for rid, gs in gains.items() for k, g in enumerate(gs)])
+    got = families.tokens_to_heal_by_family(t, curves)
+    assert list(got["regime"]) == ["noise-1", "int3"]  # unstructured before rtn, though its damage is larger
+    noise, int3 = got.iloc[0], got.iloc[1]
+    assert int3["family"] == "rtn" and int3["damage"] == pytest.approx(0.10)
+    assert int3["tokens to recover half"] == 300.0 and int3["runs reaching half"] == "2/3"  # median of 200, 400
+    assert int3["tokens to within 0.01 of fp"] == 400.0 and int3["tokens per row"] == 400.0  # of 400, 400, 500
+    assert noise["tokens to recover half"] == 200.0 and noise["runs reaching half"] == "1/3"
+    assert noise["tokens to within 0.01 of fp"] == 200.0 and noise["tokens per row"] == 400.0
+    none = families.tokens_to_heal_by_family(t, curves[curves["row_id"].str.startswith("f")])  # no damaged curves
+    assert none["runs reaching half"].tolist() == ["0/0", "0/0"] and none[
+        ["tokens to recover half", "tokens to within 0.01 of fp", "tokens per row"]].isna().all().all()
