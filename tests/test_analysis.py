@@ -775,3 +775,32 @@ def test_tokens_to_heal_by_family_by_hand():
     none = families.tokens_to_heal_by_family(t, curves[curves["row_id"].str.startswith("f")])  # no damaged curves
     assert none["runs reaching half"].tolist() == ["0/0", "0/0"] and none[
         ["tokens to recover half", "tokens to within 0.01 of fp", "tokens per row"]].isna().all().all()
+
+
+def test_matched_pairs_each_regime_with_the_nearest_damage_on_a_log_scale_within_25_percent():
+    pts = pd.DataFrame([{"regime": r, "family": f, "setting_key": f"k-{r}", "damage_mean": d, "recovery_frac_mean": fr}
+                        for r, f, d, fr in [("s1", "structured", 0.5, 0.9), ("s2", "structured", 0.08, 0.8),
+                                            ("n1", "unstructured", 0.2, 0.3), ("n2", "unstructured", 0.45, 0.4),
+                                            ("n3", "unstructured", 0.6, 0.5), ("bad", "rtn", -0.01, 0.0)]])
+    got = families.matched(pts, ["structured"], ["unstructured"])
+    # s1 (0.5): nearest by log ratio is n2 (0.45; 0.6 is further on a log scale), within 25%; s2 (0.08): nearest n1
+    # (0.2), 150% away: no pair
+    assert got.to_dict("records") == [{"first": "s1", "second": "n2", "key_first": "k-s1", "key_second": "k-n2",
+                                       "damage_first": 0.5, "damage_second": 0.45, "frac_first": 0.9,
+                                       "frac_second": 0.4}]
+    none = families.matched(pts, ["structured"], ["gptq"])  # no regime of the second family
+    assert isinstance(none, pd.DataFrame) and none.empty
+    assert families.matched(pts, ["structured"], ["rtn"]).empty  # only a negative damage: nothing to match
+
+
+def test_paired_differences_between_two_settings_or_two_columns_of_one(trials):
+    t = trials
+    key = t.loc[t["regime"] == "int3", "setting_key"].iloc[0]
+    fp_key = t.loc[t["regime"] == "fp", "setting_key"].iloc[0]
+    v, f = families.segment_values(t, key), families.segment_values(t, fp_key)
+    own = families._paired(t, "healing of int3", key, None, "recovery", "fp_gain")
+    assert own.what == "healing of int3" and own.n == 3
+    assert own.mean == pytest.approx((v["recovery"] - v["fp_gain"]).mean())
+    across = families._paired(t, "int3 against fp", key, fp_key, "recovery")
+    assert across.what == "int3 against fp" and across.mean == pytest.approx((v["recovery"] - f["recovery"]).mean())
+    assert across.mean == pytest.approx(0.02 - 0.011)  # 0.01-0.03 against 0.01-0.012
