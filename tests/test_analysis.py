@@ -11,6 +11,7 @@ from scipy import stats
 from analysis import families, metrics, plots, report
 from analysis.__main__ import main as analysis_main
 from analysis.runs import RunError, load_run, with_keys
+from analysis.stats import holm, paired
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -804,3 +805,42 @@ def test_paired_differences_between_two_settings_or_two_columns_of_one(trials):
     across = families._paired(t, "int3 against fp", key, fp_key, "recovery")
     assert across.what == "int3 against fp" and across.mean == pytest.approx((v["recovery"] - f["recovery"]).mean())
     assert across.mean == pytest.approx(0.02 - 0.011)  # 0.01-0.03 against 0.01-0.012
+
+
+def test_the_trend_compares_each_familys_largest_damage_with_its_smallest_seed_by_seed():
+    """Within a family of three or two damage levels: recovered fraction at the largest damage minus that at the
+    smallest, per seed, labelled "trend", Holm-corrected with the other comparisons asked for."""
+    levels = {"hadamard-int6-mismatch-0.25": ("structured", 0.5, 0.9), "hadamard-int6-mismatch-0.5": ("structured", 1.0, 0.8),
+              "hadamard-int6-mismatch": ("structured", 2.0, 0.6), "noise-0.5": ("unstructured", 0.4, 0.5),
+              "noise-1": ("unstructured", 1.1, 0.3)}
+    rows = [{**trial("fp", s, post=1.70, ttt=1.69 - 0.001 * s), "family": "control"} for s in range(4)]
+    for i, (regime, (fam, damage, frac)) in enumerate(levels.items()):
+        for s in range(4):
+            f = frac + 0.01 * s * (i + 1)  # per-seed differences that vary
+            rows.append({**trial(regime, s, post=1.70 + damage, ttt=1.70 + damage - f * damage), "family": fam})
+    t = table(rows)
+    found = families.comparisons(t, kinds=("trend",))
+    assert [len(v) for k, v in found.items() if k != "trend"] == [0] * 7
+    (s_ctx, s_c), (u_ctx, u_c) = found["trend"]
+    assert s_ctx[0] == "structured" and (s_ctx[1]["regime"], s_ctx[2]["regime"]) == ("hadamard-int6-mismatch-0.25",
+                                                                                    "hadamard-int6-mismatch")
+    assert u_ctx[0] == "unstructured" and (u_ctx[1]["regime"], u_ctx[2]["regime"]) == ("noise-0.5", "noise-1")
+
+    reported = metrics.seed_split(t)[1]
+
+    def fracs(regime):  # on the reported seeds
+        g = t[(t["regime"] == regime) & t["seed"].isin(reported)].sort_values("seed")
+        return (g["recovery"] / g["damage"]).to_numpy()
+
+    want = holm([paired(fracs("hadamard-int6-mismatch") - fracs("hadamard-int6-mismatch-0.25"), "trend"),
+                 paired(fracs("noise-1") - fracs("noise-0.5"), "trend")])
+    for got, w in zip((s_c, u_c), want):
+        assert got.what == "trend" and got.n == len(reported) >= 2
+        assert (got.mean, got.low, got.high, got.p, got.p_holm) == pytest.approx((w.mean, w.low, w.high, w.p, w.p_holm))
+    assert s_c.mean == pytest.approx(-0.3 + 0.02 * np.mean(reported)) and u_c.mean == pytest.approx(
+        -0.2 + 0.01 * np.mean(reported))
+    one = families.comparisons(t[t["regime"] != "noise-0.5"], kinds=("trend",))["trend"]  # one noise level: no trend
+    assert [ctx[0] for ctx, _ in one] == ["structured"]
+    structure = families.comparisons(t, kinds=("structure",))
+    assert structure["trend"] == [] and all(c.what == "structure" for _, c in structure["structure"])
+    assert structure["structure"]  # noise-1 (1.1) and the 1.0 mismatch are matched
