@@ -780,15 +780,19 @@ def test_tokens_to_heal_by_family_by_hand():
 
 def test_matched_pairs_each_regime_with_the_nearest_damage_on_a_log_scale_within_25_percent():
     pts = pd.DataFrame([{"regime": r, "family": f, "setting_key": f"k-{r}", "damage_mean": d, "recovery_frac_mean": fr}
-                        for r, f, d, fr in [("s1", "structured", 0.5, 0.9), ("s2", "structured", 0.08, 0.8),
-                                            ("n1", "unstructured", 0.2, 0.3), ("n2", "unstructured", 0.45, 0.4),
-                                            ("n3", "unstructured", 0.6, 0.5), ("bad", "rtn", -0.01, 0.0)]])
+                        for r, f, d, fr in [("s2", "structured", 0.08, 0.8), ("s1", "structured", 0.5, 0.9),
+                                            ("s3", "structured", 1.0, 0.7), ("n1", "unstructured", 0.2, 0.3),
+                                            ("n2", "unstructured", 0.45, 0.4), ("n3", "unstructured", 0.6, 0.5),
+                                            ("n4", "unstructured", 0.75, 0.6), ("bad", "rtn", -0.01, 0.0)]])
     got = families.matched(pts, ["structured"], ["unstructured"])
-    # s1 (0.5): nearest by log ratio is n2 (0.45; 0.6 is further on a log scale), within 25%; s2 (0.08): nearest n1
-    # (0.2), 150% away: no pair
+    # s2 (0.08): nearest by log ratio is n1 (0.2), 150% away: no pair, and the next regime is still looked at;
+    # s1 (0.5): n2 (0.45; 0.6 is further on a log scale), within 25%; s3 (1.0): n4 (0.75), exactly 25% away: matched
     assert got.to_dict("records") == [{"first": "s1", "second": "n2", "key_first": "k-s1", "key_second": "k-n2",
                                        "damage_first": 0.5, "damage_second": 0.45, "frac_first": 0.9,
-                                       "frac_second": 0.4}]
+                                       "frac_second": 0.4},
+                                      {"first": "s3", "second": "n4", "key_first": "k-s3", "key_second": "k-n4",
+                                       "damage_first": 1.0, "damage_second": 0.75, "frac_first": 0.7,
+                                       "frac_second": 0.6}]
     none = families.matched(pts, ["structured"], ["gptq"])  # no regime of the second family
     assert isinstance(none, pd.DataFrame) and none.empty
     assert families.matched(pts, ["structured"], ["rtn"]).empty  # only a negative damage: nothing to match
