@@ -325,9 +325,23 @@ QUANT_EQUIVALENTS = {
         WEIGHTS_ONLY_DEFAULT,
 }
 
+FAMILIES = "analysis/families.py"
+HEALED_AGAIN = ("`healed` is metrics.with_healing(trials), which segment_values computes itself when given None: the "
+                "same frame, computed again")
+ZERO_NEVER_WITHIN = ("a damage of 0 is never within 25% of a positive one (|0 - b| <= 0.25·b fails), and of two zeros "
+                     "the other side's `> 0` still fails: letting 0 through either side matches nothing more")
+FAMILIES_EQUIVALENTS = {
+    **{("_paired", line): HEALED_AGAIN for line in ["va = segment_values(trials, a, )", "va = segment_values(trials, a, None)",
+                                                    "vb = segment_values(trials, b, )", "vb = segment_values(trials, b, None)"]},
+    **{("comparisons", line): HEALED_AGAIN for line in ["healed = None", "healed=None)))", ")))"]},
+    ("matched", 'if not (a["damage_mean"] > 0 and b["damage_mean"] >= 0'): ZERO_NEVER_WITHIN,
+    ("matched", 'if not (a["damage_mean"] >= 0 and b["damage_mean"] > 0'): ZERO_NEVER_WITHIN,
+}
+
 EQUIVALENT: dict[tuple[str, str, str], str] = {
     **of_module(TTT, TTT_EQUIVALENTS),
     **of_module(QUANT, QUANT_EQUIVALENTS),
+    **of_module(FAMILIES, FAMILIES_EQUIVALENTS),
     **of_module(DATA, DATA_EQUIVALENTS),
     **of_module(EVALUATE, EVALUATE_EQUIVALENTS),
     **of_module(TOKENIZER, TOKENIZER_EQUIVALENTS),
