@@ -333,7 +333,8 @@ ZERO_NEVER_WITHIN = ("a damage of 0 is never within 25% of a positive one (|0 - 
 FAMILIES_EQUIVALENTS = {
     **{("_paired", line): HEALED_AGAIN for line in ["va = segment_values(trials, a, )", "va = segment_values(trials, a, None)",
                                                     "vb = segment_values(trials, b, )", "vb = segment_values(trials, b, None)"]},
-    **{("comparisons", line): HEALED_AGAIN for line in ["healed = None", "healed=None)))", ")))"]},
+    **{("comparisons", line): HEALED_AGAIN for line in ["healed = None", "healed=None)))", ")))",
+                                                        '"recovery_frac", healed=None)))', '"recovery_frac", )))']},
     ("matched", 'if not (a["damage_mean"] > 0 and b["damage_mean"] >= 0'): ZERO_NEVER_WITHIN,
     ("matched", 'if not (a["damage_mean"] >= 0 and b["damage_mean"] > 0'): ZERO_NEVER_WITHIN,
 }

@@ -848,3 +848,26 @@ def test_the_trend_compares_each_familys_largest_damage_with_its_smallest_seed_b
     structure = families.comparisons(t, kinds=("structure",))
     assert structure["trend"] == [] and all(c.what == "structure" for _, c in structure["structure"])
     assert structure["structure"]  # noise-1 (1.1) and the 1.0 mismatch are matched
+
+
+def test_gptq_and_rotated_gptq_are_compared_with_rtn_at_matched_damage_on_healing():
+    regimes = {"gptq-int3": ("gptq", 0.30), "int3": ("rtn", 0.32), "hadamard-gptq-int4": ("hadamard-gptq", 0.60),
+               "int4": ("rtn", 0.62)}
+    rows = [{**trial("fp", s, post=1.70, ttt=1.69 - 0.001 * s), "family": "control"} for s in range(4)]
+    for i, (regime, (fam, damage)) in enumerate(regimes.items()):
+        rows += [{**trial(regime, s, post=1.70 + damage, ttt=1.70 + damage * (0.5 - 0.03 * i - 0.01 * s * (i + 1))),
+                  "family": fam} for s in range(4)]
+    t = table(rows)
+    found = families.comparisons(t, kinds=("gptq",))
+    assert [k for k, v in found.items() if v] == ["gptq"]
+    pairs = [(r["first"], r["second"]) for r, _ in found["gptq"]]
+    assert pairs == [("gptq-int3", "int3"), ("hadamard-gptq-int4", "int4")]
+    keys = t.drop_duplicates("regime").set_index("regime")["setting_key"]
+    diffs = []
+    for a, b in pairs:
+        va, vb = families.segment_values(t, keys[a]), families.segment_values(t, keys[b])
+        diffs.append(paired((va["healing_frac"] - vb["healing_frac"]).to_numpy(), "gptq"))
+    for (_, got), want in zip(found["gptq"], holm(diffs)):
+        assert got.what == "gptq" and (got.n, got.mean, got.p_holm) == (want.n, pytest.approx(want.mean),
+                                                                        pytest.approx(want.p_holm))
+    assert families.comparisons(t, kinds=("trend",))["gptq"] == []
