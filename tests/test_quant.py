@@ -1040,3 +1040,34 @@ def test_selection_by_size_name_and_kind_and_the_share_it_must_reach():
                             "not reached: unused (76,800): no linear module, embedding or F.linear/matmul in a forward "
                             "pass uses them; set quant.min_share to accept that share")
     assert set(require_targets(tied, QuantConfig(min_share=2 / 3), "int4")) == {"emb.weight", "proj.weight"}
+
+
+class _Notes(nn.Module):
+    """A table tied to a linear layer, a linear layer the forward pass never calls, and a bare matrix it multiplies."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(300, 256)
+        self.fc = nn.Linear(256, 300, bias=False)
+        self.fc.weight = self.emb.weight
+        self.proj = nn.Linear(300, 256, bias=False)
+        self.bare = nn.Parameter(torch.randn(256, 300, generator=torch.Generator().manual_seed(4)))
+
+    def forward(self, ids):
+        return F.linear(torch.relu(self.fc(self.emb(ids))), self.bare)
+
+
+def test_the_report_notes_what_a_user_should_know_about_the_selection():
+    calib = torch.randint(0, 300, (600,), generator=torch.Generator().manual_seed(2))
+    cfg = QuantConfig(calib_tokens=512, calib_seq_len=128)
+    q, report = quantize_model(_Notes(), parse_regime("gptq-int4"), cfg, calib)
+    assert report.notes == [
+        "never called in the forward pass, so quantized by RTN: ['proj.weight']",
+        "shared weights quantized once, Hessian summed over every use: ['emb.weight (used by fc, emb)']",
+        "1 matrices no linear module holds (bare parameters or bank slices), found by tracing a forward pass"]
+    assert report.selection["outside_modules"] == ["bare"] and report.selection["reached"] == 3 * 76_800
+    half = _Notes().to(torch.bfloat16)
+    q, report = quantize_model(half, parse_regime("int4"), cfg)
+    assert report.notes[-1] == ("the model's own dtypes kept: decoded weights are cast into them as the records load "
+                                "them")
+    assert all(p.dtype == torch.bfloat16 for p in q.parameters())
