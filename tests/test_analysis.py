@@ -871,3 +871,27 @@ def test_gptq_and_rotated_gptq_are_compared_with_rtn_at_matched_damage_on_healin
         assert got.what == "gptq" and (got.n, got.mean, got.p_holm) == (want.n, pytest.approx(want.mean),
                                                                         pytest.approx(want.p_holm))
     assert families.comparisons(t, kinds=("trend",))["gptq"] == []
+
+
+def test_healing_and_persistence_comparisons_by_hand():
+    """Per damaged regime at its best setting: healing is recovery − fp's gain on the same windows, per seed;
+    persistence is held-out quantized − adapted bpb, per seed where measured; Holm-corrected together."""
+    rows, p = [], [0.010, 0.020, 0.030]
+    for s in range(3):
+        held = {"heldout_quant_bpb": 1.80, "heldout_adapted_bpb": 1.80 - p[s], "heldout_requant_bpb": 1.80}
+        rows.append({**trial("fp", s, post=1.70, ttt=1.69 - 0.002 * s), **held})
+        rows.append({**trial("int3", s, post=1.74, ttt=1.73 - 0.01 * s), **held})
+        rows.append(trial("int2", s, post=1.90, ttt=1.85 - 0.005 * s))  # no held-out slice: no persistence entry
+    t = table(rows)
+    found = families.comparisons(t, kinds=("healing", "persistence"))
+    assert [k for k, v in found.items() if v] == ["healing", "persistence"]
+    assert [c["regime"] for c, _ in found["healing"]] == ["int3", "int2"]  # points, by damage
+    assert [c["regime"] for c, _ in found["persistence"]] == ["int3"]
+    fp_gain = np.array([0.01 + 0.002 * s for s in range(3)])
+    want = holm([paired(np.array([0.01, 0.02, 0.03]) - fp_gain, "healing"),
+                 paired(np.array([0.05, 0.055, 0.06]) - fp_gain, "healing"), paired(np.array(p), "persistence")])
+    got = [c for _, c in found["healing"]] + [c for _, c in found["persistence"]]
+    for g, w in zip(got, want):
+        assert g.what == w.what and g.n == 3
+        assert (g.mean, g.low, g.high, g.p_holm) == pytest.approx((w.mean, w.low, w.high, w.p_holm))
+    assert families.comparisons(t, kinds=("trend",))["healing"] == []
