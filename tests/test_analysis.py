@@ -895,3 +895,30 @@ def test_healing_and_persistence_comparisons_by_hand():
         assert g.what == w.what and g.n == 3
         assert (g.mean, g.low, g.high, g.p_holm) == pytest.approx((w.mean, w.low, w.high, w.p_holm))
     assert families.comparisons(t, kinds=("trend",))["healing"] == []
+
+
+def test_capacity_compares_every_pair_of_adapted_parameter_choices_on_recovery():
+    recovered = {"all": 0.06, "lora:4": 0.04, "norms": 0.02}
+    rows = []
+    for s in range(4):
+        for i, (params, r) in enumerate(recovered.items()):
+            rows.append({**trial("fp", s, post=1.70, ttt=1.69 - 0.001 * s, tid=f"fp-{params}-{s}"), "params": params})
+            rows.append({**trial("int3", s, post=1.80, ttt=1.80 - r - 0.002 * s * (i + 1), tid=f"q-{params}-{s}"),
+                         "params": params})
+    t = table(rows)
+    found = families.comparisons(t, kinds=("capacity",))
+    assert [k for k, v in found.items() if v] == ["capacity"]
+    got = found["capacity"]
+    assert [(reg, a["params"], b["params"]) for (reg, a, b), _ in got] == [
+        ("int3", "all", "lora:4"), ("int3", "all", "norms"), ("int3", "lora:4", "norms")]  # by recovery, each pair once
+    reported = metrics.seed_split(t)[1]
+
+    def rec(params):
+        g = t[(t["regime"] == "int3") & (t["params"] == params) & t["seed"].isin(reported)].sort_values("seed")
+        return g["recovery"].to_numpy()
+
+    want = holm([paired(rec(a) - rec(b), "capacity") for a, b in (("all", "lora:4"), ("all", "norms"),
+                                                                  ("lora:4", "norms"))])
+    for (_, c), w in zip(got, want):
+        assert c.what == "capacity" and (c.n, c.mean, c.p_holm) == (w.n, pytest.approx(w.mean), pytest.approx(w.p_holm))
+    assert got[0][1].mean == pytest.approx(0.02 - 0.002 * np.mean(reported))
