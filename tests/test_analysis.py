@@ -902,10 +902,12 @@ def test_capacity_compares_every_pair_of_adapted_parameter_choices_on_recovery()
     rows = []
     for s in range(4):
         for i, (params, r) in enumerate(recovered.items()):
-            rows.append({**trial("fp", s, post=1.70, ttt=1.69 - 0.001 * s - 0.005 * i, tid=f"fp-{params}-{s}"),
-                         "params": params})  # fp gains differ by choice: recovery, not healing, is compared
-            rows.append({**trial("int3", s, post=1.80, ttt=1.80 - r - 0.002 * s * (i + 1), tid=f"q-{params}-{s}"),
-                         "params": params})
+            # each choice at its own chunk size, where fp gains differ: recovery, not healing, is what is compared
+            chunk = 256 * 2**i
+            rows.append({**trial("fp", s, chunk=chunk, post=1.70, ttt=1.69 - 0.001 * s - 0.005 * i,
+                                 tid=f"fp-{params}-{s}"), "params": params})
+            rows.append({**trial("int3", s, chunk=chunk, post=1.80, ttt=1.80 - r - 0.002 * s * (i + 1),
+                                 tid=f"q-{params}-{s}"), "params": params})
     t = table(rows)
     found = families.comparisons(t, kinds=("capacity",))
     assert [k for k, v in found.items() if v] == ["capacity"]
