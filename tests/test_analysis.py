@@ -949,3 +949,22 @@ def test_the_findings_opening_and_fallback_sentences_word_for_word():
                       "seeds.")
     assert out[1] == ("Size or structure: no structured and unstructured regimes of matched damage (within 25%) in this "
                       "run, so structure cannot be told from size here.")
+
+
+def test_flattening_is_judged_from_a_damage_of_min_damage_up():
+    """Damages of exactly 0.5 bpb (the default min_damage) and 0.4: only the first is judged, on climbing's per-seed
+    values, labelled "flattening"."""
+    rows = [{**trial("fp", s, pre=1.5, post=1.5, ttt=1.49 - 0.001 * s), "family": "control"} for s in range(4)]
+    rows += [{**trial("noise-1", s, pre=1.5, post=2.0, ttt=1.8 - 0.01 * s), "family": "unstructured"} for s in range(4)]
+    rows += [{**trial("int3", s, pre=1.5, post=1.9, ttt=1.8 - 0.01 * s), "family": "rtn"} for s in range(4)]
+    t = table(rows)
+    curves = pd.DataFrame([{"row_id": r["row_id"], "chunk": k, "tokens_seen": 100 * (k + 1), "bytes": 300.0,
+                            "static_bpb": r["post_quant_bpb"], "ttt_bpb": r["post_quant_bpb"] - 0.01 * k * (1 + r["seed"])}
+                           for _, r in t.iterrows() for k in range(8)])
+    got = families.comparisons(t, curves, kinds=("flattening",))["flattening"]
+    assert [p["regime"] for p, _ in got] == ["noise-1"] and got[0][0]["damage_mean"] == 0.5
+    key = t.loc[t["regime"] == "noise-1", "setting_key"].iloc[0]
+    want = paired(families.climbing(t, curves, key), "flattening")
+    c = got[0][1]
+    assert c.what == "flattening" and (c.n, c.mean, c.p) == (want.n, pytest.approx(want.mean), pytest.approx(want.p))
+    assert c.mean > 0  # the gain still grows
