@@ -11,7 +11,7 @@ from scipy import stats
 from analysis import families, metrics, plots, report
 from analysis.__main__ import main as analysis_main
 from analysis.runs import RunError, load_run, with_keys
-from analysis.stats import holm, paired
+from analysis.stats import Paired, holm, paired
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -968,3 +968,89 @@ def test_flattening_is_judged_from_a_damage_of_min_damage_up():
     c = got[0][1]
     assert c.what == "flattening" and (c.n, c.mean, c.p) == (want.n, pytest.approx(want.mean), pytest.approx(want.p))
     assert c.mean > 0  # the gain still grows
+
+
+def _signed(sign: int) -> Paired:
+    mean = {1: 0.1, -1: -0.1, 0: 0.02}[sign]
+    return Paired("x", 20, mean, mean - 0.01, mean + 0.01, 0.001 if sign else 0.3, 0.001 if sign else 0.3)
+
+
+@pytest.mark.parametrize("structure_signs", [(1, 1), (-1,), (0, 0), (1, 0)])
+def test_every_findings_sentence_word_for_word_for_each_sign(trials, monkeypatch, structure_signs):
+    """findings() worded from comparisons given here (each kind with a positive, a negative and an undetected
+    difference), so that every word it can choose is read back."""
+    P = _signed
+    structure = [({"damage_first": 1.0 + i, "first": f"s{i}", "frac_first": 0.9, "second": f"n{i}",
+                   "damage_second": 1.1 + i, "frac_second": 0.4}, P(s)) for i, s in enumerate(structure_signs)]
+    lo, hi = {"recovery_frac_mean": 0.9, "damage_mean": 0.5}, {"recovery_frac_mean": 0.6, "damage_mean": 2.0}
+    found = {
+        "structure": structure,
+        "trend": [((fam, lo, hi), P(s)) for fam, s in (("structured", 1), ("unstructured", -1), ("rtn", 0))],
+        "gptq": [({"first": f"g{s}", "damage_first": 0.3, "second": f"r{s}", "damage_second": 0.31}, P(s))
+                 for s in (1, -1, 0)],
+        "healing": [({"regime": f"h{s}"}, P(s)) for s in (1, -1, 0)],
+        "capacity": [((f"c{s}", {"params": "all"}, {"params": "lora:4"}), P(s)) for s in (1, -1, 0)],
+        "protocol": [((f"p{s}", {"recipe": "stream", "inner_lr": 0.1}, {"recipe": "", "inner_lr": 0.03}), P(s))
+                     for s in (1, -1, 0)],
+        "flattening": [({"regime": f"f{s}"}, P(s)) for s in (1, -1, 0)],
+        "persistence": [({"regime": f"r{s}"}, P(s)) for s in (1, -1, 0)],
+    }
+    monkeypatch.setattr(families, "comparisons", lambda trials, curves=None: found)
+    out = families.findings(trials)
+    n = sum(len(v) for v in found.values())
+    t = {s: P(s).text() for s in (1, -1, 0)}
+    t4 = {s: P(s).text(4) for s in (1, -1, 0)}
+    parts = "; ".join(f"at {1.0 + i:.3g} bpb s{i} recovered 90% and n{i} ({1.1 + i:.3g} bpb) 40% of their damage: "
+                      f"structured {({1: 'more', -1: 'less', 0: 'as much (no difference detected)'})[s]}, difference "
+                      f"in recovered fraction {t[s]}" for i, s in enumerate(structure_signs))
+    head = {(1, 1): "structured damage recovered more of its damage than unstructured noise of the same size at every "
+                    "one of the matched damage levels",
+            (-1,): "structured damage recovered less of its damage than unstructured noise of the same size at the "
+                   "matched damage level",
+            (0, 0): "at no matched damage level does the recovered fraction of structured and unstructured damage "
+                    "differ after correction: on this run, what can be recovered follows the size of the damage",
+            (1, 0): "structure matters at some sizes of the damage only"}[structure_signs]
+    assert out == [
+        f"Every comparison below is a paired test over the reported seeds (per-segment differences: mean, 95% bootstrap "
+        f"interval, sign-flip permutation p-value), Holm-corrected across the {n} comparisons of this report at "
+        f"family-wise 0.05.",
+        f"Size or structure: {head}; {parts}.",
+        f"Within the structured family the recovered fraction grows with the damage: 90% at 0.5 bpb, 60% at 2 bpb "
+        f"(difference {t[1]}).",
+        f"Within the unstructured family the recovered fraction falls with the damage: 90% at 0.5 bpb, 60% at 2 bpb "
+        f"(difference {t[-1]}).",
+        f"Within the rtn family the recovered fraction does not change detectably with the damage: 90% at 0.5 bpb, "
+        f"60% at 2 bpb (difference {t[0]}).",
+        f"GPTQ vs RTN at matched damage (#1341 says SGD TTT undoes GPTQ's structure): g1 (0.3 bpb) healed more than r1 "
+        f"(0.31 bpb): healing difference {t[1]}; g-1 (0.3 bpb) healed less than r-1 (0.31 bpb): healing difference "
+        f"{t[-1]}; g0 (0.3 bpb) healed as much as (no difference detected) r0 (0.31 bpb): healing difference {t[0]}.",
+        f"Healing beyond plain adaptation (recovery − fp's own gain on the same windows, per segment): h1 beyond "
+        f"({t4[1]} bpb); h-1 below ({t4[-1]} bpb); h0 not detectably beyond ({t4[0]} bpb).",
+        f"Capacity (each adapted-parameter choice at its own best lr): c1: all recovered more than lora:4 ({t4[1]} bpb); "
+        f"c-1: all recovered less than lora:4 ({t4[-1]} bpb); c0: all recovered as much as (no difference detected) "
+        f"lora:4 ({t4[0]} bpb).",
+        f"Protocols (each at its own best lr; healing: recovery − the same protocol's fp gain on its own windows): p1: "
+        f"stream (lr 0.1) healed more than no recipe (lr 0.03) ({t4[1]} bpb); p-1: stream (lr 0.1) healed less than no "
+        f"recipe (lr 0.03) ({t4[-1]} bpb); p0: stream (lr 0.1) healed as much as (no difference detected) no recipe "
+        f"(lr 0.03) ({t4[0]} bpb).",
+        f"Had the large-damage curves flattened? f1 still climbing (last quarter's per-chunk gain − the quarter before: "
+        f"{t4[1]} bpb); f-1 flat (last quarter's per-chunk gain − the quarter before: {t4[-1]} bpb); f0 flat (last "
+        f"quarter's per-chunk gain − the quarter before: {t4[0]} bpb). A curve still climbing makes its recovered "
+        f"fraction a lower bound.",
+        f"Repair or tracking? Persistent recovery (held-out slice, static: post-quant − adapted weights): r1 persists "
+        f"({t4[1]} bpb); r-1 reverses ({t4[-1]} bpb); r0 does not detectably persist ({t4[0]} bpb).",
+    ]
+    assert "+0.1000" in t4[1] and "+0.10," in t[1]  # two and four digits: the texts differ
+
+
+def test_findings_say_when_gptq_has_no_rtn_regime_to_be_compared_with(trials, monkeypatch):
+    found = {k: [] for k in ("structure", "trend", "gptq", "healing", "capacity", "protocol", "flattening",
+                             "persistence")}
+    found["healing"] = [({"regime": "int3"}, _signed(1))]
+    monkeypatch.setattr(families, "comparisons", lambda trials, curves=None: found)
+    assert families.findings(trials)[1:] == [
+        "Size or structure: no structured and unstructured regimes of matched damage (within 25%) in this run, so "
+        "structure cannot be told from size here.",
+        "GPTQ vs RTN (#1341): no GPTQ and RTN regimes of matched damage (within 25%) in this run.",
+        f"Healing beyond plain adaptation (recovery − fp's own gain on the same windows, per segment): int3 beyond "
+        f"({_signed(1).text(4)} bpb)."]
