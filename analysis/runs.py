@@ -72,6 +72,11 @@ def load_run(run_dir: str | Path) -> Run:
     return Run(run_dir, run_dir.name, with_keys(trials), curves, manifest)
 
 
+def _text(columns: pd.DataFrame) -> pd.DataFrame:
+    """Settings as text for a key, a missing one as "nan" (pandas 3's astype(str) keeps missing values missing)."""
+    return columns.astype(object).where(columns.notna(), "nan").astype(str)
+
+
 def with_keys(trials: pd.DataFrame) -> pd.DataFrame:
     """Rows without `control_key`/`setting_key` (a table made by hand) get them from every setting column present;
     every row gets `window_key` (its setting columns but those of what TTT does: `WINDOW_SETTINGS`)."""
@@ -80,7 +85,7 @@ def with_keys(trials: pd.DataFrame) -> pd.DataFrame:
         if col not in trials:
             trials[col] = default
     present = [c for c in MATCH_SETTINGS if c in trials]
-    settings = trials[present].astype(str).agg("|".join, axis=1) if present else ""
+    settings = _text(trials[present]).agg("|".join, axis=1) if present else ""
     if "control_key" not in trials or trials["control_key"].isna().any():
         derived = settings + "|seed=" + trials["seed"].astype(str)
         trials["control_key"] = trials["control_key"].fillna(derived) if "control_key" in trials else derived
@@ -88,5 +93,5 @@ def with_keys(trials: pd.DataFrame) -> pd.DataFrame:
         derived = trials["regime"].astype(str) + "|" + settings
         trials["setting_key"] = trials["setting_key"].fillna(derived) if "setting_key" in trials else derived
     window = [c for c in WINDOW_SETTINGS if c in trials]  # the fp reference's group: all but what TTT does
-    trials["window_key"] = trials[window].astype(str).agg("|".join, axis=1) if window else ""
+    trials["window_key"] = _text(trials[window]).agg("|".join, axis=1) if window else ""
     return trials

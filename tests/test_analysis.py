@@ -1054,3 +1054,53 @@ def test_findings_say_when_gptq_has_no_rtn_regime_to_be_compared_with(trials, mo
         "GPTQ vs RTN (#1341): no GPTQ and RTN regimes of matched damage (within 25%) in this run.",
         f"Healing beyond plain adaptation (recovery − fp's own gain on the same windows, per segment): int3 beyond "
         f"({_signed(1).text(4)} bpb)."]
+
+
+def test_choice_points_pick_each_choices_best_lr_on_the_selection_seeds():
+    """Per regime and protocol: the lr with the largest mean recovery on seeds 0-1 (the selection half of 0-3), even
+    where the reported seeds 2-3 would pick the other; a row without a recipe is its own choice, "no recipe"."""
+    rows = []
+    for s in range(4):
+        for recipe in ("stream", None):
+            for lr in (0.03, 0.1):
+                better = (lr == 0.1) == (s < 2)  # lr 0.1 better on seeds 0-1, lr 0.03 on seeds 2-3
+                rows.append({**trial("fp", s, lr=lr, post=1.70, ttt=1.69 - 0.001 * s, tid=f"f-{recipe}-{lr}-{s}"),
+                             "recipe": recipe})
+                rows.append({**trial("int3", s, lr=lr, post=1.80, ttt=1.80 - (0.05 if better else 0.02) - 0.001 * s,
+                                     tid=f"q-{recipe}-{lr}-{s}"), "recipe": recipe})
+    t = table(rows)  # keys made with a missing recipe (pandas 3's astype(str) keeps it missing): "nan" in the key
+    assert t.loc[t["recipe"].isna(), "setting_key"].str.contains("|nan|", regex=False).all()
+    got = families.choice_points(t, "recipe")
+    assert list(got.columns) == ["regime", "recipe", "setting_key", "inner_lr", "damage_mean"]
+    assert list(got.index) == [0, 1]
+    assert sorted(got["recipe"]) == ["", "stream"] and set(got["regime"]) == {"int3"} and set(got["inner_lr"]) == {0.1}
+    assert got["damage_mean"].tolist() == pytest.approx([0.10, 0.10])
+    names = families.by_protocol(t)
+    assert sorted(names["protocol"]) == ["no recipe", "stream"] and set(names["lr"]) == {0.1}
+    assert families.choice_points(t[t["recipe"].notna()], "recipe").empty  # one protocol: nothing to choose between
+
+
+def test_points_are_the_damaged_regimes_best_settings_with_their_families_by_damage():
+    rows = [trial("fp", s, post=1.70, ttt=1.69 - 0.001 * s) for s in range(3)]
+    rows += [trial("noise-1", s, post=1.95, ttt=1.90 - 0.01 * s) for s in range(3)]
+    rows += [trial("int3", s, post=1.80, ttt=1.77 - 0.01 * s) for s in range(3)]
+    t = table(rows)  # no family column: each regime's family is derived from its name
+    pts = families.points(t)
+    assert pts["regime"].tolist() == ["int3", "noise-1"] and list(pts.index) == [0, 1]  # by damage, fp left out
+    assert pts["family"].tolist() == ["rtn", "unstructured"] and "index" not in pts
+    nothing = table([trial("int3", s, post=1.80, ttt=1.77) for s in range(3)])  # identical seeds: none eligible
+    assert families.points(nothing).empty
+
+
+def test_segment_values_by_hand_one_row_per_seed():
+    t = table([trial("fp", s, post=1.70, ttt=1.69 - 0.002 * s) for s in range(3)]
+              + [trial("int3", s, post=1.74 + 0.01 * s, ttt=1.73) for s in range(3)]
+              + [trial("int3", 1, post=1.74, ttt=1.60, tid="again")])  # seed 1 twice: the first row counts
+    key = t.loc[t["regime"] == "int3", "setting_key"].iloc[0]
+    v = families.segment_values(t, key)
+    assert list(v.index) == [0, 1, 2]  # the seeds
+    damage, recovery = np.array([0.04, 0.05, 0.06]), np.array([0.01, 0.02, 0.03])
+    np.testing.assert_allclose(v["damage"], damage)
+    np.testing.assert_allclose(v["recovery_frac"], recovery / damage)
+    np.testing.assert_allclose(v["fp_gain"], [0.01, 0.012, 0.014])
+    np.testing.assert_allclose(v["healing"], recovery - np.array([0.01, 0.012, 0.014]))
