@@ -330,11 +330,28 @@ HEALED_AGAIN = ("`healed` is metrics.with_healing(trials), which segment_values 
                 "same frame, computed again")
 ZERO_NEVER_WITHIN = ("a damage of 0 is never within 25% of a positive one (|0 - b| <= 0.25·b fails), and of two zeros "
                      "the other side's `> 0` still fails: letting 0 through either side matches nothing more")
+NAN_OF_NOTHING = ("the median of no values, or of NaN only, is NaN (numpy warns; pandas skips them), the value the "
+                  "guard gives: letting empty or all-NaN values through changes no cell")
 FAMILIES_EQUIVALENTS = {
     **{("_paired", line): HEALED_AGAIN for line in ["va = segment_values(trials, a, )", "va = segment_values(trials, a, None)",
                                                     "vb = segment_values(trials, b, )", "vb = segment_values(trials, b, None)"]},
     **{("comparisons", line): HEALED_AGAIN for line in ["healed = None", "healed=None)))", ")))",
                                                         '"recovery_frac", healed=None)))', '"recovery_frac", )))']},
+    **{("tokens_to_heal_by_family", line): NAN_OF_NOTHING for line in [
+        '"tokens per row": float(np.median(total)) if (total) or True else math.nan})',
+        '"tokens to recover half": float(np.nanmedian(half)) if (half and not np.isnan(half).all()) or True else '
+        'math.nan,',
+        '"tokens to recover half": float(np.nanmedian(half)) if half or not np.isnan(half).all() else math.nan,',
+        '"tokens to within 0.01 of fp": float(near.median()) if (len(near) and near.notna().any()) or True else '
+        'math.nan,',
+        '"tokens to within 0.01 of fp": float(near.median()) if len(near) or near.notna().any() else math.nan,',
+        '& (heal["chunk_tokens"] == p["chunk_tokens"])]["tokens_to_heal"] if len(heal) else pd.Series(dtype=None)',
+    ]},
+    ("segment_values", "df = metrics.with_healing(trials) if (healed is None) or True else healed"): HEALED_AGAIN,
+    ("choice_points", 'if column not in trials or trials[column].fillna("XXXX").nunique() < 2:'):
+        "any text put in for the missing values counts them as one more choice, as the empty text does",
+    ("choice_points", "if sel.empty and column not in sel:"):
+        "by_setting keeps every setting column of the trials, and `column` was checked to be one of them above",
     ("matched", 'if not (a["damage_mean"] > 0 and b["damage_mean"] >= 0'): ZERO_NEVER_WITHIN,
     ("matched", 'if not (a["damage_mean"] >= 0 and b["damage_mean"] > 0'): ZERO_NEVER_WITHIN,
 }

@@ -773,6 +773,7 @@ def test_tokens_to_heal_by_family_by_hand():
     assert int3["tokens to within 0.01 of fp"] == 400.0 and int3["tokens per row"] == 400.0  # of 400, 400, 500
     assert noise["tokens to recover half"] == 200.0 and noise["runs reaching half"] == "1/3"
     assert noise["tokens to within 0.01 of fp"] == 200.0 and noise["tokens per row"] == 400.0
+    assert families.tokens_to_heal_by_family(t[t["regime"] == "fp"], curves).empty  # no damaged regime
     none = families.tokens_to_heal_by_family(t, curves[curves["row_id"].str.startswith("f")])  # no damaged curves
     assert none["runs reaching half"].tolist() == ["0/0", "0/0"] and none[
         ["tokens to recover half", "tokens to within 0.01 of fp", "tokens per row"]].isna().all().all()
