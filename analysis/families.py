@@ -291,8 +291,10 @@ def persistence(trials: pd.DataFrame) -> pd.DataFrame:
     held-out slice (quantized − adapted weights, static), fp's own persistent gain, and the share of the persistent
     repair that survives putting the adapted weights back on the regime's grid."""
     best = metrics.best_setting(trials)
+    if best.empty or "setting_key" not in best:  # no regime has an eligible setting
+        return pd.DataFrame()
     rows = []
-    for _, b in best[best.get("setting_key", pd.Series(dtype=object)).notna()].iterrows() if len(best) else []:
+    for _, b in best[best["setting_key"].notna()].iterrows():
         v = segment_values(trials, b["setting_key"])
         if v["persistent"].isna().all():
             continue

@@ -704,6 +704,9 @@ def test_persistence_by_hand():
     assert np.isnan(t.loc["int4", "share surviving re-quantization"])
     assert np.isnan(t.loc["fp", "share surviving re-quantization"])  # fp has no grid to go back on
     assert families.persistence(table([trial("fp", s, post=1.70, ttt=1.69 - 0.001 * s) for s in range(3)])).empty
+    backwards = families.persistence(table(rows[::-1])).set_index("regime")  # int2, with no held-out slice, first
+    assert sorted(backwards.index) == ["fp", "int3", "int4"]
+    assert families.persistence(table([trial("int3", s, post=1.80, ttt=1.77) for s in range(3)])).empty  # none eligible
 
 
 def test_protocol_names_and_the_protocol_table_by_hand():
@@ -774,6 +777,8 @@ def test_tokens_to_heal_by_family_by_hand():
     assert noise["tokens to recover half"] == 200.0 and noise["runs reaching half"] == "1/3"
     assert noise["tokens to within 0.01 of fp"] == 200.0 and noise["tokens per row"] == 400.0
     assert families.tokens_to_heal_by_family(t[t["regime"] == "fp"], curves).empty  # no damaged regime
+    no_q0 = families.tokens_to_heal_by_family(t, curves[curves["row_id"] != "q0"]).set_index("regime")
+    assert no_q0.loc["int3", "runs reaching half"] == "1/2"  # a row without a curve is passed over, not the end
     none = families.tokens_to_heal_by_family(t, curves[curves["row_id"].str.startswith("f")])  # no damaged curves
     assert none["runs reaching half"].tolist() == ["0/0", "0/0"] and none[
         ["tokens to recover half", "tokens to within 0.01 of fp", "tokens per row"]].isna().all().all()
@@ -895,7 +900,8 @@ def test_healing_and_persistence_comparisons_by_hand():
     for g, w in zip(got, want):
         assert g.what == w.what and g.n == 3
         assert (g.mean, g.low, g.high, g.p_holm) == pytest.approx((w.mean, w.low, w.high, w.p_holm))
-    assert families.comparisons(t, kinds=("trend",))["healing"] == []
+    other = families.comparisons(t, kinds=("trend",))
+    assert other["healing"] == [] and other["persistence"] == []
 
 
 def test_capacity_compares_every_pair_of_adapted_parameter_choices_on_recovery():
@@ -930,6 +936,7 @@ def test_capacity_compares_every_pair_of_adapted_parameter_choices_on_recovery()
     for (_, c), w in zip(got, want):
         assert c.what == "capacity" and (c.n, c.mean, c.p_holm) == (w.n, pytest.approx(w.mean), pytest.approx(w.p_holm))
     assert got[1][1].mean == pytest.approx(0.02 - 0.002 * np.mean(reported))
+    assert families.comparisons(t, kinds=("healing",))["capacity"] == []
 
 
 def test_the_findings_opening_and_fallback_sentences_word_for_word():
@@ -1096,12 +1103,13 @@ def test_points_are_the_damaged_regimes_best_settings_with_their_families_by_dam
 
 
 def test_segment_values_by_hand_one_row_per_seed():
-    t = table([trial("fp", s, post=1.70, ttt=1.69 - 0.002 * s) for s in range(3)]
-              + [trial("int3", s, post=1.74 + 0.01 * s, ttt=1.73) for s in range(3)]
-              + [trial("int3", 1, post=1.74, ttt=1.60, tid="again")])  # seed 1 twice: the first row counts
+    seeds = (1, 4, 6)
+    t = table([trial("fp", s, post=1.70, ttt=1.69 - 0.002 * i) for i, s in enumerate(seeds)]
+              + [trial("int3", s, post=1.74 + 0.01 * i, ttt=1.73) for i, s in enumerate(seeds)]
+              + [trial("int3", 4, post=1.74, ttt=1.60, tid="again")])  # seed 4 twice: the first row counts
     key = t.loc[t["regime"] == "int3", "setting_key"].iloc[0]
     v = families.segment_values(t, key)
-    assert list(v.index) == [0, 1, 2]  # the seeds
+    assert list(v.index) == [1, 4, 6]  # the seeds
     damage, recovery = np.array([0.04, 0.05, 0.06]), np.array([0.01, 0.02, 0.03])
     np.testing.assert_allclose(v["damage"], damage)
     np.testing.assert_allclose(v["recovery_frac"], recovery / damage)
