@@ -335,8 +335,17 @@ NAN_OF_NOTHING = ("the median of no values, or of NaN only, is NaN (numpy warns;
 FAMILIES_EQUIVALENTS = {
     **{("_paired", line): HEALED_AGAIN for line in ["va = segment_values(trials, a, )", "va = segment_values(trials, a, None)",
                                                     "vb = segment_values(trials, b, )", "vb = segment_values(trials, b, None)"]},
-    **{("comparisons", line): HEALED_AGAIN for line in ["healed = None", "healed=None)))", ")))",
-                                                        '"recovery_frac", healed=None)))', '"recovery_frac", )))']},
+    **{("comparisons", line): HEALED_AGAIN for line in [
+        "healed = None", "healed=None)))", ")))", "None)))", '"recovery_frac", healed=None)))', '"recovery_frac", )))',
+        'v = segment_values(trials, p["setting_key"], ) if want("persistence") else None',
+        'v = segment_values(trials, p["setting_key"], None) if want("persistence") else None']},
+    ("comparisons", 'for regime, g in (choice.groupby("regime", sort=None) if len(choice) else []):'): SORT_NONE,
+    ("findings", "head = (f\"structured damage recovered {'more' if signs[0] >= 0 else 'less'} of its damage than "
+                 "unstructured \""):
+        "this branch is taken only when every sign is +1 or every sign is -1: signs[0] is never 0",
+    ("findings", "if sizes and smallest_holm_p(min(sizes), n) > ALPHA:"):
+        "smallest_holm_p is min(1, comparisons · 2^(1-n)), a whole number over a power of two: it equals the float "
+        "0.05 only for about 3.6e15 comparisons, so > and >= part nowhere a report reaches",
     **{("tokens_to_heal_by_family", line): NAN_OF_NOTHING for line in [
         '"tokens per row": float(np.median(total)) if (total) or True else math.nan})',
         '"tokens to recover half": float(np.nanmedian(half)) if (half and not np.isnan(half).all()) or True else '
