@@ -40,9 +40,7 @@ def points(trials: pd.DataFrame) -> pd.DataFrame:
     best = metrics.best_setting(trials)
     if best.empty or "setting_key" not in best:
         return pd.DataFrame()
-    best = best[best["setting_key"].notna() & (best["regime"] != "fp")].copy()
-    if "family" not in best:
-        best["family"] = best["regime"].map(metrics.family_of)
+    best = best[best["setting_key"].notna() & (best["regime"] != "fp")].copy()  # by_setting gave each its family
     return best.sort_values("damage_mean").reset_index(drop=True)
 
 
