@@ -281,6 +281,9 @@ SCALES_DECIDE = ("a per-row entry's scales are 1-D and a one-scale entry's 0-D: 
                  "so what qmeta says never changes it")
 WEIGHTS_ONLY_DEFAULT = ("torch >= 2.6 (this suite's) loads weights-only by default; on torch 2.4 and 2.5, which the "
                         "package allows, the default is full pickle, which no test here can run")
+ONE_SIDE = ("a value past the clip divides to past ±127, which the outer clamp brings back to ±127: the code that "
+            "clipping it first gives")
+F32_DEFAULT = "torch.tensor of a Python float is float32 by default, the dtype the line names"
 QUANT_EQUIVALENTS = {
     **{("quantize_tensor", f"q = torch.clamp(torch.round(clipped / scale[:, None]), {lo}, {hi}).to(torch.int8)"
         ".contiguous()"): WITHIN_127 for lo, hi in [("-127", "128"), ("-128", "127"), ("-127", "None"),
@@ -315,7 +318,17 @@ QUANT_EQUIVALENTS = {
         'if qmeta.get(name, {}).get(None) == "per_row" or s.ndim > 0:',
         'qmeta = obj.get("QMETA", {})',
         'qmeta = obj.get("XXqmetaXX", {})',
+        "qmeta = obj.get(None, {})",
     ]},
+    ("dequantize_state_dict", "s = s.to(None).view(q.shape[0], *([1] * (q.ndim - 1)))"):
+        "float32 codes times fp16 scales promote to float32, each scale exactly: the same products",
+    **{("quantize_tensor", f"q = torch.clamp(torch.round(torch.clamp(t32, {lo}, {hi}) / scale), -127, 127)"
+        ".to(torch.int8)"): ONE_SIDE for lo, hi in [("-clip_val", ""), ("-clip_val", "None"), ("None", "clip_val")]},
+    **{("quantize_tensor", f"scale = torch.tensor(clip_val / 127.0 if clip_val > 0 else 1.0, {arg})"): F32_DEFAULT
+       for arg in ["", "dtype=None"]},
+    ("Rotation.__init__", "self.hadamard = n & (n - 2) == 0"):
+        "n & (n - 2) is 0 for the same widths as n & (n - 1) from 2 up; at width 1 both rotations are ±1, and encoding "
+        "and decoding use the same one, so the weights evaluated are the same",
     ("dequantize_state_dict", "t = t.detach().to(None).contiguous()"): CPU_ONLY,
     ("quantize_state_dict", "t = tensor.detach().to(None).contiguous()"): CPU_ONLY,
     ("unpack", 'return torch.load(io.BytesIO(zlib.decompress(blob)), map_location=None, weights_only=True)'): CPU_ONLY,
