@@ -326,6 +326,18 @@ QUANT_EQUIVALENTS = {
         ".to(torch.int8)"): ONE_SIDE for lo, hi in [("-clip_val", ""), ("-clip_val", "None"), ("None", "clip_val")]},
     **{("quantize_tensor", f"scale = torch.tensor(clip_val / 127.0 if clip_val > 0 else 1.0, {arg})"): F32_DEFAULT
        for arg in ["", "dtype=None"]},
+    ("gptq", "H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, )"): CPU_ONLY,
+    ("gptq", "H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, device=None)"): CPU_ONLY,
+    ("gptq", "perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, )"): CPU_ONLY,
+    ("gptq", "perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=None)"):
+        CPU_ONLY,
+    ("gptq", "def gptq(W: Tensor, H: Tensor, levels: int, block: int = 129, damp: float = 0.01,"):
+        "lazy batches give the codes of column-by-column GPTQ at any width (the test checks widths 5 to 128): the "
+        "default width changes speed, not codes",
+    ("gptq", "act_order: bool = True, clip_q: float = 2.0) -> Quantized:"):
+        "row_scales reads any clip_q >= 1 as the row's maximum: 2.0 clips as 1.0 does",
+    ("proxy_loss", 'return float(torch.einsum("IJ,JK,IK->", E, H.double(), E))'):
+        "einsum takes upper-case subscripts as it takes lower-case ones",
     ("Rotation.__init__", "self.hadamard = n & (n - 2) == 0"):
         "n & (n - 2) is 0 for the same widths as n & (n - 1) from 2 up; at width 1 both rotations are ±1, and encoding "
         "and decoding use the same one, so the weights evaluated are the same",

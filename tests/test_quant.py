@@ -773,23 +773,29 @@ def _reference_gptq(W: Tensor, H: Tensor, levels: int, damp: float, act_order: b
     return codes
 
 
-@pytest.mark.parametrize("levels, block, damp, act_order", [(15, 16, 0.01, True), (7, 48, 0.1, False),
-                                                            (3, 5, 0.01, True), (16, 128, 0.05, True)])
-def test_gptq_gives_the_codes_of_algorithm_1_written_plainly(levels, block, damp, act_order):
+@pytest.mark.parametrize("levels, block, damp, act_order, size", [
+    (15, 16, 0.01, True, 1.0), (7, 48, 0.1, False, 1.0), (3, 5, 0.01, True, 1.0), (16, 128, 0.05, True, 1.0),
+    (15, None, 0.3, False, 0.05),  # small inputs: the dead input's stand-in diagonal of 1 weighs in the damping
+    (15, None, None, None, 1.0)])  # gptq's defaults: lazy batches of 128, damping 0.01, act order
+def test_gptq_gives_the_codes_of_algorithm_1_written_plainly(levels, block, damp, act_order, size):
     """Lazy batches of any width (a partial last one included), act order or not, damping, a dead input: the same
     codes as the plain algorithm, the row scales of RTN, and W and H left as they were."""
     g = torch.Generator().manual_seed(0)
-    X = torch.randn(2048, 48, generator=g) @ torch.randn(48, 48, generator=g)
+    X = size * torch.randn(2048, 48, generator=g) @ torch.randn(48, 48, generator=g)
     X[:, 5] = 0  # an input that is always zero
     H = 2 * X.T @ X / X.shape[0]
     W = torch.randn(24, 48, generator=g)
     W0, H0 = W.clone(), H.clone()
-    q = gptq(W, H, levels, block=block, damp=damp, act_order=act_order)
-    assert torch.equal(q.codes, _reference_gptq(W, H, levels, damp, act_order).to(torch.uint8))
+    given = {k: v for k, v in (("block", block), ("damp", damp), ("act_order", act_order)) if v is not None}
+    q = gptq(W, H, levels, **given)
+    want = _reference_gptq(W, H, levels, 0.01 if damp is None else damp, True if act_order is None else act_order)
+    assert q.codes.dtype == torch.uint8 and torch.equal(q.codes, want.to(torch.uint8))
     c = (levels - 1) / 2
     s = (torch.where(torch.arange(48) == 5, 0.0, W).abs().amax(dim=1) / c).half().float()
     assert torch.equal(q.scales, s) and torch.equal(q.Q, (q.codes.float() - c) * s[:, None])
     assert torch.equal(W, W0) and torch.equal(H, H0)
+    live = torch.where(torch.arange(48) == 5, 0.0, W)
+    assert torch.equal(gptq(W, H, levels, clip_q=0.9).scales, rtn(live, levels, 0.9).scales)  # RTN's clipped scales
 
 
 class _Small(nn.Module):
@@ -889,13 +895,14 @@ def test_noise_adds_seeded_noise_of_x_times_each_rows_rms_to_every_weight_it_tre
     assert report.selection["treated"] == ["emb.weight", "fc.weight", "proj.weight"] and report.quantized_params == 0
 
 
-def test_gptq_calibrates_each_layer_on_the_inputs_the_layers_quantized_before_it_give():
+@pytest.mark.parametrize("clip_q, act_order", [(1.0, True), (0.9, False)])
+def test_gptq_calibrates_each_layer_on_the_inputs_the_layers_quantized_before_it_give(clip_q, act_order):
     """gptq-int4 on the small model: the embedding first (RTN at 8 bits), then fc with H = 2XᵀX/n of the quantized
     embedding's output, then proj with H of relu(fc's quantized output): whole sequences of the calibration stream,
-    at most calib_tokens of it. Proxy losses by hand."""
+    at most calib_tokens of it, with the config's clip and order. Proxy losses by hand."""
     model = _Small()
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    cfg = QuantConfig(calib_tokens=600, calib_seq_len=128)
+    cfg = QuantConfig(calib_tokens=600, calib_seq_len=128, clip_q=clip_q, act_order=act_order)
     calib = torch.randint(0, 300, (1000,), generator=torch.Generator().manual_seed(1))
     q, report = quantize_model(model, parse_regime("gptq-int4"), cfg, calib)
     ids = calib[:512].view(4, 128)  # four whole sequences fit in 600 tokens
@@ -904,12 +911,12 @@ def test_gptq_calibrates_each_layer_on_the_inputs_the_layers_quantized_before_it
         x = x.reshape(-1, x.shape[-1]).double()
         return (2.0 * (x.T @ x) / x.shape[0]).float()
 
-    emb = rtn(sd["emb.weight"], 255).Q
+    emb = rtn(sd["emb.weight"], 255, clip_q).Q
     x_fc = F.embedding(ids, emb) * sd["attn_scale"]
     H_fc = hessian(x_fc)
-    fc = gptq(sd["fc.weight"], H_fc, 15, cfg.gptq_block, cfg.gptq_damp, cfg.act_order)
+    fc = gptq(sd["fc.weight"], H_fc, 15, cfg.gptq_block, cfg.gptq_damp, act_order, clip_q)
     H_proj = hessian(torch.relu(F.linear(x_fc, fc.Q)))
-    proj = gptq(sd["proj.weight"], H_proj, 15, cfg.gptq_block, cfg.gptq_damp, cfg.act_order)
+    proj = gptq(sd["proj.weight"], H_proj, 15, cfg.gptq_block, cfg.gptq_damp, act_order, clip_q)
     got = q.state_dict()
     assert torch.equal(got["emb.weight"], emb)
     assert torch.equal(got["fc.weight"], fc.Q) and torch.equal(got["proj.weight"], proj.Q)
@@ -917,7 +924,8 @@ def test_gptq_calibrates_each_layer_on_the_inputs_the_layers_quantized_before_it
     assert "proxy_loss" not in stats["emb.weight"]  # looked up, not multiplied: no Hessian
     for name, H, Q in (("fc.weight", H_fc, fc.Q), ("proj.weight", H_proj, proj.Q)):
         assert stats[name]["proxy_loss"] == pytest.approx(proxy_loss(sd[name], Q, H), rel=1e-9)
-        assert stats[name]["rtn_proxy_loss"] == pytest.approx(proxy_loss(sd[name], rtn(sd[name], 15).Q, H), rel=1e-9)
+        assert stats[name]["rtn_proxy_loss"] == pytest.approx(proxy_loss(sd[name], rtn(sd[name], 15, clip_q).Q, H),
+                                                              rel=1e-9)
     assert report.notes == []
     with pytest.raises(ValueError) as e:
         quantize_model(model, parse_regime("gptq-int4"), cfg)
