@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from e2ettt import data
 from e2ettt.checkpoint import load_model, load_state_dict
 from e2ettt.quant import pg_int8
-from e2ettt.quant.apply import quantize_model
+from e2ettt.quant.apply import Target, quantize_model, treated_share
 from e2ettt.quant.artifact import decode, pack_codes, unpack_codes
 from e2ettt.quant.gptq import gptq, proxy_loss
 from e2ettt.quant.hadamard import Rotation, fwht
@@ -194,6 +194,14 @@ def test_packed_codes_take_bits_per_entry():
     bits = np.unpackbits(np.frombuffer(packed, np.uint8))[: 3000].reshape(-1, 3)
     np.testing.assert_array_equal(bits @ np.array([4, 2, 1]), codes.numpy())  # MSB first, written out
     assert torch.equal(unpack_codes(packed, 3, 1000), codes)
+
+
+def test_codes_of_any_integer_dtype_and_shape_pack_row_by_row_and_unpack_as_uint8():
+    codes = torch.tensor([[5, 0, 7], [1, 6, 2]])  # int64, (2, 3): 101 000 111 001 110 010, row by row
+    packed = pack_codes(codes, 3)
+    assert packed == bytes([0b10100011, 0b10011100, 0b10000000])
+    got = unpack_codes(packed, 3, 6)
+    assert got.dtype == torch.uint8 and got.tolist() == [5, 0, 7, 1, 6, 2]
 
 
 @pytest.mark.parametrize("regime", ["int3", "gptq-int3", "hadamard-gptq-int4", "ternary", "int3-0.5", "noise-0.5",
@@ -863,6 +871,9 @@ def test_an_rtn_regime_stores_and_reports_each_weight_by_hand(grid):
 
 def test_a_share_treats_a_seeded_half_of_the_linear_weights_and_keeps_the_rest_in_fp16():
     model = _Small()
+    with torch.no_grad():
+        for w in (model.fc.weight, model.proj.weight):
+            w.mul_(1e-3)  # norms about 0.28: an error is relative to the weight's own norm, below 1 too
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     treated = []
     for seed in range(6):
@@ -874,10 +885,35 @@ def test_a_share_treats_a_seeded_half_of_the_linear_weights_and_keeps_the_rest_i
         assert torch.equal(got["emb.weight"], rtn(sd["emb.weight"], 255).Q)  # the embedding is not in the draw
         assert set(report.artifact["passthrough"]) == {other, "tiny.weight", "attn_scale", "steps"}
         kept = next(t for t in report.tensors if t["name"] == other)
-        assert kept["bits"] == 16 and kept["rel_error"] == pytest.approx(_rel(sd[other].half().float(), sd[other]))
+        assert kept == {"name": other, "uses": [other.removesuffix(".weight")], "numel": 76_800, "bits": 16,
+                        "rel_error": pytest.approx(_rel(sd[other].half().float(), sd[other]))}
         assert report.quantized_params == 2 * 76_800 and report.grid[other]["kind"] == "fp16"
         treated.append(name)
     assert set(treated) == {"fc.weight", "proj.weight"}  # the seed decides which
+
+
+def test_a_share_draws_round_share_n_weights_by_name_from_its_seed_alone():
+    """treated_share: of the linear weights (embedding tables only when asked), sorted by name, the first
+    max(1, round(share · n)) of torch.randperm(n) seeded by the rotation seed; the global generator plays no part."""
+    names = ["w4", "w3", "w2", "w1", "w0"]  # keys 0..4 in the opposite order to their names
+    targets = {k: Target(name=n, param=nn.Parameter(torch.zeros(2, 2))) for k, n in enumerate(names)}
+    targets[5] = Target(name="a_emb", param=nn.Parameter(torch.zeros(2, 2)), embeddings=["a_emb"])
+
+    def by_hand(share, seed, keys):
+        keys = sorted(keys, key=lambda k: targets[k].name)
+        order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed)).tolist()
+        return {keys[i] for i in order[: max(1, round(share * len(keys)))]}
+
+    linear = [0, 1, 2, 3, 4]
+    for seed in range(4):
+        torch.manual_seed(100 + seed)  # the global generator's state differs on every call
+        half = treated_share(targets, 0.5, seed)
+        assert half == by_hand(0.5, seed, linear) and len(half) == 2  # round(2.5) = 2
+        assert treated_share(targets, 0.01, seed) == by_hand(0.01, seed, linear) and len(by_hand(0.01, seed, linear)) == 1
+        assert treated_share(targets, 0.5, seed, embeddings=True) == by_hand(0.5, seed, [*linear, 5])
+    assert len({frozenset(treated_share(targets, 0.5, seed)) for seed in range(4)}) > 1  # the seed decides
+    assert treated_share(targets, 1.0, 3) == set(linear)
+    assert treated_share(targets, 1.0, 3, embeddings=True) == set(range(6))
 
 
 def test_noise_adds_seeded_noise_of_x_times_each_rows_rms_to_every_weight_it_treats():

@@ -102,7 +102,7 @@ class Target:
 
     def store_(self, W: Tensor) -> None:
         with torch.no_grad():
-            self.weight().copy_(W.to(device=self.param.device, dtype=self.param.dtype))
+            self.weight().copy_(W)  # copy_ casts to the parameter's dtype and moves to its device
 
 
 class QuantSelectionError(ValueError):
@@ -339,8 +339,6 @@ def treated_share(targets: dict[int, Target], share: float, seed: int, embedding
     """The weights a regime with a share treats (linear weights; with `embeddings`, embedding tables too): all at
     share 1, else a seeded choice of round(share · n)."""
     keys = sorted((k for k, t in targets.items() if embeddings or not t.embeddings), key=lambda k: targets[k].name)
-    if share >= 1:
-        return set(keys)
     order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed)).tolist()
     return {keys[i] for i in order[: max(1, round(share * len(keys)))]}
 
@@ -368,11 +366,11 @@ def _quantize_packed(out: nn.Module, regime: Regime, cfg: QuantConfig, calib: Te
 
     def keep(key: str, W: Tensor) -> None:  # stored in fp16, as parameter-golf stores floats
         t = targets[key]
-        stored = W.detach().to(torch.float16).cpu()
+        half = W.detach().to(torch.float16)
         original = t.weight().detach().float()
-        error = float((stored.float().to(original.device) - original).norm() / original.norm().clamp_min(1e-12))
-        packed["passthrough"][t.name] = stored
-        t.store_(stored)
+        error = float((half.float() - original).norm() / original.norm().clamp_min(1e-12))
+        packed["passthrough"][t.name] = half.cpu()
+        t.store_(half)
         report.tensors.append({"name": t.name, "uses": t.uses, "numel": W.numel(), "bits": 16, "rel_error": error})
 
     def quantize(key: str, H: Tensor | None) -> None:

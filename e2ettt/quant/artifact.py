@@ -27,9 +27,9 @@ FORMAT = "e2ettt_packed_v1"
 
 def pack_codes(codes: Tensor, bits: int) -> bytes:
     """Unsigned codes in [0, 2^bits) as a dense stream of `bits`-bit fields, most significant bit first."""
-    u = codes.detach().cpu().to(torch.uint8).numpy().reshape(-1)
+    u = codes.detach().cpu().to(torch.uint8).numpy().ravel()
     fields = np.unpackbits(u[:, None], axis=1)[:, 8 - bits :]  # (n, bits)
-    return np.packbits(fields.reshape(-1)).tobytes()
+    return np.packbits(fields).tobytes()  # packbits reads (n, bits) row by row
 
 
 def unpack_codes(blob: bytes, bits: int, count: int) -> Tensor:
