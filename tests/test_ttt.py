@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import e2ettt.ttt as engine
 from e2ettt.adapt import merge_
 from e2ettt.evaluate import DeviceTables, Score, chunk_spans, plan_windows, score_windows, static_curve, token_nll
 from e2ettt.launch import run_local
@@ -561,8 +562,6 @@ def test_chunk_records_carry_the_signal_summed_and_the_lr_that_followed(random_g
 
 @pytest.mark.parametrize("every, checked", [(1, [0, 1, 2]), (2, [1]), (3, [2]), (0, [])])
 def test_weights_are_compared_across_ranks_every_n_adapted_chunks(random_gpt, tokens, tables, monkeypatch, every, checked):
-    import e2ettt.ttt as engine
-
     seen = []
     monkeypatch.setattr(engine, "assert_same_weights", lambda params, where: seen.append((len(params), where)))
     out = run_ttt(copy.deepcopy(random_gpt), tokens[:401], tables, dataclasses.replace(CFG, checksum_every=every))
