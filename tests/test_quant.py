@@ -10,7 +10,8 @@ from torch import Tensor, nn
 from e2ettt import data
 from e2ettt.checkpoint import load_model, load_state_dict
 from e2ettt.quant import pg_int8
-from e2ettt.quant.apply import Target, quantize_model, treated_share
+from e2ettt.quant.apply import Target, quantize_model, select_targets, treated_share
+from e2ettt.quant.artifact import compressed_sizes as artifact_sizes
 from e2ettt.quant.artifact import decode, pack_codes, unpack_codes
 from e2ettt.quant.gptq import gptq, proxy_loss
 from e2ettt.quant.hadamard import Rotation, fwht
@@ -887,6 +888,8 @@ def test_a_share_treats_a_seeded_half_of_the_linear_weights_and_keeps_the_rest_i
         kept = next(t for t in report.tensors if t["name"] == other)
         assert kept == {"name": other, "uses": [other.removesuffix(".weight")], "numel": 76_800, "bits": 16,
                         "rel_error": pytest.approx(_rel(sd[other].half().float(), sd[other]))}
+        quantized = next(t for t in report.tensors if t["name"] == name)
+        assert quantized["rel_error"] == pytest.approx(_rel(rtn(sd[name], 15).Q, sd[name]))
         assert report.quantized_params == 2 * 76_800 and report.grid[other]["kind"] == "fp16"
         treated.append(name)
     assert set(treated) == {"fc.weight", "proj.weight"}  # the seed decides which
@@ -1072,6 +1075,8 @@ def test_selection_by_size_name_and_kind_and_the_share_it_must_reach():
     kept = QuantConfig(keep_float="attn_scale, fc", embed_bits=0)
     assert set(select_targets(model, kept)) == {"proj.weight"}
     assert matrix_parameters(model, kept) == {"proj.weight": 76_800}
+    packed = QuantConfig(keep_float="attn_scale,fc", embed_bits=0)  # no space after the comma
+    assert set(select_targets(model, packed)) == {"proj.weight"} and set(matrix_parameters(model, packed)) == {"proj.weight"}
     assert matrix_parameters(model, QuantConfig()) == {"emb.weight": 76_800, "fc.weight": 76_800, "proj.weight": 76_800}
 
     tied = _Unused()
@@ -1110,8 +1115,137 @@ def test_the_report_notes_what_a_user_should_know_about_the_selection():
         "shared weights quantized once, Hessian summed over every use: ['emb.weight (used by fc, emb)']",
         "1 matrices no linear module holds (bare parameters or bank slices), found by tracing a forward pass"]
     assert report.selection["outside_modules"] == ["bare"] and report.selection["reached"] == 3 * 76_800
+    shared = {t["name"]: t["shared"] for t in report.tensors}
+    assert shared == {"emb.weight": True, "proj.weight": False, "bare": False}  # the table: two uses
     half = _Notes().to(torch.bfloat16)
     q, report = quantize_model(half, parse_regime("int4"), cfg)
     assert report.notes[-1] == ("the model's own dtypes kept: decoded weights are cast into them as the records load "
                                 "them")
     assert all(p.dtype == torch.bfloat16 for p in q.parameters())
+
+
+def test_ternary_keeps_its_three_levels_on_the_midrise_grid():
+    q, report = quantize_model(_Small(), parse_regime("ternary"), QuantConfig(grid="midrise"))
+    fc = next(t for t in report.tensors if t["name"] == "fc.weight")
+    assert fc["levels"] == 3 and report.grid["fc.weight"]["levels"] == 3
+    assert q.fc.weight.unique(dim=None).numel() <= 3 * 300  # three values per row
+    emb = next(t for t in report.tensors if t["name"] == "emb.weight")
+    assert emb["levels"] == 2**8  # the table at embed_bits, on the midrise grid
+
+
+def test_a_noise_regime_with_a_share_noises_its_draw_and_keeps_the_rest_in_fp16():
+    import dataclasses
+
+    model = _Small()
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    regime = dataclasses.replace(parse_regime("noise-0.5"), share=0.5)
+    q, report = quantize_model(model, regime, QuantConfig(rotation_seed=1))
+    treated = set(report.selection["treated"])
+    assert len(treated) == 2  # round(0.5 · 3): the embedding is in the draw for noise
+    for name in ("emb.weight", "fc.weight", "proj.weight"):
+        got = q.state_dict()[name]
+        assert torch.equal(got, sd[name].half().float()) is (name not in treated), name
+
+
+class _Autocast(_Notes):
+    """_Notes recording whether each forward pass runs under autocast, and in which dtype (in the class: quantize_model
+    runs a copy)."""
+
+    seen: list = []
+
+    def forward(self, ids):
+        type(self).seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return super().forward(ids)
+
+
+def test_gptqs_calibration_passes_run_under_the_trials_autocast_dtype():
+    calib = torch.randint(0, 300, (600,), generator=torch.Generator().manual_seed(2))
+    cfg = QuantConfig(calib_tokens=512, calib_seq_len=128)
+    _Autocast.seen.clear()
+    quantize_model(_Autocast(), parse_regime("gptq-int4"), cfg, calib, autocast_dtype=torch.bfloat16)
+    traced, calibrating = _Autocast.seen[0], _Autocast.seen[1:]
+    assert traced is None and len(calibrating) >= 3  # the selection's trace, then the grouping and each group's pass
+    assert set(calibrating) == {torch.bfloat16}
+
+
+class _Bank(nn.Module):
+    """Matrices no module holds: a bare table looked up with F.embedding, a bank of two (out, in) slices applied
+    with F.linear (the second twice), an (in, out) matrix applied as x @ W, and a bare matrix of exactly 60,000
+    elements."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.table = nn.Parameter(torch.randn(300, 300, generator=g))
+        self.bank = nn.Parameter(torch.randn(2, 300, 300, generator=g) * 0.05)
+        self.up = nn.Parameter(torch.randn(300, 400, generator=g) * 0.05)  # (in, out)
+        self.edge = nn.Parameter(torch.randn(150, 400, generator=g) * 0.05)
+
+    def forward(self, ids):
+        x = F.linear(F.embedding(ids, self.table), self.bank[0])
+        x = F.linear(torch.relu(F.linear(x, self.bank[1])), self.bank[1])
+        return F.linear(x @ self.up, self.edge)
+
+
+def test_matrices_no_module_holds_are_selected_stored_and_reported_where_they_live():
+    model = _Bank()
+    cfg = QuantConfig(min_numel=60_000)
+    q, report = quantize_model(model, parse_regime("int4"), cfg)
+    codes = {k: {f: g[f] for f in ("kind", "param", "index", "transposed")} for k, g in report.grid.items()}
+    assert codes == {"table": {"kind": "codes", "param": "table", "index": None, "transposed": False},
+                     "bank.0": {"kind": "codes", "param": "bank", "index": 0, "transposed": False},
+                     "bank.1": {"kind": "codes", "param": "bank", "index": 1, "transposed": False},
+                     "up": {"kind": "codes", "param": "up", "index": None, "transposed": True},
+                     "edge": {"kind": "fp16", "param": "edge", "index": None, "transposed": False}}
+    assert report.artifact["passthrough"]["edge"].dtype == torch.float16  # 60,000 elements: not above min_numel
+    assert report.notes == [
+        "shared weights quantized once, Hessian summed over every use: ['bank.1 (used by linear in the forward pass "
+        "(2x))']",
+        "4 matrices no linear module holds (bare parameters or bank slices), found by tracing a forward pass"]
+    uses = {t["name"]: t["uses"] for t in report.tensors if t["bits"] < 16}
+    assert uses == {"table": ["embedding in the forward pass (1x)"], "bank.0": ["linear in the forward pass (1x)"],
+                    "bank.1": ["linear in the forward pass (2x)"], "up": ["matmul in the forward pass (1x)"]}
+    torch.testing.assert_close(q.up.T, rtn(model.up.T, 15).Q, rtol=0, atol=0)  # quantized as (out, in) rows
+    sizes = artifact_sizes(report.artifact)
+    assert (report.artifact_bytes_zlib, report.artifact_bytes_lzma) == (sizes["zlib"], sizes["lzma"])
+    assert report.artifact_bytes_zlib > (2 * 90_000 + 120_000 + 90_000) * 4 // 8  # random 4-bit codes barely shrink
+    no_tables = select_targets(model, QuantConfig(min_numel=60_000, embed_bits=0))
+    assert set(no_tables) == {"bank.0", "bank.1", "up"}  # without embed_bits the bare table stays float, not the rest
+
+
+class _Custom(nn.Module):
+    """A linear layer of the user's own class (it calls F.linear on its weight)."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in, generator=torch.Generator().manual_seed(n_in)))
+
+    def forward(self, x):
+        return F.linear(x, self.weight)
+
+
+class _Aliases(nn.Module):
+    """Two linear modules tying one weight, a table registered under two names, a layer of the user's class and one
+    the forward pass never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(300, 300)
+        self.alias = self.emb
+        self.fc = nn.Linear(300, 300, bias=False)
+        self.fc2 = nn.Linear(300, 300, bias=False)
+        self.fc2.weight = self.fc.weight
+        self.mine = _Custom(300, 300)
+        self.spare = _Custom(300, 300)
+
+    def forward(self, ids):
+        return self.mine(self.fc2(torch.relu(self.fc(self.emb(ids)))))
+
+
+def test_weights_tied_across_modules_or_aliased_are_one_target_with_every_use():
+    targets = select_targets(_Aliases(), QuantConfig(linear_types=f"torch.nn.Linear,{__name__}._Custom"))
+    assert {k: t.uses for k, t in targets.items()} == {"emb.weight": ["emb", "alias"], "fc.weight": ["fc", "fc2"],
+                                                       "mine.weight": ["mine"], "spare.weight": ["spare"]}
+    assert targets["mine.weight"].matrix is None  # held by a module of linear_types: no trace claims it
+    plain = select_targets(_Aliases(), QuantConfig())  # _Custom not named: its weight is a matrix only where used
+    assert set(plain) == {"emb.weight", "fc.weight", "mine.weight"} and plain["mine.weight"].matrix is not None

@@ -88,8 +88,9 @@ class Target:
 
     @property
     def uses(self) -> list[str]:
-        bare = [f"{self.matrix.op} in the forward pass ({self.calls}x)"] if self.matrix is not None else []
-        return [n for n, _ in self.linears] + self.embeddings + bare
+        if self.matrix is not None:  # a bare table's `embeddings` marks it a table: its use is the traced one
+            return [f"{self.matrix.op} in the forward pass ({self.calls}x)"]
+        return [n for n, _ in self.linears] + self.embeddings
 
     @property
     def multiplied(self) -> bool:
