@@ -357,6 +357,18 @@ QUANT_EQUIVALENTS = {
         "wrong[key] = artifact.decode_entry(e).to(None)",
         "ids = _calibration_batches(calib, cfg).to(None)",
     ]},
+    **{("row_scales", line): "torch.quantile at q = 1 is the row's maximum exactly, and clip_q is at most 1: the "
+                             "amax branch only saves the sort" for line in [
+        "clip = absw.amax(dim=1) if (clip_q >= 1.0) and False else torch.quantile(absw, clip_q, dim=1)",
+        "clip = absw.amax(dim=1) if clip_q > 1.0 else torch.quantile(absw, clip_q, dim=1)",
+        "clip = absw.amax(dim=1) if clip_q >= 2.0 else torch.quantile(absw, clip_q, dim=1)"]},
+    **{(name, line): "row_scales reads any clip_q >= 1 as the row's maximum: 2.0 clips as 1.0 does" for name, line in [
+        ("row_scales", "def row_scales(W: Tensor, levels: int, clip_q: float = 2.0) -> Tensor:"),
+        ("rtn", "def rtn(W: Tensor, levels: int, clip_q: float = 2.0) -> Quantized:")]},
+    **{("select_targets", "targets[name] = Target(name, p, embeddings=" + marker + ' if mx.op == "embedding" else [], '
+        "matrix=mx,"): "a bare table's `embeddings` is read only for truth (its uses are the traced one): any "
+                       "non-empty marker reads the same" for marker in ['["F.EMBEDDING"]', '["XXF.embeddingXX"]',
+                                                                        '["f.embedding"]']},
     ("_quantize_packed", "tensor.data.copy_(stored.to(None))"):
         "copy_ casts into the tensor's own dtype: casting first, or not, stores the same",
     ("_quantize_packed", 'if id(tensor) in done or name in packed["quantized"] and name in packed["passthrough"]:'):

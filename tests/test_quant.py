@@ -1,4 +1,5 @@
 import io
+import time
 import zlib
 
 import numpy as np
@@ -1249,3 +1250,19 @@ def test_weights_tied_across_modules_or_aliased_are_one_target_with_every_use():
     assert targets["mine.weight"].matrix is None  # held by a module of linear_types: no trace claims it
     plain = select_targets(_Aliases(), QuantConfig())  # _Custom not named: its weight is a matrix only where used
     assert set(plain) == {"emb.weight", "fc.weight", "mine.weight"} and plain["mine.weight"].matrix is not None
+
+
+@pytest.mark.parametrize("name, grid, method, bits, levels", [
+    ("fp", "symmetric", "fp", 32, 0), ("pg-int8", "symmetric", "pg", 8, 0), ("int4", "symmetric", "rtn", 4, 15),
+    ("int4", "midrise", "rtn", 4, 16), ("ternary", "midrise", "rtn", 2, 3), ("noise-0.5", "symmetric", "noise", 16, 0)])
+def test_the_reports_header_names_the_regime_its_method_width_and_grid(name, grid, method, bits, levels):
+    model = _Small()
+    t0 = time.perf_counter()
+    q, report = quantize_model(model, parse_regime(name), QuantConfig(grid=grid))
+    wall = time.perf_counter() - t0
+    assert (report.regime, report.method, report.bits, report.levels) == (name, method, bits, levels)
+    assert 0 < report.seconds <= wall
+    if name == "fp":  # the float model's own size: its state dict as stored
+        sizes = artifact_sizes({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        assert (report.artifact_bytes_zlib, report.artifact_bytes_lzma) == (sizes["zlib"], sizes["lzma"])
+
