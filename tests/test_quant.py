@@ -1266,3 +1266,38 @@ def test_the_reports_header_names_the_regime_its_method_width_and_grid(name, gri
         sizes = artifact_sizes({k: v.detach().cpu() for k, v in model.state_dict().items()})
         assert (report.artifact_bytes_zlib, report.artifact_bytes_lzma) == (sizes["zlib"], sizes["lzma"])
 
+
+
+class _Unreached(nn.Module):
+    """A linear layer, a bank of three slices the forward pass uses two of, and four matrices it never uses."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(8)
+        self.fc = nn.Linear(300, 300, bias=False)
+        self.bank = nn.Parameter(torch.randn(3, 300, 300, generator=g) * 0.05)
+        for i in range(4):
+            setattr(self, f"u{i}", nn.Parameter(torch.randn(100, 100 + i, generator=g)))
+
+    def forward(self, ids):
+        return F.linear(F.linear(self.fc(F.one_hot(ids, 300).float()), self.bank[0]), self.bank[1])
+
+
+def test_too_small_a_share_names_the_four_largest_parts_left_and_a_partly_reached_bank_by_what_is_left():
+    from e2ettt.quant.apply import QuantSelectionError, require_targets
+
+    tail = (": no linear module, embedding or F.linear/matmul in a forward pass uses them; set quant.min_share to accept "
+            "that share")
+    with pytest.raises(QuantSelectionError) as e:  # reached: fc and two of the bank's three slices, 270,000
+        require_targets(_Unreached(), QuantConfig(min_numel=1000), "int4")
+    assert str(e.value) == ("regime int4: reaches 67% of _Unreached's 400,600 matrix parameters (quant.min_share=0.9); "
+                            "not reached: bank (90,000), u3 (10,300), u2 (10,200), u1 (10,100), ..." + tail)
+    with pytest.raises(QuantSelectionError) as e:  # four parts left: all named, no ellipsis
+        require_targets(_Unreached(), QuantConfig(min_numel=1000, keep_float="u0"), "int4")
+    assert str(e.value) == ("regime int4: reaches 69% of _Unreached's 390,600 matrix parameters (quant.min_share=0.9); "
+                            "not reached: bank (90,000), u3 (10,300), u2 (10,200), u1 (10,100)" + tail)
+    exact = 270_000 / 400_600  # the share, element for element: half an element more is refused
+    assert set(require_targets(_Unreached(), QuantConfig(min_numel=1000, min_share=exact), "int4")) == {
+        "fc.weight", "bank.0", "bank.1"}
+    with pytest.raises(QuantSelectionError, match="reaches 67%"):
+        require_targets(_Unreached(), QuantConfig(min_numel=1000, min_share=270_000.5 / 400_600), "int4")
