@@ -1199,6 +1199,8 @@ def test_matrices_no_module_holds_are_selected_stored_and_reported_where_they_li
                      "up": {"kind": "codes", "param": "up", "index": None, "transposed": True},
                      "edge": {"kind": "fp16", "param": "edge", "index": None, "transposed": False}}
     assert report.artifact["passthrough"]["edge"].dtype == torch.float16  # 60,000 elements: not above min_numel
+    levels = {k: g["levels"] for k, g in report.grid.items() if g["kind"] == "codes"}
+    assert levels == {"table": 255, "bank.0": 15, "bank.1": 15, "up": 15}  # the bare table at embed_bits
     assert report.notes == [
         "shared weights quantized once, Hessian summed over every use: ['bank.1 (used by linear in the forward pass "
         "(2x))']",
